@@ -1,0 +1,1 @@
+"""Triton GPU kernels: dequant, fused dequant-GEMV, MLA attention, norms, rope, router."""
