@@ -1,0 +1,53 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) over a latent KV cache, absorbed form.
+
+Per token the cache holds only kv_c (kv_lora_rank, e.g. 512, after its RMSNorm) and k_pe (rope dims,
+e.g. 64, after RoPE): 576 floats per layer instead of 2 * n_heads * 128 for plain attention.
+
+  q        = W_q_b(norm(W_q_a x))                     [T, n_h, nope + rope]   (or W_q x without q-LoRA)
+  kv_c|k_pe= W_kv_a x                                 [T, kv_lora | rope]
+  q_lat    = q_nope @ W_UK        per head             [T, n_h, kv_lora]      (attn_k_b: [n_h, kv_lora, nope])
+  score    = (q_lat . kv_c + q_pe . k_pe) * scale      [n_h, T, S]
+  o_lat    = softmax(score) @ kv_c                     [T, n_h, kv_lora]
+  o        = o_lat @ W_UV^T       per head             [T, n_h, v]            (attn_v_b: [n_h, v, kv_lora])
+  out      = W_o o                                     [T, hidden]
+
+Absorbing W_UK into the query and W_UV after the weighted sum avoids expanding K/V per head; it is
+exact algebra, so prefill and decode share this one path here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LatentCache:
+    """Per-layer latent KV: kv_c [L, cap, kv_lora] and k_pe [L, cap, rope], filled up to `length`."""
+
+    def __init__(self, n_layers: int, capacity: int, kv_lora: int, rope: int, dtype=torch.float32):
+        self.capacity = capacity
+        self.kv_c = torch.zeros(n_layers, capacity, kv_lora, dtype=dtype)
+        self.k_pe = torch.zeros(n_layers, capacity, rope, dtype=dtype)
+        self.length = 0  # tokens committed (advanced by the model after the last layer)
+
+    @property
+    def n_bytes(self) -> int:
+        return self.kv_c.numel() * self.kv_c.element_size() + self.k_pe.numel() * self.k_pe.element_size()
+
+    def reset(self, length: int = 0) -> None:
+        self.length = length
+
+
+def mla_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, W_UK: torch.Tensor,
+               W_UV: torch.Tensor, scale: float, start: int) -> torch.Tensor:
+    """q_nope [T, n_h, nope], q_pe [T, n_h, rope]; kv_c [S, kv_lora], k_pe [S, rope] with S = start + T
+    (the cache including this chunk); W_UK [n_h, kv_lora, nope], W_UV [n_h, v, kv_lora] -> [T, n_h, v]."""
+    T, S = q_nope.shape[0], kv_c.shape[0]
+    q_lat = torch.einsum("thn,hcn->thc", q_nope, W_UK)  # [T, n_h, kv_lora]
+    scores = torch.einsum("thc,sc->hts", q_lat, kv_c) + torch.einsum("thr,sr->hts", q_pe, k_pe)  # [n_h, T, S]
+    scores = scores * scale
+    if T > 1:
+        causal = torch.arange(S)[None, :] > (start + torch.arange(T))[:, None]  # [T, S]
+        scores = scores.masked_fill(causal, float("-inf"))
+    probs = scores.softmax(-1)
+    o_lat = torch.einsum("hts,sc->thc", probs, kv_c)  # [T, n_h, kv_lora]
+    return torch.einsum("thc,hvc->thv", o_lat, W_UV)  # [T, n_h, v]

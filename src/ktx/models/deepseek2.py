@@ -1,0 +1,131 @@
+"""DeepSeek-V2 / V3 / R1 (GGUF architecture `deepseek2`) forward pass.
+
+  tokens -> token_embd -> for each layer:
+     x += MLA(attn_norm(x))                                  (ktx.layers.mla, latent KV cache)
+     h  = ffn_norm(x)
+     x += dense MLP(h)                      for the first `n_dense_lead` layers
+     x += routed experts(h) + shared experts(h)             for MoE layers: routed ones are submitted
+                                                            to the experts backend first, the shared
+                                                            MLP runs meanwhile, then wait
+  -> output_norm -> output (lm_head)
+
+Tensor names are llama.cpp's (`blk.N.attn_q_a.weight`, `blk.N.ffn_gate_exps.weight`, ...). Weights are
+float32 torch tensors dequantized on demand by a `WeightStore`; the routed experts go through an
+experts backend (`TorchExperts` reference or the quantized CPU kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ktx.errors import KtxError
+from ktx.gguf_file import GGUFModel
+from ktx.layers.mla import LatentCache, mla_attend
+from ktx.layers.moe import TorchExperts, mlp
+from ktx.layers.norm import rms_norm
+from ktx.layers.rope import Rope
+from ktx.layers.router import route
+from ktx.layers.weights import WeightStore
+from ktx.models.deepseek2_config import GATING_SIGMOID, Deepseek2Config
+from ktx.quants import dequantize
+
+
+class Deepseek2:
+    arch = "deepseek2"
+
+    def __init__(self, gguf: GGUFModel, store: WeightStore, experts_factory=None):
+        self.gguf, self.store = gguf, store
+        self.cfg = cfg = Deepseek2Config.from_gguf(gguf.metadata, str(gguf.path))
+        self._check_tensors()
+        yarn = cfg.rope_factor if cfg.rope_scaling == "yarn" else 1.0
+        self.rope = Rope(cfg.qk_rope, cfg.rope_base, yarn_factor=yarn, orig_ctx=cfg.rope_orig_ctx,
+                         beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow)
+        make = experts_factory or (lambda prefix: TorchExperts(store, prefix))
+        self.experts = {i: make(f"blk.{i}.") for i in range(cfg.n_layers) if self.is_moe(i)}
+
+    # -- structure -------------------------------------------------------------------------------
+    def is_moe(self, i: int) -> bool:
+        return self.cfg.n_expert > 0 and i >= self.cfg.n_dense_lead
+
+    def _check_tensors(self) -> None:
+        cfg, g = self.cfg, self.gguf
+        need = ["token_embd.weight", "output_norm.weight"]
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            need += [p + n for n in ("attn_norm.weight", "attn_kv_a_mqa.weight", "attn_kv_a_norm.weight", "attn_output.weight", "ffn_norm.weight")]
+            need += [p + "attn_q_a.weight", p + "attn_q_b.weight", p + "attn_q_a_norm.weight"] if cfg.q_lora_rank else [p + "attn_q.weight"]
+            if not g.has(p + "attn_kv_b.weight"):
+                need += [p + "attn_k_b.weight", p + "attn_v_b.weight"]
+            kinds = ("gate_exps", "up_exps", "down_exps", "gate_inp") if self.is_moe(i) else ("gate", "up", "down")
+            need += [f"{p}ffn_{k}.weight" for k in kinds]
+        missing = [n for n in need if not g.has(n)]
+        if missing:
+            raise KtxError(f"{g.path}: {len(missing)} tensors missing for a deepseek2 model (first: {missing[0]}); the file is incomplete or from an unsupported converter.")
+
+    def new_cache(self, capacity: int) -> LatentCache:
+        return LatentCache(self.cfg.n_layers, capacity, self.cfg.kv_lora_rank, self.cfg.qk_rope)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _w(self, name: str) -> torch.Tensor:
+        return self.store.get(name)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = self.gguf.tensor("token_embd.weight")
+        rows = t.data[tokens.numpy()]  # raw rows: dequantize only what is used
+        return torch.from_numpy(dequantize(rows, t.qtype).reshape(len(tokens), -1).copy())  # [T, H]
+
+    def _uk_uv(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if self.gguf.has(p + "attn_k_b.weight"):
+            return self._w(p + "attn_k_b.weight"), self._w(p + "attn_v_b.weight")  # [n_h, kv_lora, nope], [n_h, v, kv_lora]
+        kv_b = self._w(p + "attn_kv_b.weight").view(cfg.n_heads, cfg.qk_nope + cfg.v_head, cfg.kv_lora_rank)
+        return kv_b[:, : cfg.qk_nope].transpose(1, 2), kv_b[:, cfg.qk_nope:]
+
+    def attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        cfg, p, T = self.cfg, f"blk.{i}.", x.shape[0]
+        if cfg.q_lora_rank:
+            q = rms_norm(x @ self._w(p + "attn_q_a.weight").T, self._w(p + "attn_q_a_norm.weight"), cfg.rms_eps) @ self._w(p + "attn_q_b.weight").T
+        else:
+            q = x @ self._w(p + "attn_q.weight").T
+        q = q.view(T, cfg.n_heads, cfg.qk_head)  # [T, n_h, nope + rope]
+        q_nope, q_pe = q[..., : cfg.qk_nope], self.rope(q[..., cfg.qk_nope:], pos)
+        kv = x @ self._w(p + "attn_kv_a_mqa.weight").T  # [T, kv_lora + rope]
+        kv_c = rms_norm(kv[:, : cfg.kv_lora_rank], self._w(p + "attn_kv_a_norm.weight"), cfg.rms_eps)
+        k_pe = self.rope(kv[:, cfg.kv_lora_rank:], pos)
+        start, end = cache.length, cache.length + T
+        cache.kv_c[i, start:end], cache.k_pe[i, start:end] = kv_c, k_pe
+        W_UK, W_UV = self._uk_uv(p)
+        o = mla_attend(q_nope, q_pe, cache.kv_c[i, :end], cache.k_pe[i, :end], W_UK, W_UV, cfg.softmax_scale, start)
+        return o.reshape(T, -1) @ self._w(p + "attn_output.weight").T  # [T, H]
+
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        cfg, p = self.cfg, f"blk.{i}."
+        if not self.is_moe(i):
+            return mlp(x, self._w(p + "ffn_gate.weight"), self._w(p + "ffn_up.weight"), self._w(p + "ffn_down.weight"))
+        logits = x @ self._w(p + "ffn_gate_inp.weight").T  # [T, E]
+        bias = self._w(p + "exp_probs_b.bias") if self.gguf.has(p + "exp_probs_b.bias") else None
+        ids, weights = route(logits, cfg.n_expert_used, gating="sigmoid" if cfg.gating == GATING_SIGMOID else "softmax",
+                             bias=bias, n_group=cfg.n_group, topk_group=cfg.topk_group, norm=cfg.expert_weights_norm,
+                             scale=cfg.expert_weights_scale)  # [T, k], [T, k]
+        job = self.experts[i].submit(x, ids, weights)  # routed experts start on the CPU workers
+        y = mlp(x, self._w(p + "ffn_gate_shexp.weight"), self._w(p + "ffn_up_shexp.weight"), self._w(p + "ffn_down_shexp.weight")) if cfg.n_shared else 0
+        return job.wait() + y
+
+    # -- the whole model -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: LatentCache, last_only: bool = False) -> torch.Tensor:
+        """tokens [T] int64 at positions cache.length.. -> logits [T, vocab] (or [1, vocab]) float32."""
+        cfg, T = self.cfg, tokens.shape[0]
+        if cache.length + T > cache.capacity:
+            raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; raise --cache-len or start a new conversation.")
+        pos = torch.arange(cache.length, cache.length + T)
+        x = self.embed(tokens)  # [T, H]
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}."
+            x = x + self.attention(i, rms_norm(x, self._w(p + "attn_norm.weight"), cfg.rms_eps), pos, cache)
+            x = x + self.ffn(i, rms_norm(x, self._w(p + "ffn_norm.weight"), cfg.rms_eps))
+        cache.length += T
+        if last_only:
+            x = x[-1:]
+        head = "output.weight" if self.gguf.has("output.weight") else "token_embd.weight"
+        return rms_norm(x, self._w("output_norm.weight"), cfg.rms_eps) @ self._w(head).T  # [T, vocab]
