@@ -32,10 +32,11 @@ from ktx.quants import dequantize
 
 class Deepseek2:
     arch = "deepseek2"
+    config_class = Deepseek2Config
 
-    def __init__(self, gguf: GGUFModel, store: WeightStore, experts_factory=None):
+    def __init__(self, gguf: GGUFModel, store: WeightStore, cfg: Deepseek2Config | None = None, experts_factory=None):
         self.gguf, self.store = gguf, store
-        self.cfg = cfg = Deepseek2Config.from_gguf(gguf.metadata, str(gguf.path))
+        self.cfg = cfg = cfg or Deepseek2Config.from_gguf(gguf.metadata, str(gguf.path))
         self._check_tensors()
         yarn = cfg.rope_factor if cfg.rope_scaling == "yarn" else 1.0
         self.rope = Rope(cfg.qk_rope, cfg.rope_base, yarn_factor=yarn, orig_ctx=cfg.rope_orig_ctx,

@@ -1,0 +1,157 @@
+"""The notebook API.
+
+    import ktx
+    model = ktx.load("DeepSeek-V3-Q4_K_M-00001-of-00009.gguf", cache_len=8192)
+    print(model.generate("The capital of France is", max_new_tokens=16))
+    for piece in model.generate("Once upon a time", stream=True): print(piece, end="")
+    model.chat([{"role": "user", "content": "Hi!"}])
+    model.logits(model.tokenizer.encode("Hello"))   # numpy float32 [T, vocab]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ktx.engine import Engine
+from ktx.errors import KtxError
+from ktx.gguf_file import GGUFModel
+from ktx.layers.weights import WeightStore
+from ktx.sampling import SamplingParams
+
+EXPERT_PATHS = ("auto", "reference", "vnni", "avx2", "portable")
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, threads: int | None, cache_dir, log):
+    """Routed-experts backend per MoE layer: the quantized CPU kernels, or the torch reference."""
+    from ktx.layers.moe import KernelExperts, TorchExperts
+
+    if experts not in EXPERT_PATHS:
+        raise KtxError(f"--experts {experts!r}: choose one of {', '.join(EXPERT_PATHS)}")
+    if experts == "reference":
+        log("routed experts: torch reference path (dequantize + float32 matmul)")
+        return None
+    try:
+        from ktx.kernels_cpu import WorkerPool
+    except ImportError as e:
+        if experts != "auto":
+            raise KtxError(f"CPU expert kernels are unavailable ({e}); use --experts reference") from None
+        log(f"routed experts: torch reference path; CPU kernels unavailable ({e}) -- expect a large slowdown")
+        return None
+    pool = WorkerPool(threads or os.cpu_count() or 1)
+    paths = []
+
+    def factory(prefix: str):
+        ex = KernelExperts(gguf, prefix, cfg.hidden, cfg.moe_ffn, pool, path=experts, cache_dir=cache_dir)
+        if not paths:
+            paths.append(ex.kernel_path)
+            log(f"routed experts: {ex.kernel_path}, {pool.n_threads if hasattr(pool, 'n_threads') else threads} threads")
+        return ex
+
+    return factory
+
+
+class Model:
+    def __init__(self, gguf: GGUFModel, net, tokenizer, cache_len: int):
+        self.gguf, self.net, self.tokenizer = gguf, net, tokenizer
+        self.config = net.cfg
+        self.engine = Engine(net, cache_len)
+
+    @property
+    def stats(self):
+        """Timing of the last generate/chat call (prefill and decode tok/s)."""
+        return self.engine.stats
+
+    def logits(self, token_ids) -> np.ndarray:
+        """One prefill of token_ids from an empty cache -> numpy float32 [T, vocab]."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise KtxError("logits: token_ids is empty")
+        if len(ids) > self.engine.capacity:
+            raise KtxError(f"logits: {len(ids)} tokens exceed the KV cache of {self.engine.capacity}; load with a larger cache_len")
+        return self.engine.logits(ids)
+
+    def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams, stop: list[str]) -> Iterator[str]:
+        from ktx.tokenizer import StreamDecoder
+
+        dec = StreamDecoder(self.tokenizer)
+        text, emitted = "", 0
+        hold = max((len(s) for s in stop), default=1) - 1  # chars held back: a stop string may be forming
+        for tok in self.engine.generate(ids, max_new_tokens, params, self.tokenizer.eos_ids):
+            text += dec.push(tok)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                self.engine.stats.finish_reason = "stop"
+                return
+            if len(text) - hold > emitted:
+                yield text[emitted: len(text) - hold]
+                emitted = len(text) - hold
+        text += dec.flush()
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 128, *, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None, stream: bool = False):
+        """Continue `prompt` (text, or token ids). Returns the text, or an iterator of text pieces if stream=True."""
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, seed=seed)
+        pieces = self._stream(ids, max_new_tokens, params, list(stop or []))
+        return pieces if stream else "".join(pieces)
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 512, *, think: bool = False, stream: bool = False, **kw):
+        """Reply to a conversation ([{"role": "user", "content": ...}, ...]) using the model's chat template."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if think:
+            prompt += "<think>\n"
+        ids = self.tokenizer.encode(prompt, add_bos=False) if self._template_has_bos(prompt) else self.tokenizer.encode(prompt)
+        return self.generate(ids, max_new_tokens, stream=stream, **kw)
+
+    def _template_has_bos(self, prompt: str) -> bool:
+        bos = self.tokenizer.bos_id
+        return bos is not None and prompt.startswith(self.tokenizer.decode([bos]))
+
+
+def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None, experts: str = "auto",
+         weight_cache_bytes: int | None = None, cache_dir: str | Path | None = None, verbose: bool = False) -> Model:
+    """Open a GGUF model (a file, any part of a split set, or its folder) for generation.
+
+    cache_len: KV cache capacity in tokens. threads: CPU threads for the expert kernels.
+    experts: routed-experts path, 'auto' (fastest the CPU supports), 'reference' (torch float), or a kernel
+    path name. weight_cache_bytes: RAM for dequantized non-expert weights (default: a quarter of free RAM).
+    """
+    log = (lambda msg: print(f"ktx: {msg}", file=sys.stderr)) if verbose else (lambda msg: None)
+    if cache_len < 1:
+        raise KtxError(f"cache_len must be >= 1, got {cache_len}")
+    gguf = GGUFModel(path)
+    from ktx.models import build_model, model_class
+    from ktx.tokenizer import Tokenizer
+
+    model_class(gguf.architecture, str(gguf.path))  # unknown architecture: fail before the tokenizer
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    budget = weight_cache_bytes if weight_cache_bytes is not None else _available_ram() // 4
+    store = WeightStore(gguf, budget)
+    net = build_model(gguf, store, lambda cfg: _make_experts_factory(gguf, cfg, experts, threads, cache_dir, log))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return Model(gguf, net, tokenizer, cache_len)

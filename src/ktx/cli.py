@@ -1,0 +1,157 @@
+"""The `ktx` command line: chat, convert, inspect (and more as they land).
+
+Every user error ends as one line `ktx: error: ...` on stderr and exit status 1, never a traceback
+(set KTX_DEBUG=1 to see the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ktx.errors import KtxError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="ktx runs giant Mixture-of-Experts models (DeepSeek-V3/R1, Qwen3-MoE, Mixtral) from GGUF files on one machine: "
+         "routed experts on the CPU with int8/int4 kernels, attention and dense layers on the GPU when there is one.",
+)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file, any part of a split model, or a folder holding one.")
+ThreadsOpt = typer.Option(None, "--cpu-threads", "-t", help="CPU threads for the expert kernels (default: all cores).")
+ExpertsOpt = typer.Option("auto", "--experts", help="Routed-experts path: auto (fastest this CPU supports), reference (torch float32), vnni, avx2, portable.")
+CacheLenOpt = typer.Option(4096, "--cache-len", "-c", help="KV cache capacity in tokens (prompt + reply + history).")
+
+
+def _default_model() -> Path:
+    try:
+        from ktx.default_model import default_model_path
+    except ImportError:
+        raise KtxError("no --model given and no default model is installed; pass --model PATH.gguf") from None
+    return default_model_path()
+
+
+def _eprint(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@app.command()
+def chat(
+    model: Optional[Path] = ModelOpt,
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One-shot: answer this prompt and exit."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "-f", help="One-shot prompt read from a file."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System message for the conversation."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Most tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; higher = more random."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep only the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: smallest set with this total probability."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens less likely than min_p times the best one."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Penalise tokens seen in the last 64 (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
+    think: bool = typer.Option(False, "--think", help="Start the reply with '<think>\\n' (DeepSeek-R1-style reasoning models)."),
+    raw: bool = typer.Option(False, "--raw", help="No chat template: continue the prompt text as is."),
+    cache_len: int = CacheLenOpt,
+    cpu_threads: Optional[int] = ThreadsOpt,
+    experts: str = ExpertsOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load details and the kernel paths chosen."),
+):
+    """Chat with a model: interactive (type /reset to forget the conversation, /exit to quit), one-shot with
+    --prompt, or one turn per line of piped stdin. Replies stream; a line with prefill and decode speed follows each."""
+    import ktx
+
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except OSError as e:
+            raise KtxError(f"{prompt_file}: cannot read prompt file ({e.strerror})") from None
+    path = model or _default_model()
+    m = ktx.load(path, cache_len=cache_len, threads=cpu_threads, experts=experts, verbose=verbose)
+    gen = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def reply(user_text: str) -> None:
+        if raw:
+            pieces = m.generate(user_text, max_new_tokens, stream=True, **gen)
+        else:
+            history.append({"role": "user", "content": user_text})
+            pieces = m.chat(history, max_new_tokens, think=think, stream=True, **gen)
+        out = []
+        try:
+            for piece in pieces:
+                out.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            _eprint("\n[stopped]")
+        sys.stdout.write("\n")
+        if not raw:
+            history.append({"role": "assistant", "content": "".join(out)})
+        _eprint(f"[{m.stats.line()}]")
+
+    if prompt is not None:
+        reply(prompt)
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _eprint("ktx chat: type a message; /reset forgets the conversation, /exit quits. Ctrl-C stops a reply.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history[:] = history[:1] if system else []
+            _eprint("[conversation reset]")
+            continue
+        reply(text)
+
+
+@app.command()
+def convert(
+    hf_dir: Path = typer.Argument(..., help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files)."),
+    out: Path = typer.Argument(..., help="Output .gguf path."),
+    outtype: str = typer.Option("bf16", "--outtype", help="Tensor type: f32, f16, bf16 or q8_0 (norms and routers stay f32)."),
+):
+    """Convert a Hugging Face checkpoint to GGUF with llama.cpp's tensor names and metadata."""
+    from ktx.convert import convert_hf_to_gguf
+
+    path = convert_hf_to_gguf(hf_dir, out, outtype, progress=True)
+    _eprint(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except KtxError as e:
+        _eprint(f"ktx: error: {e}")
+        if os.environ.get("KTX_DEBUG"):
+            raise
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _eprint("ktx: interrupted")
+        sys.exit(130)
+    except Exception as e:
+        # usage errors from typer/click carry their own message and exit code
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            sys.exit(e.exit_code)
+        if type(e).__name__ in ("Exit", "Abort"):
+            sys.exit(getattr(e, "exit_code", 1))
+        if os.environ.get("KTX_DEBUG"):
+            raise
+        _eprint(f"ktx: internal error: {type(e).__name__}: {e} (set KTX_DEBUG=1 for a traceback, and please report it)")
+        sys.exit(2)
+
+if __name__ == "__main__":
+    main()
