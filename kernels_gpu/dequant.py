@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ktx.errors import KtxError
+from ktx.kernels_gpu.device import check_device
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,6 @@ def check_raw(raw: torch.Tensor, fmt: BlockFormat, what: str) -> int:
     if raw.stride(1) != 1 or raw.stride(0) % 2:
         raise KtxError(f"{what}: raw bytes must be row-contiguous with an even row stride; call .contiguous()")
     return raw.shape[1] // fmt.block_bytes * fmt.block_elems
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU interpreter (tests without a GPU)."""
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,6 +215,7 @@ def dequantize(raw: torch.Tensor, qtype, dtype: torch.dtype = torch.float32) -> 
     n_cols = check_raw(raw, fmt, f"dequantize {fmt.name}")
     if dtype not in OUT_DTYPES:
         raise KtxError(f"dequantize {fmt.name}: output dtype must be one of {OUT_DTYPES}, got {dtype}")
+    check_device(f"dequantize {fmt.name}", raw)
     rows = raw.shape[0]
     out = torch.empty(rows, n_cols, dtype=dtype, device=raw.device)
     if rows == 0 or n_cols == 0:
