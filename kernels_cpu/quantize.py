@@ -1,0 +1,47 @@
+"""Activations -> int8 per block of 32, on the fly, for the integer dot kernels.
+
+For one row x[K] (K a multiple of 32), block b = x[32 b : 32 b + 32]:
+
+    dx[b]  = max |x_b| / 127             (float32; 0 for an all-zero block)
+    xq[k]  = round(x[k] / dx[b])          int8 in [-127, 127] (never -128: the AVX2 sign trick needs it)
+    xs[h]  = sum of xq over 16-wide half blocks   (int32; the integer start value for code offsets)
+    xsf[b] = dx[b] * sum of xq over the block     (float32; multiplies the K-quant minimums)
+
+Error bound: |x[k] - dx[b] xq[k]| <= dx[b] / 2, so a dot with weights w changes by at most
+sum_b dx[b] / 2 * sum_{k in b} |w[k]|  (quant_error_bound below; the tests derive their tolerance from it).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(nogil=True, cache=True)
+def quantize_row(x, xq, xd, xs, xsf):
+    """x float32 [K] -> xq int8 [K], xd float32 [K/32], xs int32 [K/16], xsf float32 [K/32]."""
+    for b in range(x.shape[0] // 32):
+        amax = np.float32(0.0)
+        for k in range(32 * b, 32 * b + 32):
+            amax = max(amax, abs(x[k]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        s0 = 0
+        s1 = 0
+        for i in range(32):
+            q = np.int32(np.rint(x[32 * b + i] * inv))
+            q = min(127, max(-127, q))
+            xq[32 * b + i] = q
+            if i < 16:
+                s0 += q
+            else:
+                s1 += q
+        xd[b] = d
+        xs[2 * b] = s0
+        xs[2 * b + 1] = s1
+        xsf[b] = d * np.float32(s0 + s1)
+
+
+def quant_error_bound(x: np.ndarray, w_abs: np.ndarray) -> np.ndarray:
+    """Worst-case |W x - W dequant(quant(x))| per output row: x [K], w_abs = |W| [R, K] -> [R]."""
+    dx = np.abs(x.reshape(-1, 32)).max(axis=1) / 127.0  # [K/32]
+    return 0.5 * (w_abs.reshape(w_abs.shape[0], -1, 32).sum(axis=2) @ dx)

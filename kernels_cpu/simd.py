@@ -1,0 +1,208 @@
+"""Register-tiled int8 dot kernels for the repacked expert layout, emitted as LLVM IR (Numba intrinsics).
+
+One call of `tile(V, ...)` computes, for NT tokens x NR row groups (16 rows each), the full dot over K:
+
+    out[t, 16 rg + i] = sum_g  dx[t, g] * s[rg, g, i] * sum_{k in g} q[16 rg + i, k] * xq[t, k]
+                       (- dmin * m)[rg, g, i] * xsf[t, g]           (K-quant minimums)
+                       with the integer sum started at -zero * sum_{k in g} xq[t, k]   (code offset)
+
+where xq are int8 activations with one float scale dx per 32 (see quantize.py). Inner loop, per 4 k and
+row group: one 64-byte load = 16 rows x 4 codes (repack.py), and for every token a 4-byte broadcast of xq;
+`dot4` multiplies u8 codes by s8 activations and adds each row's 4 products into its int32 lane:
+
+    vnni      vpdpbusd zmm                        (AVX-512 VNNI)
+    avx2      vpmaddubsw + vpmaddwd, two ymm halves (codes > 127 use the sign trick: |w| * sign(w) x)
+    portable  generic LLVM vector IR (zext/sext, mul, add lanes) that any target legalizes
+
+After each group of G = 16|32 weights the int32 lanes become float and are scaled (d * sc, per row, from the
+layout; dx per token): NT x NR float accumulators stay in registers across the whole K loop.
+The variant number V = 1000 layout + 100 isa + 10 NT + NR is a compile-time literal, so one generated
+function exists per variant and Numba caches it.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from .repack import LAYOUTS
+
+LAYOUT_IDS = {lay.name: i for i, lay in enumerate(LAYOUTS.values())}
+ISA_IDS = {"portable": 0, "avx2": 1, "vnni": 2}
+_LAYOUT_BY_ID = list(LAYOUTS.values())
+
+i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+f16, f32 = ir.HalfType(), ir.FloatType()
+V64B, V16I, V16F, V16H = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(f32, 16), ir.VectorType(f16, 16)
+
+
+def variant(layout: str, isa: str, nt: int, nr: int) -> int:
+    return 1000 * LAYOUT_IDS[layout] + 100 * ISA_IDS[isa] + 10 * nt + nr
+
+
+def _fn(b, name, ret, args):
+    return cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, args), name)
+
+
+def _splat(b, v, vt):
+    u = b.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
+    return b.shuffle_vector(u, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(i32, vt.count), [0] * vt.count))
+
+
+def _ptr(b, base, off, ty):
+    return b.inttoptr(b.add(base, off) if not isinstance(off, int) or off else base, ty.as_pointer())
+
+
+def _half(b, v, lo, n):  # lanes [lo, lo + n) of a vector
+    return b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(i32, n), list(range(lo, lo + n))))
+
+
+def _dot4_vnni(b, acc, w, x):
+    fn = _fn(b, "llvm.x86.avx512.vpdpbusd.512", V16I, [V16I, V64B, V64B])
+    return b.call(fn, [acc, w, x])
+
+
+def _dot4_avx2(b, acc, w, x, signed_trick):
+    if signed_trick:  # codes 0..255 would saturate vpmaddubsw: use |q - 128| and move the sign onto x
+        ws = b.xor(w, ir.Constant(V64B, [0x80] * 64))
+        neg = b.icmp_signed("<", ws, ir.Constant(V64B, [0] * 64))
+        w = b.select(neg, b.sub(ir.Constant(V64B, [0] * 64), ws), ws)
+        x = b.select(neg, b.sub(ir.Constant(V64B, [0] * 64), x), x)
+    v32b, v16s, v8i = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+    maddubs = _fn(b, "llvm.x86.avx2.pmadd.ub.sw", v16s, [v32b, v32b])
+    maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", v8i, [v16s, v16s])
+    ones = ir.Constant(v16s, [1] * 16)
+    halves = [b.call(maddwd, [b.call(maddubs, [_half(b, w, h, 32), _half(b, x, h, 32)]), ones]) for h in (0, 32)]
+    both = b.shuffle_vector(halves[0], halves[1], ir.Constant(V16I, list(range(16))))
+    return b.add(acc, both)
+
+
+def _dot4_portable(b, acc, w, x):
+    v64i = ir.VectorType(i32, 64)
+    p = b.mul(b.zext(w, v64i), b.sext(x, v64i))  # [16 rows x 4 k]
+    lanes = [b.shuffle_vector(p, ir.Constant(v64i, ir.Undefined), ir.Constant(V16I, [4 * i + j for i in range(16)]))
+             for j in range(4)]
+    return b.add(acc, b.add(b.add(lanes[0], lanes[1]), b.add(lanes[2], lanes[3])))
+
+
+def _emit(b, V, a):
+    """The tile kernel body; `a` holds the i64 arguments by name (addresses and sizes)."""
+    lay, isa, nt, nr = _LAYOUT_BY_ID[V // 1000], V // 100 % 10, V // 10 % 10, V % 10
+    signed_trick = isa == ISA_IDS["avx2"] and lay.zero == 128
+    zero = 0 if signed_trick else lay.zero
+    G, S = lay.G, lay.S
+    K = a["K"]
+    n_groups = b.sdiv(K, ir.Constant(i64, G))
+    k32, k16 = b.sdiv(K, ir.Constant(i64, 32)), b.sdiv(K, ir.Constant(i64, 16))
+    fma = _fn(b, "llvm.fma.v16f32", V16F, [V16F, V16F, V16F])
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+
+    entry = b.block
+    loop = b.append_basic_block("tile_g")
+    done = b.append_basic_block("tile_done")
+    b.branch(loop)
+    b.position_at_end(loop)
+    g = b.phi(i64)
+    g.add_incoming(c(0), entry)
+    accs = [[b.phi(V16F) for _ in range(nr)] for _ in range(nt)]
+    for row in accs:
+        for p in row:
+            p.add_incoming(ir.Constant(V16F, [0.0] * 16), entry)
+
+    gk = b.mul(g, c(G))  # first k of this group
+    g32 = b.sdiv(gk, c(32))
+    # integer accumulators start at -zero * (sum of xq over the group): the code offset for free
+    xsum = []
+    for t in range(nt):
+        if zero:
+            i16idx = b.add(b.mul(c(t), k16), b.sdiv(gk, c(16)))
+            s = b.load(_ptr(b, a["xs"], b.mul(i16idx, c(4)), i32), align=4)
+            if G == 32:
+                s = b.add(s, b.load(_ptr(b, a["xs"], b.mul(b.add(i16idx, c(1)), c(4)), i32), align=4))
+            xsum.append(_splat(b, b.mul(s, ir.Constant(i32, -zero)), V16I))
+        else:
+            xsum.append(ir.Constant(V16I, [0] * 16))
+    iacc = [[xsum[t] for _ in range(nr)] for t in range(nt)]
+    code_step = 8 if lay.nibble else 16  # bytes of codes per k per row group (16 rows)
+    gcodes = b.mul(gk, c(code_step))
+    nib_mask = ir.Constant(V64B, [0x0F] * 64)
+    for j in range(G // 4):
+        ws = []
+        for r in range(nr):
+            base = b.add(a["codes"], b.mul(c(r), a["cs"]))
+            if lay.nibble:
+                v = b.load(_ptr(b, base, b.add(gcodes, c(64 * (j // 2))), V64B), align=1)
+                v = b.and_(v, nib_mask) if j % 2 == 0 else b.lshr(v, ir.Constant(V64B, [4] * 64))
+            else:
+                v = b.load(_ptr(b, base, b.add(gcodes, c(64 * j)), V64B), align=1)
+            ws.append(v)
+        for t in range(nt):
+            xoff = b.add(b.mul(c(t), K), b.add(gk, c(4 * j)))
+            xb = b.bitcast(_splat(b, b.load(_ptr(b, a["xq"], xoff, i32), align=1), V16I), V64B)
+            for r in range(nr):
+                if isa == ISA_IDS["vnni"]:
+                    iacc[t][r] = _dot4_vnni(b, iacc[t][r], ws[r], xb)
+                elif isa == ISA_IDS["avx2"]:
+                    iacc[t][r] = _dot4_avx2(b, iacc[t][r], ws[r], xb, signed_trick)
+                else:
+                    iacc[t][r] = _dot4_portable(b, iacc[t][r], ws[r], xb)
+
+    # per row group: s = d * sc (exact in f32), and the minimum vector dmin * m
+    scales, mins = [], []
+    for r in range(nr):
+        doff = b.add(b.mul(c(r), a["ds"]), b.mul(b.sdiv(gk, c(S)), c(32)))
+        s = b.fpext(b.load(_ptr(b, a["d"], doff, V16H), align=2), V16F)
+        if lay.sc:
+            scv = b.load(_ptr(b, a["sc"], b.add(b.mul(c(r), a["ss"]), b.mul(g, c(16))), ir.VectorType(i8, 16)), align=1)
+            scf = b.sitofp(scv, V16F) if lay.sc == "i8" else b.uitofp(scv, V16F)
+            s = b.fmul(s, scf)
+        scales.append(s)
+        if lay.mins:
+            dm = b.fpext(b.load(_ptr(b, a["dmin"], b.add(b.mul(c(r), a["dms"]), b.mul(b.sdiv(gk, c(256)), c(32))), V16H),
+                                align=2), V16F)
+            mv = b.load(_ptr(b, a["m"], b.add(b.mul(c(r), a["ms"]), b.mul(g32, c(16))), ir.VectorType(i8, 16)), align=1)
+            mins.append(b.fmul(dm, b.uitofp(mv, V16F)))
+    nxt = [[None] * nr for _ in range(nt)]
+    for t in range(nt):
+        xi = b.mul(b.add(b.mul(c(t), k32), g32), c(4))
+        dx = _splat(b, b.load(_ptr(b, a["xd"], xi, f32), align=4), V16F)
+        nxsf = _splat(b, b.fneg(b.load(_ptr(b, a["xsf"], xi, f32), align=4)), V16F) if lay.mins else None
+        for r in range(nr):
+            acc = b.call(fma, [b.sitofp(iacc[t][r], V16F), b.fmul(scales[r], dx), accs[t][r]])
+            if lay.mins:
+                acc = b.call(fma, [mins[r], nxsf, acc])
+            nxt[t][r] = acc
+
+    g1 = b.add(g, c(1))
+    tail = b.block
+    g.add_incoming(g1, tail)
+    for t in range(nt):
+        for r in range(nr):
+            accs[t][r].add_incoming(nxt[t][r], tail)
+    b.cbranch(b.icmp_signed("<", g1, n_groups), loop, done)
+
+    b.position_at_end(done)
+    for t in range(nt):
+        for r in range(nr):
+            off = b.mul(b.add(b.mul(c(t), a["ldo"]), c(16 * r)), c(4))
+            b.store(nxt[t][r], _ptr(b, a["out"], off, V16F), align=4)
+
+
+_ARGS = ("K", "codes", "cs", "d", "ds", "sc", "ss", "dmin", "dms", "m", "ms", "xq", "xd", "xs", "xsf", "out", "ldo")
+
+
+@intrinsic
+def tile(typingctx, V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo):
+    """tile(V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo): addresses and
+    row-group strides in bytes (int64), xq/xd/xs/xsf/out point at the tile's first token, ldo in floats."""
+    if not isinstance(V, types.IntegerLiteral):
+        return None
+    rest = (K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo)
+    sig = types.void(V, *rest)
+
+    def codegen(context, builder, signature, args):
+        vals = [context.cast(builder, v, t, types.int64) for v, t in zip(args[1:], signature.args[1:])]
+        _emit(builder, V.literal_value, dict(zip(_ARGS, vals)))
+        return context.get_dummy_value()
+
+    return sig, codegen
