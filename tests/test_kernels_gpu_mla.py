@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from ktx.errors import KtxError
 from ktx.kernels_gpu.mla_decode import mla_decode, mla_decode_reference
+from ktx.kernels_gpu.mla_prefill import mla_prefill, mla_prefill_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,3 +93,42 @@ def test_mla_decode_rejects_bad_input():
         mla_decode(q, cache, torch.zeros(1, 2, dtype=torch.int32, device=DEVICE), lens, 32, 1.0)
     with pytest.raises(KtxError, match="same D"):
         mla_decode(q[..., :40], cache, torch.zeros(1, 3, dtype=torch.int32, device=DEVICE), lens, 32, 1.0)
+
+
+def sdpa_causal(q, k, v, scale):
+    """Reference: torch SDPA with an explicit mask, key j visible to query i when j <= i + Tk - Tq."""
+    tq, tk = q.shape[0], k.shape[0]
+    mask = torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq)  # [Tq, Tk]
+    out = F.scaled_dot_product_attention(q.float().transpose(0, 1), k.float().transpose(0, 1),
+                                         v.float().transpose(0, 1), attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)  # [Tq, H, Dv]
+
+
+@pytest.mark.parametrize("tq,tk,dqk,dv", [(21, 21, 48, 32), (5, 40, 24, 16), (33, 33, 32, 20), (1, 7, 48, 32)])
+def test_mla_prefill_matches_sdpa(tq, tk, dqk, dv):
+    g = torch.Generator().manual_seed(tq + tk)
+    q = torch.randn(tq, 3, dqk + 8, generator=g)[..., 8:]  # a strided view, as q_pe/q_nope slices would be
+    k = torch.randn(tk, 3, dqk, generator=g)
+    v = torch.randn(tk, 3, dv, generator=g)
+    want = sdpa_causal(q, k, v, dqk ** -0.5)
+    got = mla_prefill(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), dqk ** -0.5)
+    assert got.shape == (tq, 3, dv)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mla_prefill_reference(q, k, v, dqk ** -0.5), want, rtol=1e-4, atol=1e-5)
+
+
+def test_mla_prefill_bf16():
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(19, 2, 48, generator=g).bfloat16() for _ in range(2))
+    v = torch.randn(19, 2, 32, generator=g).bfloat16()
+    got = mla_prefill(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), 0.2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float().cpu(), sdpa_causal(q, k, v, 0.2), rtol=2e-2, atol=2e-2)
+
+
+def test_mla_prefill_rejects_bad_input():
+    x = torch.zeros(4, 2, 48, device=DEVICE)
+    with pytest.raises(KtxError, match="keys must include"):
+        mla_prefill(x, x[:2], x[:2, :, :32], 1.0)
+    with pytest.raises(KtxError, match="share one of"):
+        mla_prefill(x, x.half(), x[..., :32], 1.0)
