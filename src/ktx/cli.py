@@ -130,6 +130,46 @@ def convert(
     _eprint(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+def _counts(opt: str, text: str) -> list[int]:
+    """'128,512' -> [128, 512] (llama-bench's comma sweeps)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise KtxError(f"{opt} {text!r}: give token counts separated by commas, like 128,512") from None
+
+
+@app.command()
+def bench(
+    model: Optional[Path] = ModelOpt,
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark a synthetic DeepSeek-V3-shaped Q4_K_M model "
+                                            "with random weights (dsv3-tiny, dsv3-bench); written once and cached under ~/.cache/ktx (KTX_CACHE)."),
+    n_prompt: str = typer.Option("512", "-p", "--n-prompt", help="Prompt lengths to prefill, comma-separated (0 = no prefill test)."),
+    n_gen: str = typer.Option("128", "-n", "--n-gen", help="Tokens to decode, comma-separated (0 = no decode test)."),
+    depth: str = typer.Option("0", "-d", "--depth", help="Context depths: tokens already in the KV cache before each test, comma-separated."),
+    reps: int = typer.Option(5, "-r", "--repetitions", help="Repetitions of each test (after one warm-up)."),
+    cpu_threads: Optional[int] = ThreadsOpt,
+    experts: str = ExpertsOpt,
+    output: str = typer.Option("md", "--output", "-o", help="md (markdown table) or json."),
+):
+    """Measure prefill (pp) and decode (tg) speed like llama-bench, with the GB/s of weights decode reads and the
+    DRAM read bandwidth measured in the same run (the roofline)."""
+    from ktx.bench import run_bench
+
+    if output not in ("md", "json"):
+        raise KtxError(f"--output {output!r}: choose md or json")
+    if (model is None) == (synthetic is None):
+        raise KtxError("give exactly one of --model PATH.gguf or --synthetic NAME (dsv3-tiny, dsv3-bench)")
+    name = None
+    if synthetic is not None:
+        from ktx.synthetic import synthetic_model
+
+        model, name = synthetic_model(synthetic, progress=sys.stderr.isatty()), f"synthetic {synthetic}"
+    report = run_bench(model, n_prompt=_counts("-p", n_prompt), n_gen=_counts("-n", n_gen), depths=_counts("-d", depth) or [0],
+                       reps=reps, threads=cpu_threads, experts=experts, model_name=name,
+                       log=lambda msg: _eprint(f"ktx bench: {msg}") if sys.stderr.isatty() else None)
+    print(report.to_json() if output == "json" else report.to_markdown())
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

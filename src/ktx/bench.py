@@ -1,0 +1,213 @@
+"""`ktx bench`: prefill and decode speed in the manner of llama-bench, measured against the DRAM roofline.
+
+Tests, each repeated `reps` times after one warm-up run:
+  pp<P>   one prefill of P random tokens (at context depth D: after D cached tokens)  -> P / seconds
+  tg<N>   N decode steps of one token each, starting at depth D                        -> N / seconds
+Both call the model's forward on `Model.engine`'s cache directly, so sampling, tokenizer and streaming
+are not part of the numbers (as in llama-bench).
+
+Decode reads every weight it uses once per token, so its speed is bounded by memory bandwidth:
+  bytes touched per token = non-expert weights (one row of token_embd) + n_expert_used / n_expert of the
+                            routed-expert weights (`*_exps` tensors)
+  achieved GB/s           = bytes touched per token x tok/s
+  roofline                = achieved GB/s / DRAM read bandwidth, measured in the same run by a
+                            multi-threaded Numba sum over `bandwidth_bytes` of memory
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ktx.errors import KtxError
+
+BANDWIDTH_BYTES = 1 << 30
+
+
+@dataclass
+class TestResult:
+    test: str  # "pp512", "tg128", "pp512 @ d1024"
+    n_prompt: int
+    n_gen: int
+    depth: int
+    samples_tps: list[float]
+    gbps: float | None = None  # weights read per second (decode tests only)
+    roofline: float | None = None  # gbps / DRAM read bandwidth
+
+    @property
+    def tps(self) -> float:
+        return statistics.fmean(self.samples_tps)
+
+    @property
+    def tps_std(self) -> float:
+        return statistics.stdev(self.samples_tps) if len(self.samples_tps) > 1 else 0.0
+
+
+@dataclass
+class BenchReport:
+    model: str
+    path: str
+    size_bytes: int
+    n_params: int
+    bytes_per_token: int
+    threads: int
+    experts: str
+    kernel_paths: list[str]
+    dram_gbps: float | None
+    results: list[TestResult] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["results"] = [{**asdict(r), "tps": r.tps, "tps_std": r.tps_std} for r in self.results]
+        return json.dumps(d, indent=2)
+
+    def to_markdown(self) -> str:
+        rows = ["| model | size | params | threads | test | t/s ± std | GB/s |", "|---|---:|---:|---:|---|---:|---:|"]
+        for r in self.results:
+            gbps = f"{r.gbps:.1f}" if r.gbps is not None else "-"
+            rows.append(f"| {self.model} | {self.size_bytes / 2**30:.2f} GiB | {self.n_params / 1e9:.2f} B | {self.threads} "
+                        f"| {r.test} | {r.tps:.2f} ± {r.tps_std:.2f} | {gbps} |")
+        lines = ["\n".join(rows), ""]
+        lines.append(f"weights touched per decoded token: {self.bytes_per_token / 1e6:.0f} MB")
+        if self.dram_gbps:
+            lines.append(f"DRAM read bandwidth (Numba sum over {BANDWIDTH_BYTES / 2**30:.1f} GiB, {self.threads} threads): "
+                         f"{self.dram_gbps:.1f} GB/s")
+            for r in self.results:
+                if r.roofline is not None:
+                    lines.append(f"{r.test}: {r.gbps:.1f} GB/s = {100 * r.roofline:.0f}% of the DRAM roofline")
+        lines.append("kernel paths: " + ("; ".join(self.kernel_paths) or "no MoE layers"))
+        return "\n".join(lines)
+
+
+def touched_bytes_per_token(gguf) -> int:
+    """Bytes of weights one decode step reads (see the module docstring)."""
+    cfg_e = int(gguf.get("deepseek2.expert_count", 0) or 0)
+    used = int(gguf.get("deepseek2.expert_used_count", 0) or 0)
+    total = 0
+    for t in gguf.tensors.values():
+        if "_exps." in t.name and cfg_e:
+            total += t.n_bytes * used // cfg_e
+        elif t.name == "token_embd.weight" and "output.weight" in gguf.tensors:
+            total += t.n_bytes // t.shape[0]  # one row: the embedding is a lookup
+        else:
+            total += t.n_bytes
+    return total
+
+
+def _read_kernel():
+    import numba
+
+    @numba.njit(parallel=True, nogil=True, cache=True)
+    def parallel_sum(a, n_chunks):  # a: uint64 [N]; each thread streams its own contiguous chunks
+        step = (a.size + n_chunks - 1) // n_chunks
+        acc = np.zeros(n_chunks, dtype=np.uint64)
+        for c in numba.prange(n_chunks):
+            acc[c] = a[c * step : min((c + 1) * step, a.size)].sum()
+        return acc.sum()
+
+    return parallel_sum
+
+
+def dram_read_gbps(threads: int, n_bytes: int = BANDWIDTH_BYTES, reps: int = 3) -> float:
+    """Best-of-`reps` read bandwidth in GB/s of a `threads`-thread streaming sum over n_bytes."""
+    import numba
+
+    parallel_sum = _read_kernel()
+    a = np.ones(n_bytes // 8, dtype=np.uint64)  # written once so every page is backed
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        parallel_sum(a[:1024], 4 * threads)  # compile (or load from cache) outside the timing
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            parallel_sum(a, 4 * threads)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        numba.set_num_threads(old)
+    return a.nbytes / best / 1e9
+
+
+def _time_pp(model, p: int, depth: int, rng) -> float:
+    import torch
+
+    eng = model.engine
+    eng.cache.reset(depth)
+    ids = torch.from_numpy(rng.integers(0, model.config.vocab_size, p))
+    t0 = time.perf_counter()
+    model.net.forward(ids, eng.cache, last_only=True)
+    return p / (time.perf_counter() - t0)
+
+
+def _time_tg(model, n: int, depth: int, rng) -> float:
+    import torch
+
+    eng = model.engine
+    eng.cache.reset(depth)
+    ids = torch.from_numpy(rng.integers(0, model.config.vocab_size, n))
+    t0 = time.perf_counter()
+    for i in range(n):
+        model.net.forward(ids[i : i + 1], eng.cache, last_only=True)
+    return n / (time.perf_counter() - t0)
+
+
+def _fill_depth(model, depth: int, rng) -> None:
+    import torch
+
+    model.engine.cache.reset(0)
+    if depth:
+        model.net.forward(torch.from_numpy(rng.integers(0, model.config.vocab_size, depth)), model.engine.cache, last_only=True)
+
+
+def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths: list[int], reps: int,
+              threads: int | None = None, experts: str = "auto", model_name: str | None = None,
+              measure_bandwidth: bool = True, log=lambda msg: None) -> BenchReport:
+    """Load the model at `path` and run every (depth, test) pair; pp and tg of 0 tokens are skipped."""
+    import ktx
+
+    if reps < 1:
+        raise KtxError(f"-r {reps}: need at least one repetition")
+    if any(v < 0 for v in [*n_prompt, *n_gen, *depths]):
+        raise KtxError("-p, -n and -d take token counts >= 0")
+    tests = [("pp", p) for p in n_prompt if p > 0] + [("tg", n) for n in n_gen if n > 0]
+    if not tests:
+        raise KtxError("nothing to run: give -p or -n with a count > 0")
+    threads = threads or os.cpu_count() or 1
+    cache_len = max(depths) + max(n for _, n in tests) + 1
+    model = ktx.load(path, cache_len=cache_len, threads=threads, experts=experts)
+    gguf = model.gguf
+    report = BenchReport(
+        model=model_name or Path(gguf.path).name.removesuffix(".gguf"), path=str(gguf.path), size_bytes=gguf.n_bytes,
+        n_params=sum(t.n_elements for t in gguf.tensors.values()), bytes_per_token=touched_bytes_per_token(gguf),
+        threads=threads, experts=experts, kernel_paths=sorted({e.kernel_path for e in model.net.experts.values()}),
+        dram_gbps=None,
+    )
+    rng = np.random.default_rng(0)
+    log("warm-up")
+    _time_pp(model, min(8, cache_len - 1), 0, rng)  # first touch of the weights, kernel compilation, repacking
+    _time_tg(model, 2, 0, rng)
+    for d in depths:
+        _fill_depth(model, d, rng)
+        for kind, n in tests:
+            timer = _time_pp if kind == "pp" else _time_tg
+            name = f"{kind}{n}" + (f" @ d{d}" if d else "")
+            log(f"running {name}")
+            samples = [timer(model, n, d, rng) for _ in range(reps)]
+            res = TestResult(name, n if kind == "pp" else 0, n if kind == "tg" else 0, d, samples)
+            if kind == "tg":
+                res.gbps = report.bytes_per_token * res.tps / 1e9
+            report.results.append(res)
+    model.engine.reset()
+    if measure_bandwidth:
+        log("measuring DRAM read bandwidth")
+        report.dram_gbps = dram_read_gbps(threads)
+        for r in report.results:
+            if r.gbps is not None:
+                r.roofline = r.gbps / report.dram_gbps
+    return report
