@@ -171,7 +171,11 @@ def make_deepseek_v3(dir: str | Path, *, q_lora: bool = True, gating: str = "sig
     model = model_cls(config)
     _init_weights(model, seed, n_layers)
     model.to(torch.bfloat16).save_pretrained(dir)
-    return dir, model.to(torch.float32).eval()
+    # The reference is what was saved, reloaded in fp32: casting the bf16 model back would leave its
+    # rotary inv_freq buffers rounded to bf16 (a 4e-3 logit error that no GGUF reader would reproduce).
+    from transformers import AutoModelForCausalLM
+
+    return dir, AutoModelForCausalLM.from_pretrained(dir, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def _row_margins(x: torch.Tensor, gate: torch.nn.Module) -> torch.Tensor:
