@@ -1,1 +1,11 @@
-"""CPU kernels for routed experts: Numba blocked int8/int4 loops and llvmlite-JIT SIMD microkernels."""
+"""CPU kernels for routed experts: Numba blocked int8/int4 loops around SIMD tile kernels emitted as LLVM IR.
+
+    cpu_features()   what the CPU runs (CPUID through an llvmlite-JIT'd function)
+    WorkerPool(n)    long-lived worker threads running GIL-free kernels
+    MoEExperts(...)  one layer's routed experts: forward(x, ids, w) / submit(...).wait()
+"""
+from .cpu_features import CpuFeatures, cpu_features
+from .moe import MoEExperts, best_isa
+from .pool import WorkerPool
+
+__all__ = ["CpuFeatures", "cpu_features", "MoEExperts", "WorkerPool", "best_isa"]

@@ -174,8 +174,16 @@ def field_shapes(lay: Layout, E: int, R: int, K: int) -> dict:
     return s
 
 
-def repack_into(dst: dict, raw: np.ndarray, qtype: int, K: int, lay: Layout) -> None:
-    """Repack raw [E, R, row_bytes] expert by expert into the preallocated (maybe memory-mapped) dst arrays."""
-    for e in range(raw.shape[0]):
-        for name, a in interleave(decode_blocks(np.asarray(raw[e]), qtype, K), lay).items():
-            dst[name][e] = a
+def repack_into(dst: dict, raw: np.ndarray, qtype: int, K: int, lay: Layout, label: str) -> None:
+    """Repack raw [E, R, row_bytes] expert by expert into the preallocated (maybe memory-mapped) dst arrays.
+
+    One expert at a time, so peak RAM is one expert's decoded fields whatever the layer size. A rich progress
+    bar shows for layers above 64 MiB."""
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=raw.nbytes < 64 << 20) as bar:
+        task = bar.add_task(label, total=raw.shape[0])
+        for e in range(raw.shape[0]):
+            for name, a in interleave(decode_blocks(np.asarray(raw[e]), qtype, K), lay).items():
+                dst[name][e] = a
+            bar.advance(task)

@@ -1,0 +1,164 @@
+"""CPU routed-expert kernels against this machine's own limits, measured in the same run.
+
+    /work/venv/bin/python bench/bench_cpu_experts.py [--threads 2] [--types Q4_K,Q6_K,Q8_0] [--experts 16]
+
+Limits: DRAM read bandwidth (all workers summing disjoint halves of a 2 GiB buffer, best of 3) and the
+vpdpbusd peak (all workers running 16 independent vpdpbusd zmm chains). Cases, DeepSeek-V3 expert shape
+(hidden 7168, expert FFN 2048):
+  decode   1 token through 8 experts; a rotating choice out of --experts, so the 8 x 3 matrices (>190 MB)
+           come from DRAM; GB/s = repacked bytes streamed / time (and GGUF bytes / time)
+  prefill  64 tokens, each through the same 8 experts (64 tokens per expert); GOPS = 2 * MACs / time
+Weights are random valid blocks (random codes, small finite f16 scales).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from llvmlite import ir
+from numba import njit
+from numba.core import types
+from numba.extending import intrinsic
+
+from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features
+
+H, I_FF = 7168, 2048
+
+
+@njit(nogil=True, cache=True)
+def _sum_u64(a):
+    s = np.uint64(0)
+    for i in range(a.shape[0]):
+        s += a[i]
+    return s
+
+
+def dram_read_gbs(pool: WorkerPool, nbytes: int = 2 << 30) -> float:
+    buf = np.ones(nbytes // 8, np.uint64)
+    parts = np.array_split(buf, pool.n_threads)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        pool.run(lambda wid, n: _sum_u64(parts[wid]))
+        best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+@intrinsic
+def _vnni_loop(typingctx, n):
+    """n iterations of 16 independent vpdpbusd zmm; returns a lane so nothing is optimised away."""
+    sig = types.int32(types.int64)
+
+    def codegen(context, b, signature, args):
+        v16, v64 = ir.VectorType(ir.IntType(32), 16), ir.VectorType(ir.IntType(8), 64)
+        fn = b.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.512", fnty=ir.FunctionType(v16, [v16, v64, v64]))
+        entry = b.block
+        loop, done = b.append_basic_block("l"), b.append_basic_block("d")
+        b.branch(loop)
+        b.position_at_end(loop)
+        i = b.phi(ir.IntType(64))
+        i.add_incoming(ir.Constant(ir.IntType(64), 0), entry)
+        accs = [b.phi(v16) for _ in range(16)]
+        byte = b.trunc(args[0], ir.IntType(8))  # an operand the optimiser cannot fold
+        wa = b.insert_element(ir.Constant(v64, ir.Undefined), byte, ir.Constant(ir.IntType(32), 0))
+        wa = b.shuffle_vector(wa, ir.Constant(v64, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 64), [0] * 64))
+        nxt = []
+        for j, a in enumerate(accs):
+            a.add_incoming(ir.Constant(v16, [j] * 16), entry)
+            nxt.append(b.call(fn, [a, wa, wa]))
+        i1 = b.add(i, ir.Constant(ir.IntType(64), 1))
+        i.add_incoming(i1, b.block)
+        for a, v in zip(accs, nxt):
+            a.add_incoming(v, b.block)
+        b.cbranch(b.icmp_signed("<", i1, args[0]), loop, done)
+        b.position_at_end(done)
+        s = nxt[0]
+        for v in nxt[1:]:
+            s = b.add(s, v)
+        return b.extract_element(s, ir.Constant(ir.IntType(32), 0))
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _vnni_run(n):
+    return _vnni_loop(n)
+
+
+def vnni_peak_gops(pool: WorkerPool, iters: int = 20_000_000) -> float:
+    _vnni_run(10)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        pool.run(lambda wid, n: _vnni_run(iters))
+        best = max(best, pool.n_threads * iters * 16 * 128 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def rand_raw(rng, qt, E, R, K):
+    """Random valid GGUF blocks: random codes, f16 scales ~0.001 (finite)."""
+    bs, ts = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, size=(E, R, K // bs * ts), dtype=np.uint8)
+    blocks = raw.reshape(-1, ts)
+    for o in {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q5_0: [0], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}[qt]:
+        d = (rng.random(len(blocks)) * 1e-3).astype(np.float16)
+        blocks[:, o:o + 2] = d.view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+def bench_type(qt, pool, rng, n_experts, bw, peak):
+    g, u, d = rand_raw(rng, qt, n_experts, I_FF, H), rand_raw(rng, qt, n_experts, I_FF, H), rand_raw(rng, qt, n_experts, H, I_FF)
+    t = time.perf_counter()
+    ex = MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I_FF, pool=pool)
+    t_repack = time.perf_counter() - t
+    bytes_expert = sum(m.nbytes_per_expert() for m in ex.mats)
+    gguf_expert = (g[0].nbytes + u[0].nbytes + d[0].nbytes)
+    x = rng.standard_normal((64, H)).astype(np.float32)
+    w8 = np.full((1, 8), 1 / 8, np.float32)
+    ex.forward(x[:1], np.arange(8, dtype=np.int32)[None], w8)  # compile
+    times = []
+    for it in range(12):
+        ids = ((np.arange(8) + 8 * it) % n_experts).astype(np.int32)[None]
+        t = time.perf_counter()
+        ex.forward(x[:1], ids, w8)
+        times.append(time.perf_counter() - t)
+    td = float(np.median(times[2:]))
+    gbs = 8 * bytes_expert / td / 1e9
+    print(f"{qt.name:5s} decode : {td * 1e3:7.2f} ms/token  {gbs:6.1f} GB/s repacked ({bytes_expert / 2**20:.1f} MiB/expert)"
+          f" = {gbs / bw:5.1%} of DRAM   | GGUF bytes {8 * gguf_expert / td / 1e9:6.1f} GB/s   (repack {t_repack:.1f} s)")
+    T = 64
+    ids = np.tile(np.arange(8, dtype=np.int32), (T, 1))
+    wT = np.full((T, 8), 1 / 8, np.float32)
+    ex.forward(x, ids, wT)
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        ex.forward(x, ids, wT)
+        times.append(time.perf_counter() - t)
+    tp = min(times)
+    gops = 2 * T * 8 * 3 * H * I_FF / tp / 1e9
+    print(f"{qt.name:5s} prefill: {tp * 1e3:7.1f} ms / {T} tok x 8 experts  {gops:6.0f} GOPS = {gops / peak:5.1%} of VNNI peak")
+    return td, gbs, tp, gops
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--types", default="Q4_K,Q6_K,Q8_0")
+    ap.add_argument("--experts", type=int, default=16)
+    a = ap.parse_args()
+    print(cpu_features().describe())
+    with WorkerPool(a.threads) as pool:
+        bw = dram_read_gbs(pool)
+        peak = vnni_peak_gops(pool) if cpu_features().avx512_vnni else float("nan")
+        print(f"limits ({a.threads} threads): DRAM read {bw:.1f} GB/s, vpdpbusd peak {peak:.0f} GOPS")
+        rng = np.random.default_rng(0)
+        for name in a.types.split(","):
+            bench_type(QT[name], pool, rng, a.experts, bw, peak)
+
+
+if __name__ == "__main__":
+    main()

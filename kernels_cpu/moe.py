@@ -1,0 +1,232 @@
+"""The fused routed-expert op on the CPU: y[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
+
+Paths (chosen at construction; `kernel_path` says which one runs):
+    vnni       AVX-512 VNNI tile kernels on the repacked layout     (CPUID: avx512f + avx512bw + avx512_vnni)
+    avx2       vpmaddubsw tile kernels on the same layout           (CPUID: avx2)
+    portable   generic LLVM vector IR, same layout and loops        (any CPU)
+    reference  gguf.quants.dequantize per used expert + float32 matmul (also used for F32/F16/BF16 weights)
+"auto" picks the first of vnni, avx2, portable that the CPU runs.
+
+Decode (every expert has one token) uses a 1-token x 64-row tile that streams weights once; prefill uses a
+4-token x 32-row register tile. The repacked weights live in RAM, or, with cache_dir, in .npy files written
+expert by expert (bounded RAM) and memory-mapped on later loads.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
+from numba.core import types
+
+from ktx.errors import KtxError
+
+from .cpu_features import cpu_features
+from .moe_loops import phase_down, phase_gate_up, quantize_slots
+from .pool import WorkerPool
+from .repack import FLOAT_TYPES, LAYOUTS, field_shapes, repack_into
+from .simd import variant
+
+DECODE_TILE = (1, 4)  # (tokens, row groups of 16)
+PREFILL_TILE = (4, 2)
+_FIELDS = ("codes", "d", "sc", "dmin", "m")
+
+
+def best_isa() -> str:
+    f = cpu_features()
+    if f.avx512f and f.avx512bw and f.avx512_vnni:
+        return "vnni"
+    return "avx2" if f.avx2 else "portable"
+
+
+def _check_path(path: str) -> str:
+    if path == "auto":
+        return best_isa()
+    f = cpu_features()
+    ok = {"vnni": f.avx512f and f.avx512bw and f.avx512_vnni, "avx2": f.avx2, "portable": True, "reference": True}
+    if path not in ok:
+        raise KtxError(f"unknown CPU kernel path {path!r}: use auto, vnni, avx2, portable or reference")
+    if not ok[path]:
+        raise KtxError(f"CPU kernel path {path!r} needs instructions this CPU lacks ({f.describe()}); use auto")
+    return path
+
+
+class _Matrix:
+    """One of gate/up/down for all experts: repacked arrays + the md descriptor the loops read."""
+
+    def __init__(self, name, raw, qtype, R, K, repack, cache_dir, cache_key):
+        self.name, self.raw, self.qtype, self.R, self.K = name, raw, QT(qtype), R, K
+        self.layout = LAYOUTS.get(self.qtype) if repack else None
+        self.arrays = {}
+        if self.layout is None:
+            return
+        E = raw.shape[0]
+        shapes = field_shapes(self.layout, E, R, K)
+        if cache_dir is None:
+            self.arrays = {k: np.empty(s, dt) for k, (s, dt) in shapes.items()}
+            repack_into(self.arrays, raw, self.qtype, K, self.layout, f"repacking ffn_{name}_exps")
+        else:
+            self.arrays = _cached(Path(cache_dir), f"{cache_key}.{name}", shapes, raw, self.qtype, K, self.layout)
+        self.md = np.zeros(15, np.int64)
+        for i, f in enumerate(_FIELDS):
+            if f in self.arrays:
+                a = self.arrays[f]
+                self.md[3 * i:3 * i + 3] = (a.ctypes.data, a.strides[0], a.strides[1])
+
+    def nbytes_per_expert(self) -> int:
+        return sum(a[0].nbytes for a in self.arrays.values())
+
+
+def _cached(folder, stem, shapes, raw, qtype, K, lay):
+    """Memory-mapped .npy per field; written expert by expert, marked complete by a .done file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / f"{stem}.done"
+    paths = {k: folder / f"{stem}.{k}.npy" for k in shapes}
+    if done.exists():
+        arrays = {k: np.load(p, mmap_mode="r") for k, p in paths.items()}
+        if all(arrays[k].shape == s and arrays[k].dtype == dt for k, (s, dt) in shapes.items()):
+            return arrays
+    arrays = {k: np.lib.format.open_memmap(paths[k], mode="w+", dtype=dt, shape=s) for k, (s, dt) in shapes.items()}
+    repack_into(arrays, raw, qtype, K, lay, f"repacking {stem} -> {folder}")
+    for a in arrays.values():
+        a.flush()
+    done.touch()
+    return {k: np.load(p, mmap_mode="r") for k, p in paths.items()}
+
+
+class MoEExperts:
+    """Routed experts of one MoE layer. gate/up: (raw uint8 [E, I, row_bytes], ggml type); down: [E, H, ...]."""
+
+    def __init__(self, gate, up, down, hidden: int, inter: int, pool: WorkerPool | None = None, path: str = "auto",
+                 cache_dir: str | os.PathLike | None = None, cache_key: str | None = None):
+        self.H, self.I = hidden, inter
+        self.path = _check_path(path)
+        self.pool = pool or WorkerPool(os.cpu_count() or 1)  # engines pass one shared pool for all layers
+        if cache_dir is not None and not cache_key:
+            raise KtxError("MoEExperts: cache_dir needs a cache_key naming the GGUF file and layer")
+        for nm, (raw, _), rows in (("gate", gate, inter), ("up", up, inter), ("down", down, hidden)):
+            if raw.ndim != 3 or raw.shape[1] != rows:
+                raise KtxError(f"ffn_{nm}_exps: expected [E, {rows}, row_bytes], got {tuple(raw.shape)}")
+        if hidden % 256 or inter % 256:
+            raise KtxError(f"expert shapes hidden={hidden}, inter={inter}: CPU kernels need multiples of 256")
+        self.E = gate[0].shape[0]
+        types_ = [QT(t) for _, t in (gate, up, down)]
+        for t in types_:
+            if t not in LAYOUTS and t not in FLOAT_TYPES:
+                raise KtxError(f"expert weights of type {t.name} are not supported by the CPU kernels; "
+                               f"use a Q4_K/Q5_K/Q6_K/Q8_0/Q4_0/Q5_0/F16/BF16/F32 GGUF")
+        if self.path != "reference" and any(t in FLOAT_TYPES for t in types_):
+            self.path = "reference"  # float expert weights: numpy float matmul (correct, not the fast path)
+        self._entries = {}
+        repack = self.path != "reference"
+        self.mats = [_Matrix(nm, pair[0], pair[1], R, K, repack, cache_dir, cache_key) for nm, pair, R, K in
+                     (("gate", gate, inter, hidden), ("up", up, inter, hidden), ("down", down, hidden, inter))]
+
+    @property
+    def kernel_path(self) -> str:
+        names = "/".join(QT(m.qtype).name for m in self.mats)
+        if self.path == "reference":
+            return f"reference numpy dequant + float matmul ({names})"
+        label = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable": "portable llvm-vector"}
+        return (f"{label[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
+                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} tiles ({names}, repacked, int8 acts per 32)")
+
+    # ---- API ----
+    def forward(self, x, ids, w):
+        return self.submit(x, ids, w).wait()
+
+    def submit(self, x, ids, w):
+        x = np.ascontiguousarray(x, dtype=np.float32)  # [T, H]
+        ids = np.asarray(ids, dtype=np.int32)  # [T, k]
+        w = np.asarray(w, dtype=np.float32)  # [T, k]
+        if x.ndim != 2 or x.shape[1] != self.H or ids.shape != w.shape or ids.shape[0] != x.shape[0]:
+            raise KtxError(f"MoEExperts.forward: x {x.shape}, ids {ids.shape}, w {w.shape} do not match hidden={self.H}")
+        if ids.size and ids.max() >= self.E:
+            raise KtxError(f"MoEExperts.forward: expert id {ids.max()} out of range (layer has {self.E} experts)")
+        pool = self.pool
+        if self.path == "reference":
+            return pool.submit(lambda wid, n: None, lambda: self._reference(x, ids, w))
+        return self._submit_fast(pool, x, ids, w)
+
+    # ---- fast paths ----
+    def _submit_fast(self, pool, x, ids, w):
+        T, H, I = x.shape[0], self.H, self.I
+        flat = ids.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        order = order[flat[order] >= 0]
+        exp_e, counts = np.unique(flat[order], return_counts=True)
+        exp_e = exp_e.astype(np.int64)
+        nt, nr = DECODE_TILE if (counts.size == 0 or counts.max() == 1) else PREFILL_TILE
+        padded = -(-counts // nt) * nt
+        exp_s0 = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
+        exp_n = counts.astype(np.int64)
+        P = int(padded.sum())
+        slot_tok = np.full(P, -1, np.int64)
+        slot_w = np.zeros(P, np.float32)
+        pos = np.repeat(exp_s0, counts) + (np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts))
+        slot_tok[pos] = order // ids.shape[1]
+        slot_w[pos] = w.reshape(-1)[order]
+        xq, xd, xs, xsf = _qbufs(P, H)
+        hq, hd, hs, hsf = _qbufs(P, I)
+        g = np.zeros((P, I), np.float32)
+        u = np.zeros((P, I), np.float32)
+        y = np.zeros((T, H), np.float32)
+        quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf)
+        Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr) for m in self.mats)
+        c_a, c_b = np.zeros(1, np.int64), np.zeros(1, np.int64)
+        remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
+        barrier = threading.Barrier(pool.n_threads)
+        mg, mu, md = self.mats
+        args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining)
+        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b)
+        run_a = self._entry(phase_gate_up, args_a, 2)
+        run_b = self._entry(phase_down, args_b, 1)
+
+        def work(wid, n):
+            if len(exp_e):
+                run_a(*args_a)
+                barrier.wait()
+                run_b(*args_b)
+
+        return pool.submit(work, lambda: y)
+
+    def _entry(self, disp, args, n_literal):
+        """Compiled entry point for these variant literals: calling the dispatcher with plain ints would
+        re-run its failing non-literal typing on every call (tens of ms)."""
+        key = (disp.py_func.__name__,) + args[:n_literal]
+        fn = self._entries.get(key)
+        if fn is None:
+            sig = tuple(types.literal(a) for a in args[:n_literal]) + tuple(numba.typeof(a) for a in args[n_literal:])
+            fn = self._entries[key] = disp.compile(sig)
+        return fn
+
+    # ---- reference ----
+    def _reference(self, x, ids, w):
+        y = np.zeros_like(x)  # [T, H]
+        for e in np.unique(ids[ids >= 0]):
+            t, j = np.nonzero(ids == e)
+            Wg, Wu, Wd = (_dequant(m.raw[e], m.qtype) for m in self.mats)  # [I, H], [I, H], [H, I]
+            g = x[t] @ Wg.T  # [n, I]
+            h = g / (1 + np.exp(-g)) * (x[t] @ Wu.T)
+            np.add.at(y, t, w[t, j][:, None] * (h @ Wd.T))
+        return y
+
+
+def _dequant(raw, qtype) -> np.ndarray:
+    if qtype == QT.F32:
+        return np.asarray(raw).view(np.float32)
+    if qtype == QT.F16:
+        return np.asarray(raw).view(np.float16).astype(np.float32)
+    if qtype == QT.BF16:
+        return (np.asarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return dequantize(np.asarray(raw), qtype).astype(np.float32)
+
+
+def _qbufs(P, K):
+    return (np.zeros((P, K), np.int8), np.zeros((P, K // 32), np.float32), np.zeros((P, K // 16), np.int32),
+            np.zeros((P, K // 32), np.float32))
+

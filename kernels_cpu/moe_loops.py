@@ -1,0 +1,108 @@
+"""The blocked MoE loops that every worker runs (Numba, nogil), around the tile kernels of simd.py.
+
+Routing is flattened into "slots" (token t, choice j) sorted by expert; expert i owns slots
+[s0[i], s0[i] + n[i]), padded to a multiple of the token tile NT so a tile never reads past its expert.
+
+    phase A  items = (expert, block of NR*16 rows of I):  g = W_gate x, u = W_up x for the expert's slots,
+             h = silu(g) * u; the worker that finishes an expert's last item quantizes its h rows (atomic
+             countdown), so no barrier is needed between the two matmuls of one expert.
+    -- barrier (pool) --
+    phase B  items = blocks of NR*16 rows of H: for every expert, down = W_down h for its slots, and
+             y[t] += w * down, race-free because items own disjoint columns of y.
+
+Items are claimed from a shared counter with an atomic fetch-add: whichever worker is free takes the next
+one (dynamic scheduling). A matrix is passed as md, int64 [15]: (address, expert stride, row-group stride)
+for codes, d, sc, dmin, m (zeros where the type has no such field).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import literally, njit
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from .quantize import quantize_row
+from .simd import tile
+
+
+@intrinsic
+def fetch_add(typingctx, arr, idx, val):
+    """Atomically arr[idx] += val (int64 array); returns the old value."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+    sig = types.int64(arr, types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [args[1]])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _mat_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo):
+    tile(V, K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
+         md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
+         md[12] + e * md[13] + rg * md[14], md[14],
+         xq.ctypes.data + t0 * K, xd.ctypes.data + t0 * (K // 32) * 4, xs.ctypes.data + t0 * (K // 16) * 4,
+         xsf.ctypes.data + t0 * (K // 32) * 4, out.ctypes.data + o_off * 4, ldo)
+
+
+@njit(nogil=True, cache=True)
+def quantize_slots(x, slot_tok, lo, hi, xq, xd, xs, xsf):
+    """Quantized copy of x[slot_tok[s]] into slot rows s in [lo, hi) (padding slots stay zero)."""
+    for s in range(lo, hi):
+        if slot_tok[s] >= 0:
+            quantize_row(x[slot_tok[s]], xq[s], xd[s], xs[s], xsf[s])
+
+
+@njit(nogil=True, cache=True)
+def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf,
+                  g, u, hq, hd, hs, hsf, counter, remaining):
+    literally(Vg)
+    literally(Vu)
+    NT = Vg // 10 % 10
+    NR = Vg % 10
+    n_rt = I // (16 * NR)
+    n_items = exp_e.shape[0] * n_rt
+    while True:
+        item = fetch_add(counter, 0, 1)
+        if item >= n_items:
+            break
+        j = item // n_rt
+        rg = (item % n_rt) * NR
+        e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
+        for t0 in range(s0, s0 + n, NT):
+            _mat_tile(Vg, md_g, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * I + rg * 16, I)
+            _mat_tile(Vu, md_u, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * I + rg * 16, I)
+        for s in range(s0, s0 + n):
+            for i in range(rg * 16, (rg + NR) * 16):
+                a = g[s, i]
+                g[s, i] = a / (np.float32(1.0) + np.exp(-a)) * u[s, i]
+        if fetch_add(remaining, j, -1) == 1:  # last block of this expert: its h is complete
+            for s in range(s0, s0 + n):
+                quantize_row(g[s], hq[s], hd[s], hs[s], hsf[s])
+
+
+@njit(nogil=True, cache=True)
+def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, counter):
+    literally(Vd)
+    NT = Vd // 10 % 10
+    NR = Vd % 10
+    n_items = H // (16 * NR)
+    tmp = np.empty((NT, NR * 16), np.float32)
+    while True:
+        item = fetch_add(counter, 0, 1)
+        if item >= n_items:
+            break
+        rg = item * NR
+        for j in range(exp_e.shape[0]):
+            e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
+            for t0 in range(s0, s0 + n, NT):
+                _mat_tile(Vd, md_d, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16)
+                for ti in range(min(NT, s0 + n - t0)):
+                    t = slot_tok[t0 + ti]
+                    w = slot_w[t0 + ti]
+                    for i in range(NR * 16):
+                        y[t, rg * 16 + i] += w * tmp[ti, i]
