@@ -118,7 +118,7 @@ def gemm(x: torch.Tensor, w_raw: torch.Tensor, qtype) -> torch.Tensor:
     grid = (triton.cdiv(t, bm), triton.cdiv(n, bn))
     _gemm_kernel[grid](x, w_raw, y, t, n, k, w_raw.stride(0), k // fmt.block_elems,
                        QTYPE=fmt.ggml_type, QK=fmt.block_elems, BM=bm, BN=bn, NB=TILE_K // fmt.block_elems,
-                       UPCAST=interpreting() or x.dtype == torch.float32)
+                       UPCAST=interpreting() or x.dtype == torch.float32, num_warps=8, num_stages=2)
     return y
 
 

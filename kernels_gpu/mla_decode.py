@@ -155,7 +155,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
     grid = (bsz, triton.cdiv(n_heads, BLOCK_H), splits)
     _mla_split_kernel[grid](q, kv_cache, block_table, seq_lens, o_part, lse, n_heads, block_table.shape[1], splits,
                             softmax_scale * LOG2E, DV=kv_lora, DR=d - kv_lora, DVP=dvp, DRP=drp, PAGE=page,
-                            BH=BLOCK_H, BT=BLOCK_T, UPCAST=interpreting() or q.dtype == torch.float32)
+                            BH=BLOCK_H, BT=BLOCK_T, UPCAST=interpreting() or q.dtype == torch.float32,
+                            num_warps=8)  # the [BH, DV] accumulator and a [BT, DV] tile in registers
     out = torch.empty(bsz, n_heads, kv_lora, dtype=q.dtype, device=device)  # [B, H, DV]
     _mla_merge_kernel[(bsz * n_heads,)](o_part, lse, out, splits, DV=kv_lora, DVP=dvp,
                                          SP=triton.next_power_of_2(splits))

@@ -65,7 +65,7 @@ def test_plain_rope_frequencies_without_scaling():
 
 def rope_complex(x, positions, inv_freq, mscale):
     """DeepSeek's reference form: consecutive pairs as complex numbers times e^(i theta)."""
-    theta = positions.double()[:, None] * inv_freq.double()[None, :]
+    theta = (positions.float()[:, None] * inv_freq[None, :]).double()  # the angle in fp32, as every implementation
     cis = torch.polar(torch.full_like(theta, mscale), theta)  # [T, D/2]
     z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())  # [T, H, D/2]
     return torch.view_as_real(z * cis[:, None, :]).flatten(-2)
