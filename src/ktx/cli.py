@@ -170,6 +170,28 @@ def bench(
     print(report.to_json() if output == "json" else report.to_markdown())
 
 
+@app.command()
+def serve(
+    model: Optional[Path] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to the network."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="KTX_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 requests."),
+    model_id: Optional[str] = typer.Option(None, "--model-id", help="Model name clients send (default: the file name without .gguf)."),
+    cache_len: int = CacheLenOpt,
+    cpu_threads: Optional[int] = ThreadsOpt,
+    experts: str = ExpertsOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load details and each request."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions (SSE streaming too),
+    /v1/models, /health. Requests run one at a time, in arrival order."""
+    try:
+        from ktx.server import serve as run_server
+    except ImportError as e:
+        raise KtxError(f"ktx serve needs FastAPI and uvicorn ({e}); install them with: pip install 'ktx[serve]'") from None
+    run_server(model or _default_model(), host=host, port=port, api_key=api_key, model_id=model_id, cache_len=cache_len,
+               threads=cpu_threads, experts=experts, verbose=verbose)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
