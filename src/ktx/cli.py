@@ -192,6 +192,25 @@ def serve(
                threads=cpu_threads, experts=experts, verbose=verbose)
 
 
+@app.command("inspect")
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="GGUF file, any part of a split model, or a folder holding one."),
+    cache_len: int = typer.Option(4096, "--cache-len", "-c", help="KV cache capacity to plan for, in tokens."),
+    output: str = typer.Option("table", "--output", "-o", help="table or json."),
+):
+    """Show a model's architecture, parameter count, tensor types and sizes, and its memory plan (RAM, VRAM,
+    KV cache) for the default placement, without loading the weights."""
+    from ktx.inspect import inspect_model, render
+
+    if output not in ("table", "json"):
+        raise KtxError(f"--output {output!r}: choose table or json")
+    info = inspect_model(path, cache_len=cache_len)
+    if output == "json":
+        print(info.to_json())
+    else:
+        render(info)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
