@@ -162,7 +162,7 @@ class MoEExperts:
         exp_e = exp_e.astype(np.int64)
         nt, nr = DECODE_TILE if (counts.size == 0 or counts.max() == 1) else PREFILL_TILE
         padded = -(-counts // nt) * nt
-        exp_s0 = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
+        exp_s0 = (np.cumsum(padded) - padded).astype(np.int64)
         exp_n = counts.astype(np.int64)
         P = int(padded.sum())
         slot_tok = np.full(P, -1, np.int64)

@@ -1,0 +1,201 @@
+"""ktx.kernels_cpu against independent references: /proc/cpuinfo, gguf.quants.dequantize and float64 numpy.
+
+The MoE check is two-sided:
+  1. against a float64 reference that quantizes activations the documented way (int8 per 32, numpy code
+     written here): tight, so any layout, scale or offset bug fails;
+  2. against the exact float64 reference, within the worst-case bound that int8 activation quantization
+     implies (derived in `_bound`): the error the kernels are allowed to have.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features
+from ktx.kernels_cpu.cpu_features import cpuinfo_flags
+from ktx.kernels_cpu.repack import LAYOUTS, decode_blocks, dequantize_fields
+from ktx.errors import KtxError
+
+_SCALE_OFFSETS = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q5_0: [0], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
+FEAT = cpu_features()
+PATHS = ["portable"] + (["avx2"] if FEAT.avx2 else []) + (["vnni"] if FEAT.avx512_vnni and FEAT.avx512bw else [])
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with WorkerPool(2) as p:
+        yield p
+
+
+def rand_raw(rng, qt, E, R, K, scale=2e-3):
+    """Random valid GGUF rows [E, R, row_bytes]: random codes, small finite f16 scales."""
+    if qt in (QT.F32, QT.F16, QT.BF16):
+        w = (rng.standard_normal((E, R, K)) * 0.05).astype(np.float32)
+        if qt == QT.F32:
+            return w.view(np.uint8)
+        if qt == QT.F16:
+            return w.astype(np.float16).view(np.uint8)
+        return (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    bs, ts = GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, size=(E, R, K // bs * ts), dtype=np.uint8)
+    blocks = raw.reshape(-1, ts)
+    for o in _SCALE_OFFSETS[qt]:
+        blocks[:, o:o + 2] = (rng.random(len(blocks)) * scale).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+def deq(raw, qt):  # [R, row_bytes] -> float64 [R, K], independent of the code under test
+    if qt == QT.F32:
+        return raw.view(np.float32).astype(np.float64)
+    if qt == QT.F16:
+        return raw.view(np.float16).astype(np.float64)
+    if qt == QT.BF16:
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return dequantize(raw, qt).astype(np.float64)
+
+
+def q8_emulate(x):
+    """int8 per 32 as documented in quantize.py, written independently: float32 amax/127, round(x * (1/d))."""
+    b = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    d = np.abs(b).max(axis=2, keepdims=True) / np.float32(127)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(b * inv), -127, 127)
+    return (q * d).reshape(x.shape).astype(np.float64)
+
+
+def silu(v):
+    return v / (1 + np.exp(-v))
+
+
+def reference(x, ids, w, Ws, quantize_acts):
+    """float64 y [T, H]; with quantize_acts, x and h go through q8_emulate first."""
+    y = np.zeros(x.shape, np.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            if e < 0:
+                continue
+            Wg, Wu, Wd = Ws[e]
+            xt = x[t:t + 1].astype(np.float64)
+            if quantize_acts:
+                xt = q8_emulate(xt)
+            h = silu(xt @ Wg.T) * (xt @ Wu.T)
+            if quantize_acts:
+                h = q8_emulate(h)
+            y[t] += w[t, j] * (h @ Wd.T)[0]
+    return y
+
+
+def _bound(x, ids, w, Ws):
+    """Worst case |y_kernel - y_exact| from int8 activations, per element of y.
+
+    x -> xq: |dx| <= d/2 per element, so |d g_i| <= bg_i = sum_b d_b/2 sum_{k in b} |Wg[i,k]| (same for u).
+    h = silu(g) u with |silu'| <= 1.1: |dh_i| <= 1.1 bg_i (|u_i| + bu_i) + (|silu(g_i)| + 1.1 bg_i) bu_i;
+    h is then quantized per 32: + (max_b |h| + max_b dh) / 254. Down sums |Wd| times that; y sums |w| times.
+    A relative 1e-5 of sum |w||Wd||h| covers float32 accumulation."""
+    y = np.zeros(x.shape, np.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            if e < 0:
+                continue
+            Wg, Wu, Wd = Ws[e]
+            xt = x[t].astype(np.float64)
+            dx = np.repeat(np.abs(xt.reshape(-1, 32)).max(axis=1) / 127 / 2, 32)
+            bg, bu = np.abs(Wg) @ dx, np.abs(Wu) @ dx
+            g, u = Wg @ xt, Wu @ xt
+            dh = 1.1 * bg * (np.abs(u) + bu) + (np.abs(silu(g)) + 1.1 * bg) * bu
+            h = silu(g) * u
+            hq = np.repeat((np.abs(h).reshape(-1, 32).max(axis=1) + dh.reshape(-1, 32).max(axis=1)) / 254, 32)
+            y[t] += abs(w[t, j]) * (np.abs(Wd) @ (dh + hq) + 1e-5 * (np.abs(Wd) @ np.abs(h)))
+    return y
+
+
+def test_cpu_features_match_cpuinfo():
+    flags = cpuinfo_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    f = cpu_features()
+    for name, flag in [("avx2", "avx2"), ("avx512f", "avx512f"), ("avx512bw", "avx512bw"),
+                       ("avx512_vnni", "avx512_vnni"), ("amx_tile", "amx_tile"), ("amx_int8", "amx_int8")]:
+        assert getattr(f, name) == (flag in flags), name
+    assert "cpu:" in f.describe()
+
+
+@pytest.mark.parametrize("qt", list(LAYOUTS))
+def test_layout_fields_dequantize_exactly(qt):
+    rng = np.random.default_rng(int(qt))
+    raw = rand_raw(rng, qt, 1, 16, 512, scale=1.0)[0]
+    f = decode_blocks(raw, qt, 512)
+    np.testing.assert_array_equal(dequantize_fields(f, LAYOUTS[qt]), dequantize(raw, qt).astype(np.float32))
+
+
+CASES = [(p, QT.Q4_K, QT.Q4_K) for p in PATHS] + [(p, QT.Q8_0, QT.Q8_0) for p in PATHS] + \
+        [(p, QT.Q4_K, QT.Q6_K) for p in PATHS] + \
+        [(PATHS[-1], t, t) for t in (QT.Q4_0, QT.Q5_0, QT.Q5_K, QT.Q6_K)] + \
+        [("auto", t, t) for t in (QT.F16, QT.BF16, QT.F32)] + [("reference", QT.Q4_K, QT.Q6_K)]
+
+
+@pytest.mark.parametrize("path,t_gu,t_down", CASES, ids=[f"{p}-{a.name}-{b.name}" for p, a, b in CASES])
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_moe_forward_matches_reference(pool, path, t_gu, t_down, data):
+    H = data.draw(st.sampled_from([256, 512]), "H")
+    I = data.draw(st.sampled_from([256, 512]), "I")
+    E = data.draw(st.integers(4, 8), "E")
+    T = data.draw(st.sampled_from([1, 1, 2, 5, 17, 70]), "T")
+    k = data.draw(st.integers(1, 4), "k")
+    seed = data.draw(st.integers(0, 2**32 - 1), "seed")
+    rng = np.random.default_rng(seed)
+    g, u, d = rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_down, E, H, I)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = rng.integers(-1, E, size=(T, k)).astype(np.int32)  # repeats across tokens and -1 (skip)
+    w = rng.random((T, k)).astype(np.float32)
+    ex = MoEExperts((g, t_gu), (u, t_gu), (d, t_down), hidden=H, inter=I, pool=pool, path=path)
+    y = ex.forward(x, ids, w)
+    assert y.shape == (T, H) and y.dtype == np.float32
+    Ws = {e: (deq(g[e], t_gu), deq(u[e], t_gu), deq(d[e], t_down)) for e in range(E)}
+    exact = reference(x, ids, w, Ws, quantize_acts=False)
+    if ex.path == "reference":  # float weights: no activation quantization at all
+        np.testing.assert_allclose(y, exact, rtol=1e-4, atol=1e-4 * (np.abs(exact).max() + 1e-30))
+        return
+    emulated = reference(x, ids, w, Ws, quantize_acts=True)
+    scale = np.abs(emulated).max() + 1e-30
+    assert np.abs(y - emulated).max() <= 2e-3 * scale, "kernel differs from the int8-activation reference"
+    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws) + 1e-6 * scale), "error above the int8 bound"
+
+
+def test_submit_returns_before_wait_and_paths_reject_missing_isa(pool):
+    rng = np.random.default_rng(1)
+    g, u, d = (rand_raw(rng, QT.Q8_0, 4, 256, 256) for _ in range(3))
+    ex = MoEExperts((g, QT.Q8_0), (u, QT.Q8_0), (d, QT.Q8_0), hidden=256, inter=256, pool=pool)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    ids = np.array([[0, 1], [1, -1], [3, 3]], np.int32)
+    job = ex.submit(x, ids, np.ones((3, 2), np.float32))
+    y = job.wait()
+    Ws = {e: (deq(g[e], QT.Q8_0), deq(u[e], QT.Q8_0), deq(d[e], QT.Q8_0)) for e in range(4)}
+    ref = reference(x, ids, np.ones((3, 2)), Ws, quantize_acts=True)
+    assert np.abs(y - ref).max() <= 2e-3 * np.abs(ref).max()
+    assert ex.kernel_path
+    if not FEAT.avx512_vnni:
+        with pytest.raises(KtxError):
+            MoEExperts((g, QT.Q8_0), (u, QT.Q8_0), (d, QT.Q8_0), hidden=256, inter=256, pool=pool, path="vnni")
+
+
+def test_disk_cache_roundtrip(pool, tmp_path):
+    rng = np.random.default_rng(2)
+    g, u, d = (rand_raw(rng, QT.Q4_K, 4, 256, 256) for _ in range(3))
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    ids = np.array([[0, 2], [3, 1]], np.int32)
+    w = np.full((2, 2), 0.5, np.float32)
+    kw = dict(hidden=256, inter=256, pool=pool, cache_dir=tmp_path, cache_key="model.blk.3")
+    y1 = MoEExperts((g, QT.Q4_K), (u, QT.Q4_K), (d, QT.Q4_K), **kw).forward(x, ids, w)
+    assert len(list(tmp_path.glob("*.done"))) == 3
+    ex2 = MoEExperts((g, QT.Q4_K), (u, QT.Q4_K), (d, QT.Q4_K), **kw)
+    assert isinstance(ex2.mats[0].arrays["codes"], np.memmap)
+    np.testing.assert_array_equal(ex2.forward(x, ids, w), y1)
