@@ -37,33 +37,106 @@ def _available_ram() -> int:
     return 8 << 30
 
 
-def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, threads: int | None, cache_dir, log):
-    """Routed-experts backend per MoE layer: the quantized CPU kernels, or the torch reference."""
-    from ktx.layers.moe import KernelExperts, TorchExperts
+def warn(msg: str) -> None:
+    print(f"ktx: {msg}", file=sys.stderr)
+
+
+def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, threads: int | None, cache_dir, numa_shards, log):
+    """Routed-experts backend per MoE layer: the quantized CPU kernels (sharded per NUMA node), or the torch reference."""
+    from ktx.layers.moe import ShardedExperts, kernel_experts, shard_bounds, slice_inter
+    from ktx.kernels_cpu import MoEExperts
+    from ktx.numa import numa_nodes, pinned_pool
 
     if experts not in EXPERT_PATHS:
         raise KtxError(f"--experts {experts!r}: choose one of {', '.join(EXPERT_PATHS)}")
-    if experts == "reference":
+    if experts == "reference" or not getattr(cfg, "n_expert", 0):
         log("routed experts: torch reference path (dequantize + float32 matmul)")
         return None
     try:
-        from ktx.kernels_cpu import WorkerPool
+        from ktx.kernels_cpu import MoEExperts  # noqa: F401,F811
     except ImportError as e:
         if experts != "auto":
             raise KtxError(f"CPU expert kernels are unavailable ({e}); use --experts reference") from None
-        log(f"routed experts: torch reference path; CPU kernels unavailable ({e}) -- expect a large slowdown")
+        warn(f"routed experts: torch reference path; CPU kernels unavailable ({e}) -- expect a large slowdown")
         return None
-    pool = WorkerPool(threads or os.cpu_count() or 1)
-    paths = []
+    nodes = numa_nodes()
+    if numa_shards:  # forced (tests, or to split one node's work): distribute the CPUs round-robin
+        cpus = sorted(c for node in nodes for c in node)
+        nodes = [cpus[i::numa_shards] or cpus for i in range(numa_shards)]
+    total = threads or sum(len(n) for n in nodes)
+    pools = [pinned_pool(node, max(1, round(total * len(node) / sum(len(n) for n in nodes)))) for node in nodes]
+    said = []
 
     def factory(prefix: str):
-        ex = KernelExperts(gguf, prefix, cfg.hidden, cfg.moe_ffn, pool, path=experts, cache_dir=cache_dir)
-        if not paths:
-            paths.append(ex.kernel_path)
-            log(f"routed experts: {ex.kernel_path}, {pool.n_threads if hasattr(pool, 'n_threads') else threads} threads")
+        if experts == "auto" and (cfg.hidden % 256 or cfg.moe_ffn % 256):
+            if not said:
+                said.append("reference")
+                warn(f"routed experts: torch reference path, since the CPU kernels need hidden and expert sizes in multiples of 256 (this model: {cfg.hidden}, {cfg.moe_ffn})")
+            return None
+        if len(pools) == 1:
+            ex = kernel_experts(gguf, prefix, cfg.hidden, cfg.moe_ffn, pools[0], path=experts, cache_dir=cache_dir)
+        else:
+            g, u, d = (gguf.tensor(f"{prefix}ffn_{k}_exps.weight") for k in ("gate", "up", "down"))
+            shards = []
+            import gguf as gguf_py
+
+            align = gguf_py.GGML_QUANT_SIZES[gguf_py.GGMLQuantizationType(d.qtype)][0]  # down's rows are blocks along I
+            for lo, hi in shard_bounds(cfg.moe_ffn, len(pools), max(align, 32)):
+                gs, us, ds = slice_inter(g.data, u.data, d.data, d.qtype, lo, hi)
+                shards.append(MoEExperts(gate=(gs, g.qtype), up=(us, u.qtype), down=(ds, d.qtype), hidden=cfg.hidden,
+                                         inter=hi - lo, pool=pools[len(shards)], path=experts))
+            ex = ShardedExperts(shards)
+        if not said:
+            said.append(ex.kernel_path)
+            log(f"routed experts: {ex.kernel_path}; {len(pools)} NUMA shard(s), {total} threads")
         return ex
 
     return factory
+
+
+def _kv_bytes_per_token(cfg) -> int:
+    if hasattr(cfg, "kv_lora_rank"):  # MLA latent cache, float32
+        return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope) * 4
+    n_kv, head = getattr(cfg, "n_kv_heads", 0), getattr(cfg, "head_dim", 0)
+    return cfg.n_layers * 2 * n_kv * head * 4
+
+
+def _plan(gguf, cls, cache_len, override_tensor, placement_file, cpu_moe, gpu_experts):
+    import torch
+
+    from ktx import placement
+
+    cfg = cls.config_class.from_gguf(gguf.metadata, str(gguf.path))
+    has_gpu = torch.cuda.is_available()
+    rules = [placement.parse_override(o) for o in override_tensor or []]
+    rules += placement.load_rules(placement_file) if placement_file else []
+    rules += placement.default_rules(has_gpu, cpu_moe)
+    plan = placement.make_plan(gguf, rules, _kv_bytes_per_token(cfg) * cache_len, has_gpu, gpu_experts, getattr(cfg, "n_expert", 0))
+    vram = torch.cuda.mem_get_info()[0] if has_gpu else None
+    placement.check_fits(plan, _total_ram(), vram)
+    return plan
+
+
+def _total_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1 << 40
+
+
+def _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, log) -> None:
+    from ktx.placement import hot_expert_masks
+
+    cfg = net.cfg
+    if experts_per_token is not None:
+        k = getattr(cfg, "n_expert_used", 0)
+        if not 1 <= experts_per_token <= k:
+            raise KtxError(f"--experts-per-token {experts_per_token}: this model routes {k} experts per token; choose 1..{k}")
+        net.scheduler.experts_per_token = experts_per_token if experts_per_token < k else None
+        log(f"selective experts: {experts_per_token} of {k} per token (highest router weights, not renormalised)")
+    if gpu_experts:
+        net.scheduler.gpu_mask = hot_expert_masks(routing_profile, net, gpu_experts)
+        log(f"hot experts: {gpu_experts} per layer on the GPU side (profile {routing_profile or 'none: lowest ids'})")
 
 
 class Model:
@@ -131,7 +204,10 @@ class Model:
 
 
 def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None, experts: str = "auto",
-         weight_cache_bytes: int | None = None, cache_dir: str | Path | None = None, verbose: bool = False) -> Model:
+         weight_cache_bytes: int | None = None, cache_dir: str | Path | None = None, verbose: bool = False,
+         numa_shards: int | None = None, experts_per_token: int | None = None, gpu_experts: int = 0,
+         routing_profile: str | Path | None = None, override_tensor: list[str] | None = None,
+         placement_file: str | Path | None = None, cpu_moe: bool = True, show_plan: bool = False) -> Model:
     """Open a GGUF model (a file, any part of a split set, or its folder) for generation.
 
     cache_len: KV cache capacity in tokens. threads: CPU threads for the expert kernels.
@@ -145,11 +221,15 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
     from ktx.models import build_model, model_class
     from ktx.tokenizer import Tokenizer
 
-    model_class(gguf.architecture, str(gguf.path))  # unknown architecture: fail before the tokenizer
+    cls = model_class(gguf.architecture, str(gguf.path))  # unknown architecture: fail before the tokenizer
+    plan = _plan(gguf, cls, cache_len, override_tensor, placement_file, cpu_moe, gpu_experts)
+    if show_plan or verbose:
+        print(f"ktx: {plan.line()}", file=sys.stderr)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     budget = weight_cache_bytes if weight_cache_bytes is not None else _available_ram() // 4
     store = WeightStore(gguf, budget)
-    net = build_model(gguf, store, lambda cfg: _make_experts_factory(gguf, cfg, experts, threads, cache_dir, log))
+    net = build_model(gguf, store, lambda cfg: _make_experts_factory(gguf, cfg, experts, threads, cache_dir, numa_shards, log))
+    _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, log)
     if threads:
         import torch
 

@@ -16,18 +16,20 @@ experts backend (`TorchExperts` reference or the quantized CPU kernels).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
 from ktx.layers.mla import LatentCache, mla_attend
-from ktx.layers.moe import TorchExperts, mlp
+from ktx.layers.moe import TorchExperts, experts_torch, mlp
 from ktx.layers.norm import rms_norm
 from ktx.layers.rope import Rope
 from ktx.layers.router import route
 from ktx.layers.weights import WeightStore
 from ktx.models.deepseek2_config import GATING_SIGMOID, Deepseek2Config
 from ktx.quants import dequantize
+from ktx.scheduler import Scheduler
 
 
 class Deepseek2:
@@ -41,8 +43,10 @@ class Deepseek2:
         yarn = cfg.rope_factor if cfg.rope_scaling == "yarn" else 1.0
         self.rope = Rope(cfg.qk_rope, cfg.rope_base, yarn_factor=yarn, orig_ctx=cfg.rope_orig_ctx,
                          beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow)
-        make = experts_factory or (lambda prefix: TorchExperts(store, prefix))
-        self.experts = {i: make(f"blk.{i}.") for i in range(cfg.n_layers) if self.is_moe(i)}
+        make = experts_factory or (lambda prefix: None)
+        self.experts = {i: make(f"blk.{i}.") or TorchExperts(store, f"blk.{i}.") for i in range(cfg.n_layers) if self.is_moe(i)}
+        self.scheduler = Scheduler(self.experts)
+        self.routing_counts: dict[int, np.ndarray] | None = None  # set to {} to record a routing profile
 
     # -- structure -------------------------------------------------------------------------------
     def is_moe(self, i: int) -> bool:
@@ -108,9 +112,16 @@ class Deepseek2:
         ids, weights = route(logits, cfg.n_expert_used, gating="sigmoid" if cfg.gating == GATING_SIGMOID else "softmax",
                              bias=bias, n_group=cfg.n_group, topk_group=cfg.topk_group, norm=cfg.expert_weights_norm,
                              scale=cfg.expert_weights_scale)  # [T, k], [T, k]
-        job = self.experts[i].submit(x, ids, weights)  # routed experts start on the CPU workers
-        y = mlp(x, self._w(p + "ffn_gate_shexp.weight"), self._w(p + "ffn_up_shexp.weight"), self._w(p + "ffn_down_shexp.weight")) if cfg.n_shared else 0
-        return job.wait() + y
+        if self.routing_counts is not None:
+            counts = self.routing_counts.setdefault(i, np.zeros(cfg.n_expert, np.int64))
+            np.add.at(counts, ids.flatten().numpy(), 1)
+        # routed experts start on the CPU workers; the shared (and any GPU-resident hot) experts run meanwhile
+        split = self.scheduler.submit(i, x.numpy(), ids.numpy(), weights.numpy())
+        y = mlp(x, self._w(p + "ffn_gate_shexp.weight"), self._w(p + "ffn_up_shexp.weight"), self._w(p + "ffn_down_shexp.weight")) if cfg.n_shared else torch.zeros_like(x)
+        if split.has_gpu_work:
+            y = y + experts_torch(self.store, p, x, torch.from_numpy(split.gpu_ids).long(), torch.from_numpy(split.gpu_w))
+        self.scheduler.gpu_done(i)
+        return torch.from_numpy(self.scheduler.wait(i)) + y
 
     # -- the whole model -------------------------------------------------------------------------
     @torch.inference_mode()
