@@ -38,7 +38,7 @@ from gguf import GGMLQuantizationType as T
 from ktx.errors import KtxError
 from ktx.quants import random_blocks
 
-FORMAT_VERSION = 1  # part of the cached file name: bump when the written file changes
+FORMAT_VERSION = 2  # part of the cached file name: bump when the written file changes
 CONTROL, USER_DEFINED, UNUSED = 3, 4, 5
 FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}  # llama.cpp's types for rows not a multiple of 256
 
@@ -72,7 +72,7 @@ PRESETS = {
     # for tests: a few MB, loads and runs in well under a second per token on the reference path
     "dsv3-tiny": Preset(vocab=2048, hidden=256, n_layers=3, n_dense_lead=1, ffn=512, n_heads=4, q_lora=256,
                         kv_lora=256, nope=64, rope=32, v_head=64, n_expert=16, n_expert_used=4, n_shared=1,
-                        moe_ffn=256, n_group=4, topk_group=2, more_bits_layers=(0, 2), bpe_vocab=1200),
+                        moe_ffn=256, n_group=4, topk_group=2, more_bits_layers=(2,), bpe_vocab=1200),
     # the hybrid-engine issue's benchmark shape: DeepSeek-V3's layer design at 1/3.5 width, ~2.9 GiB Q4_K_M
     "dsv3-bench": Preset(vocab=129280, hidden=2048, n_layers=8, n_dense_lead=1, ffn=10752, n_heads=16, q_lora=768,
                          kv_lora=512, nope=128, rope=64, v_head=128, n_expert=64, n_expert_used=6, n_shared=2,
