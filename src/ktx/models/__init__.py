@@ -8,6 +8,10 @@ from ktx.errors import KtxError
 
 ARCHITECTURES = {
     "deepseek2": "ktx.models.deepseek2:Deepseek2",
+    "llama": "ktx.models.gqa:GQATransformer",  # also Mixtral: llama.cpp writes it as llama with experts
+    "qwen2moe": "ktx.models.gqa:GQATransformer",
+    "qwen3moe": "ktx.models.gqa:GQATransformer",
+    "gemma3": "ktx.models.gqa:GQATransformer",
 }
 
 
