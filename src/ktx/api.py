@@ -124,6 +124,15 @@ def _total_ram() -> int:
         return 1 << 40
 
 
+def _repack_cache_dir(gguf: GGUFModel):
+    """Where repacked expert weights go: RAM for small models; for a model whose experts take over a quarter of
+    RAM, memory-mapped files under $KTX_CACHE/repacked (~/.cache/ktx), so the repacked copy never needs RAM twice."""
+    expert_bytes = sum(t.n_bytes for n, t in gguf.tensors.items() if "_exps." in n)
+    if expert_bytes <= _total_ram() // 4:
+        return None
+    return Path(os.environ.get("KTX_CACHE", Path.home() / ".cache" / "ktx")) / "repacked"
+
+
 def _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, log) -> None:
     from ktx.placement import hot_expert_masks
 
@@ -226,6 +235,8 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
     if show_plan or verbose:
         print(f"ktx: {plan.line()}", file=sys.stderr)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    if cache_dir is None:
+        cache_dir = _repack_cache_dir(gguf)
     budget = weight_cache_bytes if weight_cache_bytes is not None else _available_ram() // 4
     store = WeightStore(gguf, budget)
     net = build_model(gguf, store, lambda cfg: _make_experts_factory(gguf, cfg, experts, threads, cache_dir, numa_shards, log))

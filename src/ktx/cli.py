@@ -27,6 +27,19 @@ ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file, any part of a sp
 ThreadsOpt = typer.Option(None, "--cpu-threads", "-t", help="CPU threads for the expert kernels (default: all cores).")
 ExpertsOpt = typer.Option("auto", "--experts", help="Routed-experts path: auto (fastest this CPU supports), reference (torch float32), vnni, avx2, portable.")
 CacheLenOpt = typer.Option(4096, "--cache-len", "-c", help="KV cache capacity in tokens (prompt + reply + history).")
+CpuMoeOpt = typer.Option(True, "--cpu-moe/--no-cpu-moe", help="With a GPU: keep the routed experts in RAM on the CPU (default) and the rest on the GPU.")
+GpuExpertsOpt = typer.Option(0, "--gpu-experts", help="Keep the N most used experts of each MoE layer on the GPU side (needs --routing-profile).")
+ProfileOpt = typer.Option(None, "--routing-profile", help="Expert routing counts recorded by `ktx profile`, used by --gpu-experts.")
+OverrideOpt = typer.Option(None, "--override-tensor", "-ot", help="REGEX=DEVICE (cpu or gpu) placement rule; first match wins; repeatable.")
+PlacementOpt = typer.Option(None, "--placement", help="Placement rules file: TOML [[rule]] tables (pattern, device) or a YAML list.")
+ExpertsPerTokenOpt = typer.Option(None, "--experts-per-token", help="Run only the K highest-weight of the model's routed experts per token "
+                                  "(KTransformers' '6 of 8'); the kept weights are NOT renormalised, so the output is the model's minus its smallest expert terms.")
+NumaOpt = typer.Option(None, "--numa-shards", help="Split each expert's intermediate dimension into N shards with pinned workers (default: one per NUMA node).")
+
+
+def _load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards) -> dict:
+    return dict(cpu_moe=cpu_moe, gpu_experts=gpu_experts, routing_profile=routing_profile, override_tensor=override_tensor,
+                placement_file=placement, experts_per_token=experts_per_token, numa_shards=numa_shards)
 
 
 def _default_model() -> Path:
@@ -59,6 +72,13 @@ def chat(
     cache_len: int = CacheLenOpt,
     cpu_threads: Optional[int] = ThreadsOpt,
     experts: str = ExpertsOpt,
+    cpu_moe: bool = CpuMoeOpt,
+    gpu_experts: int = GpuExpertsOpt,
+    routing_profile: Optional[Path] = ProfileOpt,
+    override_tensor: Optional[list[str]] = OverrideOpt,
+    placement: Optional[Path] = PlacementOpt,
+    experts_per_token: Optional[int] = ExpertsPerTokenOpt,
+    numa_shards: Optional[int] = NumaOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load details and the kernel paths chosen."),
 ):
     """Chat with a model: interactive (type /reset to forget the conversation, /exit to quit), one-shot with
@@ -71,7 +91,8 @@ def chat(
         except OSError as e:
             raise KtxError(f"{prompt_file}: cannot read prompt file ({e.strerror})") from None
     path = model or _default_model()
-    m = ktx.load(path, cache_len=cache_len, threads=cpu_threads, experts=experts, verbose=verbose)
+    m = ktx.load(path, cache_len=cache_len, threads=cpu_threads, experts=experts, verbose=verbose, show_plan=True,
+                 **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards))
     gen = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
@@ -115,6 +136,34 @@ def chat(
             _eprint("[conversation reset]")
             continue
         reply(text)
+
+
+@app.command()
+def profile(
+    model: Optional[Path] = ModelOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the routing profile (JSON)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "-f", help="Text to route (default: a built-in mixed text)."),
+    cache_len: int = CacheLenOpt,
+):
+    """Record how often each expert of each MoE layer is chosen on a text, for --gpu-experts N."""
+    import ktx
+    from ktx.placement import save_profile
+
+    text = prompt_file.read_text(encoding="utf-8") if prompt_file else PROFILE_TEXT
+    m = ktx.load(model or _default_model(), cache_len=cache_len, experts="reference")
+    if not hasattr(m.net, "routing_counts"):
+        raise KtxError(f"{m.gguf.path}: this architecture has no routed experts to profile")
+    ids = m.tokenizer.encode(text)[: cache_len]
+    m.net.routing_counts = {}
+    m.logits(ids)
+    save_profile(out, m.net.routing_counts, m.gguf.path)
+    _eprint(f"wrote {out}: expert counts of {len(m.net.routing_counts)} MoE layers over {len(ids)} tokens")
+
+
+PROFILE_TEXT = """The history of science is the study of the development of science and scientific knowledge.
+def quicksort(xs):\n    return xs if len(xs) < 2 else quicksort([x for x in xs[1:] if x < xs[0]]) + [xs[0]]
+Bonjour, comment allez-vous? Das Wetter ist heute schön. 今天天气很好。 2 + 2 = 4; e^(i*pi) + 1 = 0.
+"""
 
 
 @app.command()
