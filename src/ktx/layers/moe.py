@@ -70,7 +70,15 @@ def kernel_experts(gguf_model, prefix: str, hidden: int, inter: int, pool, path:
 
     return MoEExperts(gate=_raw(gguf_model, prefix, "gate"), up=_raw(gguf_model, prefix, "up"), down=_raw(gguf_model, prefix, "down"),
                       hidden=hidden, inter=inter, pool=pool, path=path, cache_dir=cache_dir,
-                      cache_key=f"{gguf_model.identity()}#{prefix}" if cache_dir else None)
+                      cache_key=_cache_key(gguf_model, prefix) if cache_dir else None)
+
+
+def _cache_key(gguf_model, prefix: str) -> str:
+    """A file-name-safe key: the model's name plus a hash of its identity (paths, sizes, mtimes) and the layer."""
+    import hashlib
+
+    digest = hashlib.sha256(gguf_model.identity().encode()).hexdigest()[:16]
+    return f"{gguf_model.path.stem}-{digest}-{prefix.rstrip('.')}"
 
 
 def shard_bounds(inter: int, n: int, align: int) -> list[tuple[int, int]]:
