@@ -39,6 +39,7 @@ class TestResult:
     samples_tps: list[float]
     gbps: float | None = None  # weights read per second (decode tests only)
     roofline: float | None = None  # gbps / DRAM read bandwidth
+    timeline: dict | None = None  # the scheduler's CPU/GPU busy and overlap over the last repetition
 
     @property
     def tps(self) -> float:
@@ -81,6 +82,11 @@ class BenchReport:
             for r in self.results:
                 if r.roofline is not None:
                     lines.append(f"{r.test}: {r.gbps:.1f} GB/s = {100 * r.roofline:.0f}% of the DRAM roofline")
+        for r in self.results:
+            if r.timeline and r.timeline.get("moe_layers"):
+                t = r.timeline
+                lines.append(f"{r.test} overlap: routed experts (CPU) busy {t['cpu_busy_s']:.3f} s, shared experts/GPU side "
+                             f"{t['gpu_busy_s']:.3f} s, overlapped {100 * t['overlap_fraction']:.0f}% of the shorter")
         lines.append("kernel paths: " + ("; ".join(self.kernel_paths) or "no MoE layers"))
         return "\n".join(lines)
 
@@ -139,7 +145,7 @@ def _time_pp(model, p: int, depth: int, rng) -> float:
 
     eng = model.engine
     eng.cache.reset(depth)
-    ids = torch.from_numpy(rng.integers(0, model.config.vocab_size, p))
+    ids = torch.from_numpy(rng.integers(0, model.config.vocab_size, p))  # [p]
     t0 = time.perf_counter()
     model.net.forward(ids, eng.cache, last_only=True)
     return p / (time.perf_counter() - t0)
@@ -150,11 +156,17 @@ def _time_tg(model, n: int, depth: int, rng) -> float:
 
     eng = model.engine
     eng.cache.reset(depth)
-    ids = torch.from_numpy(rng.integers(0, model.config.vocab_size, n))
+    ids = torch.from_numpy(rng.integers(0, model.config.vocab_size, n))  # [n]
     t0 = time.perf_counter()
     for i in range(n):
         model.net.forward(ids[i : i + 1], eng.cache, last_only=True)
     return n / (time.perf_counter() - t0)
+
+
+def _timeline(model) -> dict | None:
+    """The scheduler's statistics since the last call (None for a model without one)."""
+    sched = getattr(model.net, "scheduler", None)
+    return sched.new_step().summary() if sched is not None else None
 
 
 def _fill_depth(model, depth: int, rng) -> None:
@@ -167,8 +179,9 @@ def _fill_depth(model, depth: int, rng) -> None:
 
 def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths: list[int], reps: int,
               threads: int | None = None, experts: str = "auto", model_name: str | None = None,
-              measure_bandwidth: bool = True, log=lambda msg: None) -> BenchReport:
-    """Load the model at `path` and run every (depth, test) pair; pp and tg of 0 tokens are skipped."""
+              measure_bandwidth: bool = True, log=lambda msg: None, **load_kwargs) -> BenchReport:
+    """Load the model at `path` and run every (depth, test) pair; pp and tg of 0 tokens are skipped.
+    load_kwargs go to `ktx.load` (placement, --experts-per-token, NUMA shards)."""
     import ktx
 
     if reps < 1:
@@ -180,7 +193,7 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
         raise KtxError("nothing to run: give -p or -n with a count > 0")
     threads = threads or os.cpu_count() or 1
     cache_len = max(depths) + max(n for _, n in tests) + 1
-    model = ktx.load(path, cache_len=cache_len, threads=threads, experts=experts)
+    model = ktx.load(path, cache_len=cache_len, threads=threads, experts=experts, **load_kwargs)
     gguf = model.gguf
     report = BenchReport(
         model=model_name or Path(gguf.path).name.removesuffix(".gguf"), path=str(gguf.path), size_bytes=gguf.n_bytes,
@@ -198,8 +211,11 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
             timer = _time_pp if kind == "pp" else _time_tg
             name = f"{kind}{n}" + (f" @ d{d}" if d else "")
             log(f"running {name}")
-            samples = [timer(model, n, d, rng) for _ in range(reps)]
-            res = TestResult(name, n if kind == "pp" else 0, n if kind == "tg" else 0, d, samples)
+            samples = []
+            for _ in range(reps):
+                _timeline(model)
+                samples.append(timer(model, n, d, rng))
+            res = TestResult(name, n if kind == "pp" else 0, n if kind == "tg" else 0, d, samples, timeline=_timeline(model))
             if kind == "tg":
                 res.gbps = report.bytes_per_token * res.tps / 1e9
             report.results.append(res)

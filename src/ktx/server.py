@@ -356,15 +356,16 @@ def create_app(model, model_id: str, api_key: str | None = None) -> FastAPI:
 
 
 def serve(path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, model_id: str | None = None,
-          cache_len: int = 4096, threads: int | None = None, experts: str = "auto", verbose: bool = False) -> None:
-    """Load the model at `path` and serve it until interrupted."""
+          cache_len: int = 4096, threads: int | None = None, experts: str = "auto", verbose: bool = False,
+          **load_kwargs) -> None:
+    """Load the model at `path` and serve it until interrupted; load_kwargs go to `ktx.load` (placement...)."""
     from pathlib import Path
 
     import uvicorn
 
     import ktx
 
-    model = ktx.load(path, cache_len=cache_len, threads=threads, experts=experts, verbose=verbose)
+    model = ktx.load(path, cache_len=cache_len, threads=threads, experts=experts, verbose=verbose, **load_kwargs)
     name = model_id or Path(model.gguf.path).name.removesuffix(".gguf")
     app = create_app(model, name, api_key)
     print(f"ktx serve: {name} on http://{host}:{port}/v1 (KV cache {cache_len} tokens)", flush=True)
