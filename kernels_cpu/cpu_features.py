@@ -83,6 +83,13 @@ def _jit():
     return engine, cpuid, xgetbv  # the engine owns the machine code: keep it alive with the pointers
 
 
+def xcr0() -> int:
+    """XCR0 (the state components the OS saves), or 0 where XGETBV is unavailable (no OSXSAVE, not x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not _bit(cpuid(1)[2], 27):
+        return 0
+    return _jit()[2](0)
+
+
 def cpuid(leaf: int, sub: int = 0) -> tuple[int, int, int, int]:
     """(eax, ebx, ecx, edx) of CPUID(leaf, sub)."""
     _, fn, _ = _jit()

@@ -1,0 +1,411 @@
+"""The AMX tile shim: Intel AMX int8/bf16 microkernels built with llvmlite, plus a numpy model of the tiles.
+
+AMX (Sapphire Rapids and newer) has 8 tile registers tmm0..7, each up to 16 rows x 64 bytes, shaped by a
+64-byte configuration loaded with `ldtilecfg` (Intel SDM vol. 1, 3.2 "AMX" / TILECFG, palette 1):
+
+    byte 0        palette_id (1)
+    byte 1        start_row (0: restart an interrupted tileloadd from row 0)
+    bytes 2..15   reserved, zero
+    bytes 16..47  colsb[i]: bytes per row of tile i, uint16 little-endian at 16 + 2 i   (i = 0..15)
+    bytes 48..63  rows[i]:  rows of tile i, uint8 at 48 + i
+
+Microkernel (one 16 x 16 output tile; C, A, B = tmm0, tmm1, tmm2), K walked in steps of KS:
+
+    int8  C[16, 16] i32 += A[16, K] i8 . B[K/4, 16*4] i8      tdpbssd (A, B signed) | tdpbsud (B unsigned)
+          C[m][n] += sum_{k4} sum_{i<4} A[m][4 k4 + i] * B[k4][4 n + i]
+          A tile: 16 rows x KS bytes;    B tile: KS/4 rows x 64 bytes
+    bf16  C[16, 16] f32 += A[16, K] bf16 . B[K/2, 16*2] bf16  tdpbf16ps
+          C[m][n] += sum_{k2} (A[m][2 k2] * B[k2][2 n] + A[m][2 k2 + 1] * B[k2][2 n + 1])
+          A tile: 16 rows x 2 KS bytes;  B tile: KS/2 rows x 64 bytes
+
+The B tile is "VNNI-interleaved": row k4 holds, for each of the 16 output columns n, the 4 (int8) or 2
+(bf16) consecutive k of weight row n. That is exactly repack.py's byte plane, codes[rg, k4, r16, 4]: one
+row group of 16 expert rows is one B operand with ldb = 64, shared with the vpdpbusd kernels unchanged
+(nibble layouts are widened to bytes by `pack_b_int8`). The repacked codes are unsigned, so quantized
+experts use tdpbsud (signed activations x unsigned codes) and start the group sum at -zero * sum(A), as
+simd.py does.
+
+Kernel ABI (C calling convention, all sizes in bytes except K):
+    void ktx_amx_<name>(A*, lda, B*, ldb, C*, ldc, K, zero_c)   C = (zero_c ? 0 : C) + A . B over K
+
+Per-group scales (d * sc per 16|32 weights, dx per 32 activations) are applied outside the tile: the
+blocking code (`amx_expert_matmul`) runs one microkernel call per scale group with KS = G, converts the
+int32 tile to float and scales it. The same blocking code drives the real kernel (ctypes) and `TileModel`,
+the numpy model of ldtilecfg/tileloadd/tdp*/tilestored, so the layout is proven on CPUs without AMX.
+
+Detection (`amx_available`): CPUID.7.0:EDX bits 24 (AMX-TILE), 25 (AMX-INT8), 22 (AMX-BF16); XCR0 bits
+17 (XTILECFG) and 18 (XTILEDATA); and Linux's per-process permission for the 8 KiB tile state,
+arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked once. Machine code is loaded only when all
+three pass, so a CPU without AMX never executes a tile instruction.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import platform
+
+import numpy as np
+
+from ktx.errors import KtxError
+
+from .cpu_features import cpuid, xcr0
+from .repack import R_GROUP, Layout
+
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
+SYS_ARCH_PRCTL = 158  # x86_64
+MIN_TOKENS_PER_EXPERT = 4  # below this (decode), a 16-row A tile is mostly padding: VNNI wins
+KINDS = ("ssd", "sud", "bf16")  # int8 x int8, int8 x uint8, bf16 x bf16
+_OPS = {"ssd": "tdpbssd", "sud": "tdpbsud", "bf16": "tdpbf16ps"}
+
+
+# ---------------------------------------------------------------- detection
+
+def _errno_name(e: int) -> str:
+    return "EOPNOTSUPP" if e == errno.EOPNOTSUPP else errno.errorcode.get(e, f"errno {e}")
+
+
+def _request_tile_permission() -> str | None:
+    """arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) through libc's syscall(); None on success, else the reason."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    r = libc.syscall(ctypes.c_long(SYS_ARCH_PRCTL), ctypes.c_long(ARCH_REQ_XCOMP_PERM), ctypes.c_long(XFEATURE_XTILEDATA))
+    if r == 0:
+        return None
+    return f"arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) failed: {_errno_name(ctypes.get_errno())}"
+
+
+@functools.lru_cache(maxsize=1)
+def amx_available() -> tuple[bool, str]:
+    """(True, "amx-int8 amx-bf16") or (False, why not). Checked once per process; the permission asked once."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False, f"AMX needs Linux on x86_64 (this is {platform.system()} {platform.machine()})"
+    reasons = []
+    edx = cpuid(7, 0)[3] if cpuid(0)[0] >= 7 else 0
+    for bit, name in ((24, "AMX-TILE"), (25, "AMX-INT8"), (22, "AMX-BF16")):
+        if not (edx >> bit) & 1:
+            reasons.append(f"CPU lacks {name} (CPUID.7.0:EDX[{bit}])")
+    if (xcr0() & 0x60000) != 0x60000:
+        reasons.append("OS does not enable tile state (XCR0 bits 17/18)")
+    perm = _request_tile_permission()
+    if perm:
+        reasons.append(perm)
+    return (False, "; ".join(reasons)) if reasons else (True, "amx-int8 amx-bf16")
+
+
+# ---------------------------------------------------------------- tile configuration
+
+def tile_config(shapes: dict[int, tuple[int, int]]) -> bytes:
+    """64-byte TILECFG, palette 1: shapes = {tile: (rows, colsb)}; unlisted tiles stay 0 x 0 (unused)."""
+    cfg = bytearray(64)
+    cfg[0] = 1
+    for t, (rows, colsb) in shapes.items():
+        if not (0 <= t < 8 and 0 < rows <= 16 and 0 < colsb <= 64):
+            raise ValueError(f"tile {t}: {rows} rows x {colsb} bytes is outside 16 x 64")
+        cfg[16 + 2 * t:18 + 2 * t] = colsb.to_bytes(2, "little")
+        cfg[48 + t] = rows
+    return bytes(cfg)
+
+
+def kernel_tiles(kind: str, ks: int) -> dict[int, tuple[int, int]]:
+    """Tile shapes of the microkernel: C (tmm0) 16 x 64 B, A (tmm1) 16 x KS elements, B (tmm2) KS/pack x 64 B."""
+    pack = 2 if kind == "bf16" else 4  # k per 32-bit B element
+    esize = 2 if kind == "bf16" else 1
+    if ks % pack or not 0 < ks * esize <= 64:
+        raise ValueError(f"{kind}: K step {ks} must be a multiple of {pack} and at most {64 // esize}")
+    return {0: (16, 64), 1: (16, ks * esize), 2: (ks // pack, 64)}
+
+
+# ---------------------------------------------------------------- LLVM IR, compile, load
+
+def kernel_ir(kind: str, ks: int) -> str:
+    """LLVM IR of one microkernel (the non-internal AMX intrinsics: explicit tile numbers + ldtilecfg)."""
+    cfg = tile_config(kernel_tiles(kind, ks))
+    cfg_s = "".join(f"\\{b:02X}" for b in cfg)
+    esize, pack, op = (2 if kind == "bf16" else 1), (2 if kind == "bf16" else 4), _OPS[kind]
+    name = f"ktx_amx_{kind}_k{ks}"
+    return f"""
+@{name}_cfg = private unnamed_addr constant [64 x i8] c"{cfg_s}", align 64
+declare void @llvm.x86.ldtilecfg(ptr)
+declare void @llvm.x86.tilerelease()
+declare void @llvm.x86.tilezero(i8 immarg)
+declare void @llvm.x86.tileloadd64(i8 immarg, ptr, i64)
+declare void @llvm.x86.tilestored64(i8 immarg, ptr, i64)
+declare void @llvm.x86.{op}(i8 immarg, i8 immarg, i8 immarg)
+
+define void @{name}(ptr %a, i64 %lda, ptr %b, i64 %ldb, ptr %c, i64 %ldc, i64 %k, i32 %zero_c) {{
+entry:
+  call void @llvm.x86.ldtilecfg(ptr @{name}_cfg)
+  %z = icmp ne i32 %zero_c, 0
+  br i1 %z, label %clear, label %load
+clear:
+  call void @llvm.x86.tilezero(i8 0)
+  br label %start
+load:
+  call void @llvm.x86.tileloadd64(i8 0, ptr %c, i64 %ldc)
+  br label %start
+start:
+  %any = icmp sgt i64 %k, 0
+  br i1 %any, label %loop, label %done
+loop:
+  %kk = phi i64 [ 0, %start ], [ %kn, %loop ]
+  %aoff = mul i64 %kk, {esize}
+  %ap = getelementptr i8, ptr %a, i64 %aoff
+  %brow = udiv i64 %kk, {pack}
+  %boff = mul i64 %brow, %ldb
+  %bp = getelementptr i8, ptr %b, i64 %boff
+  call void @llvm.x86.tileloadd64(i8 1, ptr %ap, i64 %lda)
+  call void @llvm.x86.tileloadd64(i8 2, ptr %bp, i64 %ldb)
+  call void @llvm.x86.{op}(i8 0, i8 1, i8 2)
+  %kn = add i64 %kk, {ks}
+  %more = icmp slt i64 %kn, %k
+  br i1 %more, label %loop, label %done
+done:
+  call void @llvm.x86.tilestored64(i8 0, ptr %c, i64 %ldc)
+  call void @llvm.x86.tilerelease()
+  ret void
+}}
+"""
+
+
+def _target_machine():
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    return llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(
+        cpu="sapphirerapids", features="+amx-tile,+amx-int8,+amx-bf16", opt=2, codemodel="jitdefault")
+
+
+def _module(kernels):
+    import llvmlite.binding as llvm
+
+    text = "\n".join(kernel_ir(kind, ks) for kind, ks in kernels)
+    # each kernel declares the shared intrinsics; keep the first declaration of each
+    seen, lines = set(), []
+    for line in text.splitlines():
+        if line.startswith("declare"):
+            if line in seen:
+                continue
+            seen.add(line)
+        lines.append(line)
+    mod = llvm.parse_assembly("\n".join(lines))
+    mod.verify()
+    return mod
+
+
+DEFAULT_KERNELS = (("ssd", 64), ("sud", 16), ("sud", 32), ("sud", 64), ("bf16", 32))
+
+
+def compile_assembly(kernels=DEFAULT_KERNELS) -> str:
+    """Sapphire Rapids assembly of the microkernels: the compile-only path, safe on any CPU (nothing runs)."""
+    return _target_machine().emit_assembly(_module(kernels))
+
+
+def compile_object(kernels=DEFAULT_KERNELS) -> bytes:
+    """ELF object of the microkernels (for inspection with objdump on machines without AMX)."""
+    return _target_machine().emit_object(_module(kernels))
+
+
+_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int32)
+
+
+@functools.lru_cache(maxsize=1)
+def load_kernels(kernels=DEFAULT_KERNELS):
+    """{(kind, ks): ctypes function} JIT-compiled into this process; KtxError where AMX cannot run."""
+    ok, why = amx_available()
+    if not ok:
+        raise KtxError(f"AMX kernels cannot run on this machine: {why}; use the vnni/avx2 path (path='auto')")
+    import llvmlite.binding as llvm
+
+    engine = llvm.create_mcjit_compiler(_module(kernels), _target_machine())
+    engine.finalize_object()
+    fns = {(kind, ks): _SIG(engine.get_function_address(f"ktx_amx_{kind}_k{ks}")) for kind, ks in kernels}
+    fns["_engine"] = engine  # owns the machine code: lives as long as the pointers
+    return fns
+
+
+def native_kernel(kind: str, ks: int):
+    """The real microkernel as a Python callable on numpy arrays (same signature as `TileModel.kernel`)."""
+    fn = load_kernels()[(kind, ks)]
+
+    def run(A, lda, B, ldb, C, ldc, K, zero_c):
+        fn(A.ctypes.data, lda, B.ctypes.data, ldb, C.ctypes.data, ldc, K, int(zero_c))
+
+    return run
+
+
+# ---------------------------------------------------------------- numpy model of the tiles
+
+class TileModel:
+    """tmm0..7 as numpy byte arrays, shaped by a 64-byte TILECFG; memory operands are numpy arrays (bytes)."""
+
+    def __init__(self):
+        self.rows = [0] * 8
+        self.colsb = [0] * 8
+        self.t = [None] * 8
+
+    def ldtilecfg(self, cfg: bytes):
+        if cfg[0] != 1:
+            raise ValueError("palette must be 1")
+        self.colsb = [int.from_bytes(cfg[16 + 2 * i:18 + 2 * i], "little") for i in range(8)]
+        self.rows = list(cfg[48:56])
+
+    def tilezero(self, i):
+        self.t[i] = np.zeros((self.rows[i], self.colsb[i]), np.uint8)
+
+    def tileloadd(self, i, mem, off, stride):  # rows[i] rows of colsb[i] bytes, `stride` bytes apart
+        buf = mem.reshape(-1).view(np.uint8)
+        idx = off + np.arange(self.rows[i])[:, None] * stride + np.arange(self.colsb[i])[None, :]
+        self.t[i] = buf[idx]
+
+    def tilestored(self, i, mem, off, stride):
+        buf = mem.reshape(-1).view(np.uint8)
+        idx = off + np.arange(self.rows[i])[:, None] * stride + np.arange(self.colsb[i])[None, :]
+        buf[idx] = self.t[i]
+
+    def _dp_int8(self, c, a, b, a_dt, b_dt):
+        A = self.t[a].view(a_dt).astype(np.int64).reshape(self.rows[a], -1, 4)  # [M, K/4, 4]
+        B = self.t[b].view(b_dt).astype(np.int64).reshape(self.rows[b], -1, 4)  # [K/4, N, 4]
+        C = self.t[c].view(np.int32)  # [M, N]
+        acc = C.astype(np.int64) + np.einsum("mki,kni->mn", A, B)
+        self.t[c] = (acc & 0xFFFFFFFF).astype(np.uint32).view(np.uint8).reshape(C.shape[0], -1)  # wraps like int32
+
+    def tdpbssd(self, c, a, b):
+        self._dp_int8(c, a, b, np.int8, np.int8)
+
+    def tdpbsud(self, c, a, b):
+        self._dp_int8(c, a, b, np.int8, np.uint8)
+
+    def tdpbf16ps(self, c, a, b):
+        A = _bf16_to_f32(self.t[a].view(np.uint16)).reshape(self.rows[a], -1, 2)  # [M, K/2, 2]
+        B = _bf16_to_f32(self.t[b].view(np.uint16)).reshape(self.rows[b], -1, 2)  # [K/2, N, 2]
+        C = self.t[c].view(np.float32).copy()  # [M, N]
+        for k2 in range(A.shape[1]):  # bf16 x bf16 is exact in f32: the pair sum, then the accumulate, round
+            C += A[:, k2, 0:1] * B[k2, :, 0][None, :] + A[:, k2, 1:2] * B[k2, :, 1][None, :]
+        self.t[c] = C.view(np.uint8)
+
+    def kernel(self, kind: str, ks: int):
+        """A callable with the real microkernel's ABI that runs the same instruction sequence on the model."""
+        esize, pack, op = (2 if kind == "bf16" else 1), (2 if kind == "bf16" else 4), _OPS[kind]
+
+        def run(A, lda, B, ldb, C, ldc, K, zero_c):
+            self.ldtilecfg(tile_config(kernel_tiles(kind, ks)))
+            self.tilezero(0) if zero_c else self.tileloadd(0, C, 0, ldc)
+            for kk in range(0, K, ks):
+                self.tileloadd(1, A, kk * esize, lda)
+                self.tileloadd(2, B, kk // pack * ldb, ldb)
+                getattr(self, op)(0, 1, 2)
+            self.tilestored(0, C, 0, ldc)
+
+        return run
+
+
+def _bf16_to_f32(u16: np.ndarray) -> np.ndarray:
+    return (u16.astype(np.uint32) << 16).view(np.float32)
+
+
+# ---------------------------------------------------------------- packing and blocking
+
+def pack_a(x: np.ndarray) -> np.ndarray:
+    """Activations [T, K] (int8, or bf16 as uint16) -> [ceil(T/16) * 16, K] row-major, zero-padded to 16 rows."""
+    T = x.shape[0]
+    a = np.zeros((-(-T // 16) * 16, x.shape[1]), x.dtype)
+    a[:T] = x
+    return a
+
+
+def pack_b_int8(codes_rg: np.ndarray, lay: Layout) -> np.ndarray:
+    """One row group of repacked codes ([K/4, 64] byte plane or [K/8, 64] nibbles) -> B operand [K/4, 64] u8.
+
+    The byte plane is already the tile layout (returned as is); nibble plane row k8 holds k = 8 k8 + j in the
+    low and 8 k8 + 4 + j in the high nibble of byte 4 r + j, so it widens to B rows 2 k8 and 2 k8 + 1."""
+    if not lay.nibble:
+        return codes_rg
+    B = np.empty((2 * codes_rg.shape[0], 64), np.uint8)  # [K/4, 64]
+    B[0::2] = codes_rg & 0xF
+    B[1::2] = codes_rg >> 4
+    return B
+
+
+def pack_b_weights(w: np.ndarray, pack: int) -> np.ndarray:
+    """Weights [N, K] (N a multiple of 16) -> B operands [N/16, K/pack, 16*pack]: B[k][pack n + i] = w[n, pack k + i].
+
+    pack = 4 for int8, 2 for bf16 (uint16 bits); for uint8 codes this equals repack.py's byte plane."""
+    N, K = w.shape
+    g = w.reshape(N // 16, 16, K // pack, pack).transpose(0, 2, 1, 3)  # [N/16, K/pack, 16, pack]
+    return np.ascontiguousarray(g).reshape(N // 16, K // pack, 16 * pack)
+
+
+def matmul_tiles(a: np.ndarray, B: np.ndarray, kind: str, ks: int, kernel) -> np.ndarray:
+    """Plain blocked product: a [T, K] . w.T -> [T, N] int32 (int8 kinds) or float32 (bf16), B from
+    pack_b_weights. `kernel(kind, ks)` returns the microkernel (TileModel.kernel or native_kernel)."""
+    A = pack_a(a)  # [Tp, K]
+    esize = A.itemsize
+    K = A.shape[1]
+    run = kernel(kind, ks)
+    C = np.zeros((A.shape[0], 16 * B.shape[0]), np.float32 if kind == "bf16" else np.int32)  # [Tp, N]
+    tile = np.empty((16, 16), C.dtype)
+    for m in range(0, A.shape[0], 16):
+        for rg in range(B.shape[0]):
+            Bt = np.ascontiguousarray(B[rg])
+            run(np.ascontiguousarray(A[m:m + 16]), K * esize, Bt, 64, tile, 64, K, True)
+            C[m:m + 16, 16 * rg:16 * rg + 16] = tile
+    return C[:a.shape[0]]
+
+
+def amx_expert_matmul(xq, xd, xs, xsf, arrays: dict, lay: Layout, kernel) -> np.ndarray:
+    """One repacked expert matrix times int8 activations: out [T, R] float32, the same sum as simd.py's tile.
+
+    xq [T, K] int8, xd [T, K/32], xs [T, K/16] int32, xsf [T, K/32] (quantize.py); arrays: one expert's
+    repack.py fields (codes [R/16, ., 64], d, sc, dmin, m). One tdpbsud call per (16 tokens, row group,
+    scale group of G weights); the int32 tile is offset by -zero * sum(xq), converted and scaled."""
+    T, K = xq.shape
+    G = lay.G
+    run = kernel("sud", G)
+    A = pack_a(xq)  # [Tp, K]
+    Tp = A.shape[0]
+    n_rg = arrays["codes"].shape[0]
+    out = np.zeros((Tp, n_rg * R_GROUP), np.float32)  # [Tp, R]
+    xs_p = pack_a(xs).astype(np.int64)  # [Tp, K/16]
+    xd_p, xsf_p = pack_a(xd), pack_a(xsf)  # [Tp, K/32]
+    tile = np.empty((16, 16), np.int32)
+    for rg in range(n_rg):
+        B = pack_b_int8(np.asarray(arrays["codes"][rg]), lay)  # [K/4, 64]
+        rows = slice(R_GROUP * rg, R_GROUP * rg + R_GROUP)
+        for m in range(0, Tp, 16):
+            acc = np.zeros((16, 16), np.float32)
+            for g in range(K // G):
+                k0 = g * G
+                run(np.ascontiguousarray(A[m:m + 16, k0:k0 + G]), G, np.ascontiguousarray(B[k0 // 4:(k0 + G) // 4]),
+                    64, tile, 64, G, True)
+                xsum = xs_p[m:m + 16, k0 // 16:(k0 + G) // 16].sum(axis=1)  # [16]
+                isum = (tile.astype(np.int64) - lay.zero * xsum[:, None]).astype(np.float32)  # [16 tok, 16 rows]
+                s = arrays["d"][rg, k0 // lay.S].astype(np.float32)  # [16 rows]
+                if lay.sc:
+                    s = s * arrays["sc"][rg, g].astype(np.float32)
+                acc += isum * (xd_p[m:m + 16, k0 // 32][:, None] * s[None, :])
+                if lay.mins and k0 % 32 == 0:
+                    mn = arrays["dmin"][rg, k0 // 256].astype(np.float32) * arrays["m"][rg, k0 // 32].astype(np.float32)
+                    acc -= xsf_p[m:m + 16, k0 // 32][:, None] * mn[None, :]
+            out[m:m + 16, rows] = acc
+    return out[:T]
+
+
+# ---------------------------------------------------------------- dispatch
+
+def prefill_isa(base_isa: str, avg_tokens_per_expert: float, requested: str = "auto") -> tuple[str, str]:
+    """(isa, label) for a batch: AMX when asked or when experts average more than MIN_TOKENS_PER_EXPERT
+    tokens and AMX runs here, else base_isa (vnni/avx2/portable). Forcing "amx" without AMX is a KtxError."""
+    ok, why = amx_available()
+    if requested == "amx":
+        if not ok:
+            raise KtxError(f"CPU kernel path 'amx' cannot run on this machine: {why}; use path='auto'")
+        return "amx", "amx tdpbsud/tdpbf16ps"
+    if avg_tokens_per_expert <= MIN_TOKENS_PER_EXPERT:
+        return base_isa, base_isa
+    if not ok:
+        return base_isa, f"amx (unavailable: {why}) -> {base_isa}"
+    return "amx", "amx tdpbsud/tdpbf16ps"
