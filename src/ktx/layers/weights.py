@@ -13,6 +13,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
 from ktx.quants import dequantize
 
@@ -37,7 +38,10 @@ class WeightStore:
         t = self.model.tensor(name)
         raw = t.data if index is None else t.data[index]
         shape = t.shape if index is None else t.shape[1:]
-        arr = np.asarray(dequantize(raw, t.qtype), dtype=np.float32).reshape(shape)
+        try:
+            arr = np.asarray(dequantize(raw, t.qtype), dtype=np.float32).reshape(shape)
+        except KtxError as e:
+            raise KtxError(f"{t.file}: tensor {name} ({t.type_name}): {e}") from None
         w = torch.from_numpy(arr if arr.flags.writeable and arr.flags.c_contiguous else arr.copy())
         self._remember(key, w)
         return w
