@@ -5,7 +5,9 @@ Paths (chosen at construction; `kernel_path` says which one runs):
     avx2       vpmaddubsw tile kernels on the same layout           (CPUID: avx2)
     portable   generic LLVM vector IR, same layout and loops        (any CPU)
     reference  gguf.quants.dequantize per used expert + float32 matmul (also used for F32/F16/BF16 weights)
-"auto" picks the first of vnni, avx2, portable that the CPU runs.
+"auto" picks the first of vnni, avx2, portable that the CPU runs. "amx" checks the AMX tile shim (amx.py) and
+raises KtxError with the reason where AMX cannot run; the blocked loops do not call the AMX kernels yet, so
+prefill still runs the best vector path and `kernel_path` says so ("amx (unavailable: ...) -> vnni").
 
 Decode (every expert has one token) uses a 1-token x 64-row tile that streams weights once; prefill uses a
 4-token x 32-row register tile. The repacked weights live in RAM, or, with cache_dir, in .npy files written
@@ -25,6 +27,7 @@ from numba.core import types
 
 from ktx.errors import KtxError
 
+from .amx import MIN_TOKENS_PER_EXPERT, prefill_isa
 from .cpu_features import cpu_features
 from .moe_loops import phase_down, phase_gate_up, quantize_slots
 from .pool import WorkerPool
@@ -49,7 +52,7 @@ def _check_path(path: str) -> str:
     f = cpu_features()
     ok = {"vnni": f.avx512f and f.avx512bw and f.avx512_vnni, "avx2": f.avx2, "portable": True, "reference": True}
     if path not in ok:
-        raise KtxError(f"unknown CPU kernel path {path!r}: use auto, vnni, avx2, portable or reference")
+        raise KtxError(f"unknown CPU kernel path {path!r}: use auto, vnni, avx2, portable, amx or reference")
     if not ok[path]:
         raise KtxError(f"CPU kernel path {path!r} needs instructions this CPU lacks ({f.describe()}); use auto")
     return path
@@ -104,7 +107,10 @@ class MoEExperts:
     def __init__(self, gate, up, down, hidden: int, inter: int, pool: WorkerPool | None = None, path: str = "auto",
                  cache_dir: str | os.PathLike | None = None, cache_key: str | None = None):
         self.H, self.I = hidden, inter
-        self.path = _check_path(path)
+        self.amx_requested = path == "amx"
+        if self.amx_requested:
+            prefill_isa(best_isa(), 0, "amx")  # KtxError with the reason where AMX cannot run
+        self.path = _check_path("auto" if self.amx_requested else path)
         self.pool = pool or WorkerPool(os.cpu_count() or 1)  # engines pass one shared pool for all layers
         if cache_dir is not None and not cache_key:
             raise KtxError("MoEExperts: cache_dir needs a cache_key naming the GGUF file and layer")
@@ -132,8 +138,12 @@ class MoEExperts:
         if self.path == "reference":
             return f"reference numpy dequant + float matmul ({names})"
         label = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable": "portable llvm-vector"}
+        amx = prefill_isa(label[self.path], MIN_TOKENS_PER_EXPERT + 1)[1]
+        if amx == "amx tdpbsud/tdpbf16ps":  # AMX runs here but the MoE loops do not call the tile shim yet
+            amx = f"amx (tile shim ready, MoE loops not integrated) -> {label[self.path]}"
         return (f"{label[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
-                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} tiles ({names}, repacked, int8 acts per 32)")
+                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} tiles ({names}, repacked, int8 acts per 32); "
+                f"prefill: {amx}")
 
     # ---- API ----
     def forward(self, x, ids, w):
