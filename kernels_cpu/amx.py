@@ -25,6 +25,10 @@ row group of 16 expert rows is one B operand with ldb = 64, shared with the vpdp
 experts use tdpbsud (signed activations x unsigned codes) and start the group sum at -zero * sum(A), as
 simd.py does.
 
+llvmlite 0.50 (LLVM 22) accepts both intrinsic forms for a sapphirerapids target: the `*.internal` ones on
+`x86_amx` values (LLVM writes the TILECFG itself) and the plain ones with immediate tile numbers plus an
+explicit `ldtilecfg`. The plain form is used, so the configuration is ours and documented above.
+
 Kernel ABI (C calling convention, all sizes in bytes except K):
     void ktx_amx_<name>(A*, lda, B*, ldb, C*, ldc, K, zero_c)   C = (zero_c ? 0 : C) + A . B over K
 
@@ -293,7 +297,10 @@ class TileModel:
 
         def run(A, lda, B, ldb, C, ldc, K, zero_c):
             self.ldtilecfg(tile_config(kernel_tiles(kind, ks)))
-            self.tilezero(0) if zero_c else self.tileloadd(0, C, 0, ldc)
+            if zero_c:
+                self.tilezero(0)
+            else:
+                self.tileloadd(0, C, 0, ldc)
             for kk in range(0, K, ks):
                 self.tileloadd(1, A, kk * esize, lda)
                 self.tileloadd(2, B, kk // pack * ldb, ldb)
