@@ -260,6 +260,9 @@ def _metadata(w, p: Preset, name: str) -> None:
 def write_synthetic(p: Preset, path: Path, name: str = "synthetic", seed: int = 0, progress: bool = False) -> Path:
     """Write preset `p` to `path` (through a temporary file, renamed at the end)."""
     import gguf
+    from rich.console import Console
+    from rich.progress import DownloadColumn, Progress
+
     from ktx.quants import row_bytes
 
     plan = tensor_plan(p)
@@ -279,11 +282,13 @@ def write_synthetic(p: Preset, path: Path, name: str = "synthetic", seed: int = 
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        bar = _progress(progress, total, f"writing synthetic {name} -> {path}")
-        for tname, shape, qtype in plan:
-            data = _tensor_data(tname, shape, qtype, p.hidden, rng)
-            w.write_tensor_data(data)
-            bar(data.nbytes)
+        with Progress(*Progress.get_default_columns(), DownloadColumn(), console=Console(stderr=True), transient=True,
+                      disable=not progress) as bar:
+            task = bar.add_task(f"writing synthetic {name}", total=total)
+            for tname, shape, qtype in plan:
+                data = _tensor_data(tname, shape, qtype, p.hidden, rng)
+                w.write_tensor_data(data)
+                bar.advance(task, data.nbytes)
         w.close()
         os.replace(tmp, path)
     except BaseException:
@@ -291,33 +296,3 @@ def write_synthetic(p: Preset, path: Path, name: str = "synthetic", seed: int = 
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def _progress(show: bool, total: int, title: str):
-    """A callable advancing a rich progress bar by n bytes (a no-op when not shown)."""
-    if not show:
-        return lambda n: None
-    import sys
-
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                   transient=True, console=_stderr_console())
-    task = bar.add_task(title, total=total)
-    bar.start()
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        bar.update(task, advance=n)
-        if done[0] >= total:
-            bar.stop()
-            print(f"ktx: wrote {title.split('-> ')[-1]} ({total / 2**30:.2f} GiB of weights)", file=sys.stderr)
-
-    return advance
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
