@@ -198,6 +198,13 @@ def bench(
     reps: int = typer.Option(5, "-r", "--repetitions", help="Repetitions of each test (after one warm-up)."),
     cpu_threads: Optional[int] = ThreadsOpt,
     experts: str = ExpertsOpt,
+    cpu_moe: bool = CpuMoeOpt,
+    gpu_experts: int = GpuExpertsOpt,
+    routing_profile: Optional[Path] = ProfileOpt,
+    override_tensor: Optional[list[str]] = OverrideOpt,
+    placement: Optional[Path] = PlacementOpt,
+    experts_per_token: Optional[int] = ExpertsPerTokenOpt,
+    numa_shards: Optional[int] = NumaOpt,
     output: str = typer.Option("md", "--output", "-o", help="md (markdown table) or json."),
 ):
     """Measure prefill (pp) and decode (tg) speed like llama-bench, with the GB/s of weights decode reads and the
@@ -215,7 +222,8 @@ def bench(
         model, name = synthetic_model(synthetic, progress=sys.stderr.isatty()), f"synthetic {synthetic}"
     report = run_bench(model, n_prompt=_counts("-p", n_prompt), n_gen=_counts("-n", n_gen), depths=_counts("-d", depth) or [0],
                        reps=reps, threads=cpu_threads, experts=experts, model_name=name,
-                       log=lambda msg: _eprint(f"ktx bench: {msg}") if sys.stderr.isatty() else None)
+                       log=lambda msg: _eprint(f"ktx bench: {msg}") if sys.stderr.isatty() else None,
+                       **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards))
     print(report.to_json() if output == "json" else report.to_markdown())
 
 
@@ -229,6 +237,13 @@ def serve(
     cache_len: int = CacheLenOpt,
     cpu_threads: Optional[int] = ThreadsOpt,
     experts: str = ExpertsOpt,
+    cpu_moe: bool = CpuMoeOpt,
+    gpu_experts: int = GpuExpertsOpt,
+    routing_profile: Optional[Path] = ProfileOpt,
+    override_tensor: Optional[list[str]] = OverrideOpt,
+    placement: Optional[Path] = PlacementOpt,
+    experts_per_token: Optional[int] = ExpertsPerTokenOpt,
+    numa_shards: Optional[int] = NumaOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load details and each request."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions (SSE streaming too),
@@ -238,7 +253,8 @@ def serve(
     except ImportError as e:
         raise KtxError(f"ktx serve needs FastAPI and uvicorn ({e}); install them with: pip install 'ktx[serve]'") from None
     run_server(model or _default_model(), host=host, port=port, api_key=api_key, model_id=model_id, cache_len=cache_len,
-               threads=cpu_threads, experts=experts, verbose=verbose)
+               threads=cpu_threads, experts=experts, verbose=verbose,
+               **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards))
 
 
 @app.command("inspect")
