@@ -74,7 +74,7 @@ def _number(body: dict, name: str, default, lo: float | None = None, hi: float |
 
 def _common(body: dict, capacity: int) -> dict:
     """Sampling, limits and streaming options shared by both endpoints."""
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise ApiError(400, "only n=1 is supported (one engine, one completion per request)", "n")
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0:
@@ -208,7 +208,7 @@ def _error_from(e: Exception) -> ApiError:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, KtxError):
-        return ApiError(400, str(e), code="context_length_exceeded" if "cache" in str(e) else None)
+        return ApiError(400, str(e))
     return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
 
@@ -269,7 +269,8 @@ def create_app(model, model_id: str, api_key: str | None = None) -> FastAPI:
         ids = prompt_ids(body, model.tokenizer)
         if len(ids) >= capacity:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the KV cache holds {capacity}; "
-                                "shorten it or restart the server with a larger --cache-len", "messages", "context_length_exceeded")
+                                "shorten it or restart the server with a larger --cache-len",
+                           "messages" if prompt_ids is chat_prompt_ids else "prompt", "context_length_exceeded")
         return GenRequest(ids=ids, **opts)
 
     async def complete(request: Request, req: GenRequest, chat: bool):
