@@ -8,6 +8,7 @@ a BF16 GGUF and the fp32 reference hold exactly the same numbers.
     tok_dir = make_tokenizer_files(dir)                    # byte-level BPE, ~400 ids, bos/eos, chat template
     d, model = make_deepseek_v3(dir, q_lora=True, gating="sigmoid", first_dense=1, yarn=False, n_layers=3, seed=0)
     margins = router_margins(model, input_ids)             # [T] smallest routing margin per position
+    d, model = make_qwen3_moe(dir) / make_qwen2_moe / make_mixtral / make_llama / make_gemma3   (GQA family)
 
 gating="sigmoid" builds transformers' DeepseekV3ForCausalLM (sigmoid + e_score_correction_bias,
 group-limited top-k, noaux_tc); gating="softmax" builds DeepseekV2ForCausalLM (softmax router,
@@ -178,6 +179,63 @@ def make_deepseek_v3(dir: str | Path, *, q_lora: bool = True, gating: str = "sig
     return dir, AutoModelForCausalLM.from_pretrained(dir, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+# The GQA family: hidden 64, 4 query heads sharing 2 KV heads of 16, FFN 128, experts of 32 (8, top-2).
+_GQA_SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+def _make_gqa(dir: str | Path, config_cls: str, model_cls: str, seed: int, n_layers: int, pre: str = "llama-bpe", **cfg):
+    """Save a seeded tiny transformers model of class `model_cls` and return (dir, fp32 eager reload)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    dir = Path(dir)
+    make_tokenizer_files(dir, pre=pre)
+    tok = json.loads((dir / "tokenizer.json").read_text(encoding="utf-8"))
+    n_vocab = len(tok["model"]["vocab"]) + sum(a["id"] not in tok["model"]["vocab"].values() for a in tok["added_tokens"])
+    config = getattr(transformers, config_cls)(**{**_GQA_SIZES, "vocab_size": n_vocab, "num_hidden_layers": n_layers,
+                                                   "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1, **cfg})
+    config._attn_implementation = "eager"
+    model = getattr(transformers, model_cls)(config)
+    _init_weights(model, seed, n_layers)
+    model.to(torch.bfloat16).save_pretrained(dir)
+    return dir, AutoModelForCausalLM.from_pretrained(dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def make_llama(dir, *, seed: int = 0, n_layers: int = 2, **overrides):
+    """Dense Llama (rotate-half rope in HF; the converter permutes q/k for llama.cpp's adjacent pairs)."""
+    return _make_gqa(dir, "LlamaConfig", "LlamaForCausalLM", seed, n_layers, rope_theta=10000.0, **overrides)
+
+
+def make_mixtral(dir, *, seed: int = 0, n_layers: int = 2, **overrides):
+    """Mixtral: every layer MoE, 8 experts of 128, top-2 softmax renormalised."""
+    return _make_gqa(dir, "MixtralConfig", "MixtralForCausalLM", seed, n_layers, num_local_experts=8,
+                     num_experts_per_tok=2, rope_theta=10000.0, **overrides)
+
+
+def make_qwen3_moe(dir, *, seed: int = 0, n_layers: int = 2, **overrides):
+    """Qwen3-MoE: q/k RMSNorm per head, NeoX rope, 8 experts of 32, top-2, norm_topk_prob."""
+    return _make_gqa(dir, "Qwen3MoeConfig", "Qwen3MoeForCausalLM", seed, n_layers, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=32, norm_topk_prob=True, **overrides)
+
+
+def make_qwen2_moe(dir, *, seed: int = 0, n_layers: int = 2, **overrides):
+    """Qwen2-MoE: q/k/v biases, 8 experts of 32 top-2 (not renormalised), shared expert of 48 with sigmoid gate."""
+    return _make_gqa(dir, "Qwen2MoeConfig", "Qwen2MoeForCausalLM", seed, n_layers, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False, **overrides)
+
+
+def make_gemma3(dir, *, seed: int = 0, n_layers: int = 6, sliding_window: int = 8, **overrides):
+    """Gemma-3 text: layers 0-4 slide over `sliding_window` tokens (rope base 10000), layer 5 is global
+    (rope base 1e6); q/k norms, post-norms, GELU(tanh), tied embeddings scaled by sqrt(64)."""
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
+    rope = {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    return _make_gqa(dir, "Gemma3TextConfig", "Gemma3ForCausalLM", seed, n_layers, sliding_window=sliding_window,
+                     layer_types=types, rope_parameters=rope, query_pre_attn_scalar=16,
+                     **{"tie_word_embeddings": True, **overrides})
+
+
 def _row_margins(x: torch.Tensor, gate: torch.nn.Module) -> torch.Tensor:
     """x [N, H] -> [N] routing margins of one router (definition in the fixture README)."""
     logits = x.float() @ gate.weight.float().T  # [N, E]
@@ -190,7 +248,7 @@ def _row_margins(x: torch.Tensor, gate: torch.nn.Module) -> torch.Tensor:
         group_of = lambda v: v.max(-1).values  # noqa: E731
     n, e = s.shape
     k = gate.top_k
-    n_group, topk_group = gate.num_group or 1, gate.topk_group or 1
+    n_group, topk_group = getattr(gate, "num_group", None) or 1, getattr(gate, "topk_group", None) or 1
     margin = torch.full((n,), float("inf"))
     if n_group > 1 and topk_group < n_group and getattr(gate, "topk_method", "noaux_tc") != "greedy":
         groups = group_of(s.view(n, n_group, e // n_group))  # [N, G]

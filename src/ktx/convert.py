@@ -25,9 +25,14 @@ Tensor types follow llama.cpp: 1-D tensors, `*_norm.weight`, the router `ffn_gat
 non-`.weight` tensor (biases) stay F32; everything else gets `outtype`. For q8_0 a tensor whose rows
 are not a multiple of 32 falls back to F16, as llama.cpp does.
 
-RoPE: nothing is permuted. DeepSeek checkpoints store q_pe / k_pe with interleaved pairs (x0,x1),(x2,x3)..
-(HF `rope_interleave=True`), which is exactly ggml's normal (non-NeoX) RoPE mode that llama.cpp uses for
-deepseek2, so the rope rows of q_b_proj and kv_a_proj_with_mqa are copied unchanged.
+RoPE: DeepSeek checkpoints store q_pe / k_pe with interleaved pairs (x0,x1),(x2,x3).. (HF
+`rope_interleave=True`), which is exactly ggml's normal (non-NeoX) RoPE mode that llama.cpp uses for
+deepseek2, so the rope rows of q_b_proj and kv_a_proj_with_mqa are copied unchanged. Llama and Mixtral
+checkpoints rotate halves (x_i, x_{i+d/2}); llama.cpp runs `llama` files in normal mode, so its converter
+permutes the rows of q_proj / k_proj per head, and so does this one:
+    head rows [r0 .. r_{d/2-1} | r_{d/2} .. r_{d-1}]  ->  [r0, r_{d/2}, r1, r_{d/2+1}, ...]
+Qwen and Gemma files keep the half layout (llama.cpp runs them in NeoX mode): nothing is permuted.
+Gemma's RMSNorm scales by (1 + w); llama.cpp stores 1 + w for every norm, and so does this converter.
 
 New architectures are a table entry: `_Arch(gguf_arch, layer_names, expert_names, metadata, splits)`.
 """
@@ -61,6 +66,7 @@ class _Arch:
     metadata: Callable[[dict, "object"], None]  # (config, GGUFWriter) -> None
     splits: dict[str, Callable] = field(default_factory=dict)  # HF layer name -> splitter
     fused_experts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # HF fused name -> GGUF names
+    transform: Callable[[str, np.ndarray], np.ndarray] | None = None  # (GGUF name, float32 data) -> data
 
 
 _GLOBAL_NAMES = {
@@ -226,9 +232,113 @@ _DEEPSEEK2 = _Arch(
     fused_experts=_FUSED_EXPERTS,
 )
 
+# Llama, Mixtral, Qwen2/3-MoE and Gemma-3 name their layer tensors alike; one table holds them all.
+_GQA_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    **{f"self_attn.{hf}_proj.{kind}": f"attn_{g}.{kind}" for hf, g in (("q", "q"), ("k", "k"), ("v", "v"))
+       for kind in ("weight", "bias")},
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight",  # Mixtral's older names
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+}
+
+_GQA_EXPERTS = {
+    **_DEEPSEEK2_EXPERTS,
+    "block_sparse_moe.experts.{x}.w1.weight": "ffn_gate_exps.weight",
+    "block_sparse_moe.experts.{x}.w2.weight": "ffn_down_exps.weight",
+    "block_sparse_moe.experts.{x}.w3.weight": "ffn_up_exps.weight",
+}
+
+_GEMMA3_LAYER = {
+    **_GQA_LAYER,
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+
+
+def _head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def _gqa_metadata(cfg: dict, w) -> None:
+    """Sizes shared by llama / qwen2moe / qwen3moe / gemma3 (llama.cpp's set_gguf_parameters of each)."""
+    _common_metadata(cfg, w)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_rope_dimension_count(_head_dim(cfg))
+    w.add_key_length(_head_dim(cfg))
+    w.add_value_length(_head_dim(cfg))
+    if cfg.get("moe_intermediate_size") is not None:
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if cfg.get("shared_expert_intermediate_size"):
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    if cfg.get("norm_topk_prob") is not None:
+        w.add_expert_weights_norm(bool(cfg["norm_topk_prob"]))
+
+
+def _gemma3_metadata(cfg: dict, w) -> None:
+    """Gemma-3 text model. llama.cpp fixes what the file does not say: every 6th layer global, the others
+    sliding with rope base 10000 (written here too, as rope.freq_base_swa), query scale head_dim^-0.5."""
+    rope = cfg.get("rope_parameters") or {}
+    full, local = rope.get("full_attention", rope), rope.get("sliding_attention", {})
+    n = cfg["num_hidden_layers"]
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    problems = [
+        (cfg.get("layer_types") not in (None, pattern), "layer_types must be sliding except every 6th layer"),
+        (cfg.get("query_pre_attn_scalar", _head_dim(cfg)) != _head_dim(cfg), "query_pre_attn_scalar must equal head_dim"),
+        (cfg.get("final_logit_softcapping") or cfg.get("attn_logit_softcapping"), "logit soft-capping is not supported"),
+        (cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh", "hidden_activation must be gelu_pytorch_tanh"),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise KtxError(f"config.json: {why} for a gemma3 GGUF (llama.cpp's layout); this checkpoint cannot convert")
+    _gqa_metadata({**cfg, "rope_parameters": {"rope_theta": 10000.0, **full}}, w)
+    w.add_sliding_window(cfg["sliding_window"])
+    w.add_float32("gemma3.rope.freq_base_swa", float(local.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0))))
+
+
+def _permuted(name: str, n_heads: int, shape: tuple, load: Callable[[], np.ndarray]) -> list[tuple[str, tuple, Callable]]:
+    """q/k_proj [n_heads*d, in], halves per head -> adjacent pairs (llama.cpp's LlamaModel.permute)."""
+
+    def produce() -> np.ndarray:
+        x = load()  # [n_heads * d, in]
+        return np.ascontiguousarray(x.reshape(n_heads, 2, x.shape[0] // n_heads // 2, -1).swapaxes(1, 2).reshape(x.shape))
+
+    return [(name, shape, produce)]
+
+
+_LLAMA_SPLITS = {
+    "self_attn.q_proj.weight": lambda cfg, shape, load: _permuted("attn_q.weight", cfg["num_attention_heads"], shape, load),
+    "self_attn.k_proj.weight": lambda cfg, shape, load: _permuted(
+        "attn_k.weight", cfg.get("num_key_value_heads") or cfg["num_attention_heads"], shape, load),
+}
+
+
+def _gemma_norm(name: str, x: np.ndarray) -> np.ndarray:
+    return x + 1 if name.endswith("norm.weight") else x
+
+
+_LLAMA = _Arch("llama", {k: v for k, v in _GQA_LAYER.items() if k not in _LLAMA_SPLITS}, _GQA_EXPERTS, _gqa_metadata,
+               splits=_LLAMA_SPLITS, fused_experts=_FUSED_EXPERTS)
+
 ARCHITECTURES: dict[str, _Arch] = {
     "DeepseekV3ForCausalLM": _DEEPSEEK2,
     "DeepseekV2ForCausalLM": _DEEPSEEK2,
+    "LlamaForCausalLM": _LLAMA,
+    "MixtralForCausalLM": _LLAMA,  # llama.cpp writes Mixtral as `llama` with experts
+    "Qwen2MoeForCausalLM": _Arch("qwen2moe", _GQA_LAYER, _GQA_EXPERTS, _gqa_metadata, fused_experts=_FUSED_EXPERTS),
+    "Qwen3MoeForCausalLM": _Arch("qwen3moe", _GQA_LAYER, _GQA_EXPERTS, _gqa_metadata, fused_experts=_FUSED_EXPERTS),
+    "Gemma3ForCausalLM": _Arch("gemma3", _GEMMA3_LAYER, {}, _gemma3_metadata, transform=_gemma_norm),
 }
 
 
@@ -390,6 +500,8 @@ def _plan(arch: _Arch, cfg: dict, names: list[str], shapes: dict[str, tuple],
     outs: list[_Out] = []
 
     def emit(name: str, shape: tuple, produce: Callable) -> None:
+        if arch.transform is not None:
+            produce = (lambda load, name: lambda: arch.transform(name, load()))(produce, name)
         outs.append(_Out(name, shape, _pick_type(name, shape, outtype), produce))
 
     def emit_stacked(name: str, parts: list[Callable], row_shape: tuple) -> None:
