@@ -204,25 +204,26 @@ def _make_gqa(dir: str | Path, config_cls: str, model_cls: str, seed: int, n_lay
 
 def make_llama(dir, *, seed: int = 0, n_layers: int = 2, **overrides):
     """Dense Llama (rotate-half rope in HF; the converter permutes q/k for llama.cpp's adjacent pairs)."""
-    return _make_gqa(dir, "LlamaConfig", "LlamaForCausalLM", seed, n_layers, rope_theta=10000.0, **overrides)
+    return _make_gqa(dir, "LlamaConfig", "LlamaForCausalLM", seed, n_layers, **{"rope_theta": 10000.0, **overrides})
 
 
 def make_mixtral(dir, *, seed: int = 0, n_layers: int = 2, **overrides):
     """Mixtral: every layer MoE, 8 experts of 128, top-2 softmax renormalised."""
-    return _make_gqa(dir, "MixtralConfig", "MixtralForCausalLM", seed, n_layers, num_local_experts=8,
-                     num_experts_per_tok=2, rope_theta=10000.0, **overrides)
+    return _make_gqa(dir, "MixtralConfig", "MixtralForCausalLM", seed, n_layers,
+                     **{"num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 10000.0, **overrides})
 
 
 def make_qwen3_moe(dir, *, seed: int = 0, n_layers: int = 2, **overrides):
     """Qwen3-MoE: q/k RMSNorm per head, NeoX rope, 8 experts of 32, top-2, norm_topk_prob."""
-    return _make_gqa(dir, "Qwen3MoeConfig", "Qwen3MoeForCausalLM", seed, n_layers, num_experts=8, num_experts_per_tok=2,
-                     moe_intermediate_size=32, norm_topk_prob=True, **overrides)
+    return _make_gqa(dir, "Qwen3MoeConfig", "Qwen3MoeForCausalLM", seed, n_layers, **{
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True, **overrides})
 
 
 def make_qwen2_moe(dir, *, seed: int = 0, n_layers: int = 2, **overrides):
     """Qwen2-MoE: q/k/v biases, 8 experts of 32 top-2 (not renormalised), shared expert of 48 with sigmoid gate."""
-    return _make_gqa(dir, "Qwen2MoeConfig", "Qwen2MoeForCausalLM", seed, n_layers, num_experts=8, num_experts_per_tok=2,
-                     moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=False, **overrides)
+    return _make_gqa(dir, "Qwen2MoeConfig", "Qwen2MoeForCausalLM", seed, n_layers, **{
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+        "norm_topk_prob": False, **overrides})
 
 
 def make_gemma3(dir, *, seed: int = 0, n_layers: int = 6, sliding_window: int = 8, **overrides):
@@ -231,9 +232,8 @@ def make_gemma3(dir, *, seed: int = 0, n_layers: int = 6, sliding_window: int = 
     types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
     rope = {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
-    return _make_gqa(dir, "Gemma3TextConfig", "Gemma3ForCausalLM", seed, n_layers, sliding_window=sliding_window,
-                     layer_types=types, rope_parameters=rope, query_pre_attn_scalar=16,
-                     **{"tie_word_embeddings": True, **overrides})
+    return _make_gqa(dir, "Gemma3TextConfig", "Gemma3ForCausalLM", seed, n_layers, sliding_window=sliding_window, **{
+        "layer_types": types, "rope_parameters": rope, "query_pre_attn_scalar": 16, "tie_word_embeddings": True, **overrides})
 
 
 def _row_margins(x: torch.Tensor, gate: torch.nn.Module) -> torch.Tensor:

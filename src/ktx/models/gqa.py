@@ -49,8 +49,8 @@ class GQATransformer:
         self._check_tensors()
         self.rope_global = self._rope(cfg.rope_base)
         self.rope_local = self._rope(cfg.rope_base_swa or cfg.rope_base)
-        make = experts_factory or (lambda prefix: TorchExperts(store, prefix))
-        self.experts = {i: make(f"blk.{i}.") for i in range(cfg.n_layers) if self.is_moe(i)}
+        make = experts_factory or (lambda prefix: None)  # None: the torch reference for that layer
+        self.experts = {i: make(f"blk.{i}.") or TorchExperts(store, f"blk.{i}.") for i in range(cfg.n_layers) if self.is_moe(i)}
         self.scheduler = Scheduler(self.experts)
 
     def _rope(self, base: float) -> Rope:
