@@ -104,3 +104,12 @@ def test_logits_match_transformers_with_the_dequantized_weights(model):
     print("max |logit diff|", np.abs(got - ref).max(), "of max |logit|", np.abs(ref).max())
     assert np.abs(got - ref).max() <= 2e-3 * max(1.0, np.abs(ref).max() / 10)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_builtin_gemma_chat_template(model):
+    """The file has no tokenizer.chat_template: Gemma's turn format is built in for Gemma vocabularies."""
+    tok = model.tokenizer
+    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi "}])
+    assert text == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    ids = tok.encode(text, add_bos=False)
+    assert ids[:2] == [tok.bos_id, tok.token_to_id("<start_of_turn>")] and ids.count(tok.token_to_id("<end_of_turn>")) == 1

@@ -15,6 +15,11 @@ Files without a template get DEEPSEEK_V3_TEMPLATE, the DeepSeek-V3/R1 format:
 
 System messages are joined with blank lines and go first; an earlier answer keeps only what follows its
 `</think>` (R1 does not see its old reasoning).
+
+Gemma-3 GGUFs (a vocabulary with `<start_of_turn>`) that carry no template get GEMMA_TEMPLATE, Gemma's
+turn format; a system message has no turn of its own and goes in front of the first user text:
+
+    <bos><start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n{answer}<end_of_turn>\n...<start_of_turn>model\n
 """
 
 from __future__ import annotations
@@ -48,6 +53,19 @@ DEEPSEEK_V3_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' -}}{%- endif -%}"
+)
+
+GEMMA_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages if message['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + message['content'] + '\\n\\n' -%}"
+    "{%- endfor -%}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<start_of_turn>' + role + '\\n' + (ns.system if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
 )
 
 

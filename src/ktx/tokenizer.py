@@ -297,11 +297,13 @@ class Tokenizer:
         return out.decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        """Render a conversation with the GGUF's chat template (built-in DeepSeek-V3/R1 one if it has none)."""
-        from ktx.chat_template import DEEPSEEK_V3_TEMPLATE, render
+        """Render a conversation with the GGUF's chat template (if it has none: the built-in Gemma one for a
+        Gemma vocabulary, else the DeepSeek-V3/R1 one)."""
+        from ktx.chat_template import DEEPSEEK_V3_TEMPLATE, GEMMA_TEMPLATE, render
 
         special = {"bos_token": self._text_of(self.bos_id), "eos_token": self._text_of(self.eos_id)}
-        return render(self.chat_template or DEEPSEEK_V3_TEMPLATE, messages,
+        builtin = GEMMA_TEMPLATE if "<start_of_turn>" in self._ids else DEEPSEEK_V3_TEMPLATE
+        return render(self.chat_template or builtin, messages,
                       add_generation_prompt=add_generation_prompt, **{**special, **kwargs})
 
     def _text_of(self, token_id: int | None) -> str:
