@@ -40,6 +40,22 @@ def experts_torch(store: WeightStore, prefix: str, x: torch.Tensor, ids: torch.T
     return y
 
 
+def moe_step(net, i: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared=None) -> torch.Tensor:
+    """One scheduled MoE layer of `net` (which has .scheduler, .store, .routing_counts): the routed experts go
+    to the CPU workers at once; `shared()` (the shared experts) and any GPU-resident hot experts run meanwhile;
+    then join. x [T, H], ids/weights [T, k] -> [T, H]."""
+    p = f"blk.{i}."
+    if getattr(net, "routing_counts", None) is not None:
+        counts = net.routing_counts.setdefault(i, np.zeros(net.cfg.n_expert, np.int64))
+        np.add.at(counts, ids.flatten().numpy(), 1)
+    split = net.scheduler.submit(i, x.numpy(), ids.numpy(), weights.numpy())
+    y = shared() if shared is not None else torch.zeros_like(x)
+    if split.has_gpu_work:
+        y = y + experts_torch(net.store, p, x, torch.from_numpy(split.gpu_ids).long(), torch.from_numpy(split.gpu_w))
+    net.scheduler.gpu_done(i)
+    return torch.from_numpy(net.scheduler.wait(i)) + y
+
+
 class _Done:
     def __init__(self, y: np.ndarray):
         self.y = y

@@ -22,7 +22,7 @@ import torch
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
 from ktx.layers.mla import LatentCache, mla_attend
-from ktx.layers.moe import TorchExperts, experts_torch, mlp
+from ktx.layers.moe import TorchExperts, mlp, moe_step
 from ktx.layers.norm import rms_norm
 from ktx.layers.rope import Rope
 from ktx.layers.router import route
@@ -112,16 +112,9 @@ class Deepseek2:
         ids, weights = route(logits, cfg.n_expert_used, gating="sigmoid" if cfg.gating == GATING_SIGMOID else "softmax",
                              bias=bias, n_group=cfg.n_group, topk_group=cfg.topk_group, norm=cfg.expert_weights_norm,
                              scale=cfg.expert_weights_scale)  # [T, k], [T, k]
-        if self.routing_counts is not None:
-            counts = self.routing_counts.setdefault(i, np.zeros(cfg.n_expert, np.int64))
-            np.add.at(counts, ids.flatten().numpy(), 1)
-        # routed experts start on the CPU workers; the shared (and any GPU-resident hot) experts run meanwhile
-        split = self.scheduler.submit(i, x.numpy(), ids.numpy(), weights.numpy())
-        y = mlp(x, self._w(p + "ffn_gate_shexp.weight"), self._w(p + "ffn_up_shexp.weight"), self._w(p + "ffn_down_shexp.weight")) if cfg.n_shared else torch.zeros_like(x)
-        if split.has_gpu_work:
-            y = y + experts_torch(self.store, p, x, torch.from_numpy(split.gpu_ids).long(), torch.from_numpy(split.gpu_w))
-        self.scheduler.gpu_done(i)
-        return torch.from_numpy(self.scheduler.wait(i)) + y
+        shared = (lambda: mlp(x, self._w(p + "ffn_gate_shexp.weight"), self._w(p + "ffn_up_shexp.weight"),
+                              self._w(p + "ffn_down_shexp.weight"))) if cfg.n_shared else None
+        return moe_step(self, i, x, ids, weights, shared)
 
     # -- the whole model -------------------------------------------------------------------------
     @torch.inference_mode()

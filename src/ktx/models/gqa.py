@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
 from ktx.layers.attention import KVCache, gqa_attend
-from ktx.layers.moe import TorchExperts, experts_torch, mlp
+from ktx.layers.moe import TorchExperts, mlp, moe_step
 from ktx.layers.norm import rms_norm
 from ktx.layers.rope import Rope
 from ktx.layers.router import route
@@ -52,6 +52,7 @@ class GQATransformer:
         make = experts_factory or (lambda prefix: None)  # None: the torch reference for that layer
         self.experts = {i: make(f"blk.{i}.") or TorchExperts(store, f"blk.{i}.") for i in range(cfg.n_layers) if self.is_moe(i)}
         self.scheduler = Scheduler(self.experts)
+        self.routing_counts: dict | None = None  # set to {} to record a routing profile (ktx profile)
 
     def _rope(self, base: float) -> Rope:
         rope = Rope(self.cfg.rope_dim, base, neox=self.cfg.neox)
@@ -133,17 +134,13 @@ class GQATransformer:
             return self._mlp(x, p)
         logits = x @ self._w(p + "ffn_gate_inp.weight").T  # [T, E]
         ids, weights = route(logits, cfg.n_expert_used, gating="softmax", norm=cfg.routing_norm)  # [T, k], [T, k]
-        # routed experts start on the CPU workers; the shared expert runs meanwhile
-        split = self.scheduler.submit(i, x.numpy(), ids.numpy(), weights.numpy())
-        y = torch.zeros_like(x)  # [T, H]
-        if self.gguf.has(p + "ffn_gate_shexp.weight"):
-            y = self._mlp(x, p, "_shexp")
-            if self.gguf.has(p + "ffn_gate_inp_shexp.weight"):
-                y = y * torch.sigmoid(x @ self._w(p + "ffn_gate_inp_shexp.weight").reshape(-1, 1))  # [T, 1] gate
-        if split.has_gpu_work:
-            y = y + experts_torch(self.store, p, x, torch.from_numpy(split.gpu_ids).long(), torch.from_numpy(split.gpu_w))
-        self.scheduler.gpu_done(i)
-        return torch.from_numpy(self.scheduler.wait(i)) + y
+        return moe_step(self, i, x, ids, weights, (lambda: self._shared_expert(x, p)) if self.gguf.has(p + "ffn_gate_shexp.weight") else None)
+
+    def _shared_expert(self, x: torch.Tensor, p: str) -> torch.Tensor:
+        y = self._mlp(x, p, "_shexp")
+        if self.gguf.has(p + "ffn_gate_inp_shexp.weight"):  # qwen2moe: sigmoid-gated shared expert
+            y = y * torch.sigmoid(x @ self._w(p + "ffn_gate_inp_shexp.weight").reshape(-1, 1))  # [T, 1] gate
+        return y
 
     # -- the whole model -------------------------------------------------------------------------
     @torch.inference_mode()
