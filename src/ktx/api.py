@@ -94,13 +94,6 @@ def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, threads: int | Non
     return factory
 
 
-def _kv_bytes_per_token(cfg) -> int:
-    if hasattr(cfg, "kv_lora_rank"):  # MLA latent cache, float32
-        return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope) * 4
-    n_kv, head = getattr(cfg, "n_kv_heads", 0), getattr(cfg, "head_dim", 0)
-    return cfg.n_layers * 2 * n_kv * head * 4
-
-
 def _plan(gguf, cls, cache_len, override_tensor, placement_file, cpu_moe, gpu_experts):
     import torch
 
@@ -111,7 +104,7 @@ def _plan(gguf, cls, cache_len, override_tensor, placement_file, cpu_moe, gpu_ex
     rules = [placement.parse_override(o) for o in override_tensor or []]
     rules += placement.load_rules(placement_file) if placement_file else []
     rules += placement.default_rules(has_gpu, cpu_moe)
-    plan = placement.make_plan(gguf, rules, _kv_bytes_per_token(cfg) * cache_len, has_gpu, gpu_experts, getattr(cfg, "n_expert", 0))
+    plan = placement.make_plan(gguf, rules, placement.kv_bytes_per_token(cfg) * cache_len, has_gpu, gpu_experts, getattr(cfg, "n_expert", 0))
     vram = torch.cuda.mem_get_info()[0] if has_gpu else None
     placement.check_fits(plan, _total_ram(), vram)
     return plan

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
+from ktx.placement import kv_bytes_per_token
 
-KV_BYTES_PER_VALUE = 4  # float32 latent cache
 
 
 @dataclass
@@ -56,13 +56,6 @@ class Inspection:
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "kv_bytes": self.kv_bytes}, indent=2)
-
-
-def kv_bytes_per_token(cfg) -> int | None:
-    """Bytes the KV cache holds per token over all layers (None for an attention kind not modelled here)."""
-    if hasattr(cfg, "kv_lora_rank"):
-        return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope) * KV_BYTES_PER_VALUE
-    return None
 
 
 def _config(gguf: GGUFModel):

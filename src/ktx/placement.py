@@ -77,6 +77,13 @@ def default_rules(has_gpu: bool, cpu_moe: bool = True) -> list[Rule]:
     return ([Rule(EXPERT_RE, "cpu")] if cpu_moe else []) + [Rule(".*", "gpu")]
 
 
+def kv_bytes_per_token(cfg) -> int:
+    """Bytes the float32 KV cache holds per token over all layers: MLA's latent (kv_lora + rope) or GQA's K and V."""
+    if hasattr(cfg, "kv_lora_rank"):
+        return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope) * 4
+    return cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim + cfg.v_head_dim) * 4
+
+
 def assign(names, rules: list[Rule]) -> dict[str, str]:
     compiled = [(re.compile(r.pattern), r.device) for r in rules]
     out = {}
