@@ -20,6 +20,7 @@ import numpy as np
 from ktx.engine import Engine
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
+from ktx.layers.linear import FloatLinears, dense_names
 from ktx.layers.weights import WeightStore
 from ktx.sampling import SamplingParams
 
@@ -41,30 +42,44 @@ def warn(msg: str) -> None:
     print(f"ktx: {msg}", file=sys.stderr)
 
 
-def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, threads: int | None, cache_dir, numa_shards, log):
-    """Routed-experts backend per MoE layer: the quantized CPU kernels (sharded per NUMA node), or the torch reference."""
-    from ktx.layers.moe import ShardedExperts, kernel_experts, shard_bounds, slice_inter
-    from ktx.kernels_cpu import MoEExperts
-    from ktx.numa import numa_nodes, pinned_pool
-
+def _kernels_available(experts: str) -> bool:
+    """Whether the quantized CPU kernels will run: not asked for the reference, and importable (Numba/llvmlite)."""
     if experts not in EXPERT_PATHS:
         raise KtxError(f"--experts {experts!r}: choose one of {', '.join(EXPERT_PATHS)}")
-    if experts == "reference" or not getattr(cfg, "n_expert", 0):
-        log("routed experts: torch reference path (dequantize + float32 matmul)")
-        return None
+    if experts == "reference":
+        return False
     try:
-        from ktx.kernels_cpu import MoEExperts  # noqa: F401,F811
+        import ktx.kernels_cpu  # noqa: F401
     except ImportError as e:
         if experts != "auto":
-            raise KtxError(f"CPU expert kernels are unavailable ({e}); use --experts reference") from None
-        warn(f"routed experts: torch reference path; CPU kernels unavailable ({e}) -- expect a large slowdown")
-        return None
+            raise KtxError(f"CPU kernels are unavailable ({e}); use --experts reference") from None
+        warn(f"CPU kernels unavailable ({e}): torch float32 reference for experts and dense weights -- expect a large slowdown")
+        return False
+    return True
+
+
+def _worker_pools(threads: int | None, numa_shards: int | None) -> tuple[list, int]:
+    """One pool of pinned kernel workers per NUMA node (or per forced shard); the thread total."""
+    from ktx.numa import numa_nodes, pinned_pool
+
     nodes = numa_nodes()
     if numa_shards:  # forced (tests, or to split one node's work): distribute the CPUs round-robin
         cpus = sorted(c for node in nodes for c in node)
         nodes = [cpus[i::numa_shards] or cpus for i in range(numa_shards)]
     total = threads or sum(len(n) for n in nodes)
-    pools = [pinned_pool(node, max(1, round(total * len(node) / sum(len(n) for n in nodes)))) for node in nodes]
+    return [pinned_pool(node, max(1, round(total * len(node) / sum(len(n) for n in nodes)))) for node in nodes], total
+
+
+def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, pools: list | None, total: int, cache_dir, log):
+    """Routed-experts backend per MoE layer: the quantized CPU kernels (sharded per NUMA node), or the torch reference."""
+    from ktx.layers.moe import ShardedExperts, kernel_experts, shard_bounds, slice_inter
+
+    if not pools or not getattr(cfg, "n_expert", 0):
+        if getattr(cfg, "n_expert", 0):
+            log("routed experts: torch reference path (dequantize + float32 matmul)")
+        return None
+    from ktx.kernels_cpu import MoEExperts
+
     said = []
 
     def factory(prefix: str):
@@ -232,7 +247,11 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
         cache_dir = _repack_cache_dir(gguf)
     budget = weight_cache_bytes if weight_cache_bytes is not None else _available_ram() // 4
     store = WeightStore(gguf, budget)
-    net = build_model(gguf, store, lambda cfg: _make_experts_factory(gguf, cfg, experts, threads, cache_dir, numa_shards, log))
+    pools, total = _worker_pools(threads, numa_shards) if _kernels_available(experts) else (None, 0)
+    linears = FloatLinears(store)  # QuantLinears(store, pools[0], path=experts) once kernels_cpu.QuantLinear lands
+    linears.prepare(dense_names(gguf))
+    log(linears.describe())
+    net = build_model(gguf, store, lambda cfg: _make_experts_factory(gguf, cfg, experts, pools, total, cache_dir, log), linears)
     _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, log)
     if threads:
         import torch

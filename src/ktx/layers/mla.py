@@ -37,17 +37,14 @@ class LatentCache:
         self.length = length
 
 
-def mla_attend(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, W_UK: torch.Tensor,
-               W_UV: torch.Tensor, scale: float, start: int) -> torch.Tensor:
-    """q_nope [T, n_h, nope], q_pe [T, n_h, rope]; kv_c [S, kv_lora], k_pe [S, rope] with S = start + T
-    (the cache including this chunk); W_UK [n_h, kv_lora, nope], W_UV [n_h, v, kv_lora] -> [T, n_h, v]."""
-    T, S = q_nope.shape[0], kv_c.shape[0]
-    q_lat = torch.einsum("thn,hcn->thc", q_nope, W_UK)  # [T, n_h, kv_lora]
+def mla_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, scale: float,
+               start: int) -> torch.Tensor:
+    """The attention itself, in latent space: q_lat [T, n_h, kv_lora] (W_UK already applied) -> o_lat [T, n_h, kv_lora]."""
+    T, S = q_lat.shape[0], kv_c.shape[0]
     scores = torch.einsum("thc,sc->hts", q_lat, kv_c) + torch.einsum("thr,sr->hts", q_pe, k_pe)  # [n_h, T, S]
     scores = scores * scale
     if T > 1:
         causal = torch.arange(S)[None, :] > (start + torch.arange(T))[:, None]  # [T, S]
         scores = scores.masked_fill(causal, float("-inf"))
     probs = scores.softmax(-1)
-    o_lat = torch.einsum("hts,sc->thc", probs, kv_c)  # [T, n_h, kv_lora]
-    return torch.einsum("thc,hvc->thv", o_lat, W_UV)  # [T, n_h, v]
+    return torch.einsum("hts,sc->thc", probs, kv_c)  # [T, n_h, kv_lora]

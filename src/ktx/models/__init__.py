@@ -22,8 +22,9 @@ def model_class(arch: str, source: str = "model"):
     return getattr(importlib.import_module(module), name)
 
 
-def build_model(gguf, store, experts_factory_for):
-    """Instantiate the model for `gguf`; experts_factory_for(cfg) -> per-layer experts factory or None."""
+def build_model(gguf, store, experts_factory_for, linears=None):
+    """Instantiate the model for `gguf`; experts_factory_for(cfg) -> per-layer experts factory or None;
+    linears: the dense-matmul backend (ktx.layers.linear; float32 reference when None)."""
     cls = model_class(gguf.architecture, str(gguf.path))
     cfg = cls.config_class.from_gguf(gguf.metadata, str(gguf.path))
-    return cls(gguf, store, cfg, experts_factory_for(cfg))
+    return cls(gguf, store, cfg, experts_factory_for(cfg), linears)

@@ -9,8 +9,9 @@
                                                             MLP runs meanwhile, then wait
   -> output_norm -> output (lm_head)
 
-Tensor names are llama.cpp's (`blk.N.attn_q_a.weight`, `blk.N.ffn_gate_exps.weight`, ...). Weights are
-float32 torch tensors dequantized on demand by a `WeightStore`; the routed experts go through an
+Tensor names are llama.cpp's (`blk.N.attn_q_a.weight`, `blk.N.ffn_gate_exps.weight`, ...). Dense matmuls
+go through a `Linears` backend (quantized CPU kernels, or float32 weights dequantized by the `WeightStore`);
+norms, biases and the router are small float32 tensors from the store; the routed experts go through an
 experts backend (`TorchExperts` reference or the quantized CPU kernels).
 """
 
@@ -21,8 +22,9 @@ import torch
 
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
-from ktx.layers.mla import LatentCache, mla_attend
-from ktx.layers.moe import TorchExperts, mlp, moe_step
+from ktx.layers.linear import FloatLinears
+from ktx.layers.mla import LatentCache, mla_latent
+from ktx.layers.moe import TorchExperts, moe_step
 from ktx.layers.norm import rms_norm
 from ktx.layers.rope import Rope
 from ktx.layers.router import route
@@ -36,8 +38,10 @@ class Deepseek2:
     arch = "deepseek2"
     config_class = Deepseek2Config
 
-    def __init__(self, gguf: GGUFModel, store: WeightStore, cfg: Deepseek2Config | None = None, experts_factory=None):
+    def __init__(self, gguf: GGUFModel, store: WeightStore, cfg: Deepseek2Config | None = None, experts_factory=None,
+                 linears=None):
         self.gguf, self.store = gguf, store
+        self.lin = linears or FloatLinears(store)
         self.cfg = cfg = cfg or Deepseek2Config.from_gguf(gguf.metadata, str(gguf.path))
         self._check_tensors()
         yarn = cfg.rope_factor if cfg.rope_scaling == "yarn" else 1.0
@@ -79,41 +83,56 @@ class Deepseek2:
         rows = t.data[tokens.numpy()]  # raw rows: dequantize only what is used
         return torch.from_numpy(dequantize(rows, t.qtype).reshape(len(tokens), -1).copy())  # [T, H]
 
-    def _uk_uv(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kv_b(self, p: str) -> torch.Tensor:
+        """Older files' combined attn_kv_b [n_h * (nope + v), kv_lora] as [n_h, nope + v, kv_lora] (float32)."""
         cfg = self.cfg
+        return self._w(p + "attn_kv_b.weight").view(cfg.n_heads, cfg.qk_nope + cfg.v_head, cfg.kv_lora_rank)
+
+    def _absorb_k(self, p: str, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, n_h, nope] -> q_lat [T, n_h, kv_lora]: each head's W_UK (attn_k_b [n_h, kv_lora, nope])."""
         if self.gguf.has(p + "attn_k_b.weight"):
-            return self._w(p + "attn_k_b.weight"), self._w(p + "attn_v_b.weight")  # [n_h, kv_lora, nope], [n_h, v, kv_lora]
-        kv_b = self._w(p + "attn_kv_b.weight").view(cfg.n_heads, cfg.qk_nope + cfg.v_head, cfg.kv_lora_rank)
-        return kv_b[:, : cfg.qk_nope].transpose(1, 2), kv_b[:, cfg.qk_nope:]
+            return self.lin.heads(q_nope.transpose(0, 1).contiguous(), p + "attn_k_b.weight").transpose(0, 1)
+        return torch.einsum("thn,hnc->thc", q_nope, self._kv_b(p)[:, : self.cfg.qk_nope])
+
+    def _absorb_v(self, p: str, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_lat [T, n_h, kv_lora] -> [T, n_h, v]: each head's W_UV (attn_v_b [n_h, v, kv_lora])."""
+        if self.gguf.has(p + "attn_v_b.weight"):
+            return self.lin.heads(o_lat.transpose(0, 1).contiguous(), p + "attn_v_b.weight").transpose(0, 1)
+        return torch.einsum("thc,hvc->thv", o_lat, self._kv_b(p)[:, self.cfg.qk_nope:])
 
     def attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         cfg, p, T = self.cfg, f"blk.{i}.", x.shape[0]
+        lin = self.lin
         if cfg.q_lora_rank:
-            q = rms_norm(x @ self._w(p + "attn_q_a.weight").T, self._w(p + "attn_q_a_norm.weight"), cfg.rms_eps) @ self._w(p + "attn_q_b.weight").T
+            q = lin(rms_norm(lin(x, p + "attn_q_a.weight"), self._w(p + "attn_q_a_norm.weight"), cfg.rms_eps), p + "attn_q_b.weight")
         else:
-            q = x @ self._w(p + "attn_q.weight").T
+            q = lin(x, p + "attn_q.weight")
         q = q.view(T, cfg.n_heads, cfg.qk_head)  # [T, n_h, nope + rope]
         q_nope, q_pe = q[..., : cfg.qk_nope], self.rope(q[..., cfg.qk_nope:], pos)
-        kv = x @ self._w(p + "attn_kv_a_mqa.weight").T  # [T, kv_lora + rope]
+        kv = lin(x, p + "attn_kv_a_mqa.weight")  # [T, kv_lora + rope]
         kv_c = rms_norm(kv[:, : cfg.kv_lora_rank], self._w(p + "attn_kv_a_norm.weight"), cfg.rms_eps)
         k_pe = self.rope(kv[:, cfg.kv_lora_rank:], pos)
         start, end = cache.length, cache.length + T
         cache.kv_c[i, start:end], cache.k_pe[i, start:end] = kv_c, k_pe
-        W_UK, W_UV = self._uk_uv(p)
-        o = mla_attend(q_nope, q_pe, cache.kv_c[i, :end], cache.k_pe[i, :end], W_UK, W_UV, cfg.softmax_scale, start)
-        return o.reshape(T, -1) @ self._w(p + "attn_output.weight").T  # [T, H]
+        o_lat = mla_latent(self._absorb_k(p, q_nope), q_pe, cache.kv_c[i, :end], cache.k_pe[i, :end], cfg.softmax_scale, start)
+        return lin(self._absorb_v(p, o_lat).reshape(T, -1), p + "attn_output.weight")  # [T, H]
+
+    def _mlp(self, x: torch.Tensor, p: str, kind: str = "") -> torch.Tensor:
+        """SwiGLU: down(silu(gate x) * up x), the dense layers' (kind "") or the shared experts' ("_shexp")."""
+        lin = self.lin
+        h = torch.nn.functional.silu(lin(x, f"{p}ffn_gate{kind}.weight")) * lin(x, f"{p}ffn_up{kind}.weight")
+        return lin(h, f"{p}ffn_down{kind}.weight")
 
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         cfg, p = self.cfg, f"blk.{i}."
         if not self.is_moe(i):
-            return mlp(x, self._w(p + "ffn_gate.weight"), self._w(p + "ffn_up.weight"), self._w(p + "ffn_down.weight"))
+            return self._mlp(x, p)
         logits = x @ self._w(p + "ffn_gate_inp.weight").T  # [T, E]
         bias = self._w(p + "exp_probs_b.bias") if self.gguf.has(p + "exp_probs_b.bias") else None
         ids, weights = route(logits, cfg.n_expert_used, gating="sigmoid" if cfg.gating == GATING_SIGMOID else "softmax",
                              bias=bias, n_group=cfg.n_group, topk_group=cfg.topk_group, norm=cfg.expert_weights_norm,
                              scale=cfg.expert_weights_scale)  # [T, k], [T, k]
-        shared = (lambda: mlp(x, self._w(p + "ffn_gate_shexp.weight"), self._w(p + "ffn_up_shexp.weight"),
-                              self._w(p + "ffn_down_shexp.weight"))) if cfg.n_shared else None
+        shared = (lambda: self._mlp(x, p, "_shexp")) if cfg.n_shared else None
         return moe_step(self, i, x, ids, weights, shared)
 
     # -- the whole model -------------------------------------------------------------------------
@@ -133,4 +152,4 @@ class Deepseek2:
         if last_only:
             x = x[-1:]
         head = "output.weight" if self.gguf.has("output.weight") else "token_embd.weight"
-        return rms_norm(x, self._w("output_norm.weight"), cfg.rms_eps) @ self._w(head).T  # [T, vocab]
+        return self.lin(rms_norm(x, self._w("output_norm.weight"), cfg.rms_eps), head)  # [T, vocab]

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
 from ktx.layers.attention import KVCache, gqa_attend
-from ktx.layers.moe import TorchExperts, mlp, moe_step
+from ktx.layers.linear import FloatLinears
+from ktx.layers.moe import TorchExperts, moe_step
 from ktx.layers.norm import rms_norm
 from ktx.layers.rope import Rope
 from ktx.layers.router import route
@@ -42,8 +43,10 @@ class GQATransformer:
     arch = "gqa"  # the instance's `arch` is the file's: llama, qwen2moe, qwen3moe or gemma3
     config_class = GQAConfig
 
-    def __init__(self, gguf: GGUFModel, store: WeightStore, cfg: GQAConfig | None = None, experts_factory=None):
+    def __init__(self, gguf: GGUFModel, store: WeightStore, cfg: GQAConfig | None = None, experts_factory=None,
+                 linears=None):
         self.gguf, self.store = gguf, store
+        self.lin = linears or FloatLinears(store)  # dense matmuls (ktx.layers.linear)
         self.cfg = cfg = cfg or GQAConfig.from_gguf(gguf.metadata, str(gguf.path))
         self.arch = cfg.arch
         self._check_tensors()
@@ -88,7 +91,7 @@ class GQATransformer:
         return self.store.get(name)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        y = x @ self._w(name + ".weight").T
+        y = self.lin(x, name + ".weight")
         return y + self._w(name + ".bias") if self.gguf.has(name + ".bias") else y
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -120,13 +123,12 @@ class GQATransformer:
         cache.k[i, start:end], cache.v[i, start:end] = k, v
         o = gqa_attend(q, cache.k[i, :end], cache.v[i, :end], cfg.softmax_scale, start,
                        cfg.sliding_window if sliding else 0)  # [T, n_h, dv]
-        return o.reshape(T, -1) @ self._w(p + "attn_output.weight").T  # [T, H]
+        return self.lin(o.reshape(T, -1), p + "attn_output.weight")  # [T, H]
 
     def _mlp(self, x: torch.Tensor, p: str, kind: str = "") -> torch.Tensor:
-        g, u, d = (self._w(f"{p}ffn_{n}{kind}.weight") for n in ("gate", "up", "down"))
-        if self.cfg.act == "silu":
-            return mlp(x, g, u, d)
-        return (F.gelu(x @ g.T, approximate="tanh") * (x @ u.T)) @ d.T
+        g, u = self.lin(x, f"{p}ffn_gate{kind}.weight"), self.lin(x, f"{p}ffn_up{kind}.weight")  # [T, I]
+        h = F.silu(g) * u if self.cfg.act == "silu" else F.gelu(g, approximate="tanh") * u
+        return self.lin(h, f"{p}ffn_down{kind}.weight")
 
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         cfg, p = self.cfg, f"blk.{i}."
@@ -162,4 +164,4 @@ class GQATransformer:
         if last_only:
             x = x[-1:]
         head = "output.weight" if self.gguf.has("output.weight") else "token_embd.weight"
-        return self._norm(x, "output_norm.weight") @ self._w(head).T  # [T, vocab]
+        return self.lin(self._norm(x, "output_norm.weight"), head)  # [T, vocab]
