@@ -72,15 +72,22 @@ def _number(body: dict, name: str, default, lo: float | None = None, hi: float |
     return v
 
 
+def _not_json(constant: str):
+    """json.loads accepts NaN and Infinity, which are not JSON (and would reach the sampler as NaN)."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 def _common(body: dict, capacity: int) -> dict:
     """Sampling, limits and streaming options shared by both endpoints."""
-    if body.get("n") not in (None, 1):
+    if _number(body, "n", 1, integer=True) != 1:
         raise ApiError(400, "only n=1 is supported (one engine, one completion per request)", "n")
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0:
             raise ApiError(400, f"'{name}' is not supported; use 'repeat_penalty' (llama.cpp-style, 1 = off)", name)
     if body.get("logprobs") not in (None, False, 0):
         raise ApiError(400, "'logprobs' is not supported", "logprobs")
+    if body.get("logit_bias"):
+        raise ApiError(400, "'logit_bias' is not supported", "logit_bias")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", capacity, 1, integer=True)
     stop = body.get("stop")
@@ -91,8 +98,8 @@ def _common(body: dict, capacity: int) -> dict:
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", "stream")
     opts = body.get("stream_options") or {}
-    if not isinstance(opts, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise ApiError(400, "'stream_options' must be an object with an optional boolean 'include_usage'", "stream_options")
     seed = _number(body, "seed", None, integer=True)
     sampling = dict(
         temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
@@ -104,7 +111,7 @@ def _common(body: dict, capacity: int) -> dict:
         seed=None if seed is None else int(seed) & 0xFFFFFFFFFFFFFFFF,
     )
     return dict(max_tokens=max_tokens, sampling=sampling, stop=stop, stream=stream,
-                include_usage=bool(opts.get("include_usage", False)))
+                include_usage=opts.get("include_usage", False))
 
 
 def _message_text(content: Any, i: int) -> str:
@@ -257,12 +264,16 @@ def create_app(model, model_id: str, api_key: str | None = None) -> FastAPI:
 
     async def parse(request: Request, prompt_ids: Callable[[dict, Any], list[int]]) -> GenRequest:
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = json.loads(await request.body(), parse_constant=_not_json)
+        except ValueError as e:  # also UnicodeDecodeError
             raise ApiError(400, f"request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise ApiError(400, "request body is not valid JSON (nested too deeply)") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         name = body.get("model")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, "'model' must be a string", "model")
         if name is not None and name != model_id:
             raise ApiError(404, f"model '{name}' does not exist; this server runs '{model_id}'", "model", "model_not_found")
         opts = _common(body, capacity)
