@@ -1,0 +1,240 @@
+"""One dense quantized linear on the CPU: y = x @ W^T with int8 activations and the GGUF's own codes.
+
+The non-expert weights of a model (attention projections, dense and shared-expert MLPs, the lm_head) reuse
+the routed-expert machinery: W is repacked once into the VNNI layout of repack.py (16-row groups, the whole
+K run of a group contiguous), and the tile kernels of simd.py do the int8 dots. A batched weight
+[B, R, K] (MLA's per-head attn_k_b / attn_v_b) is B independent matrices, stored like B experts:
+
+    codes [B, Rp/16, K/4|K/8, 64] u8   d [B, Rp/16, K/S, 16] f16   sc/dmin/m as repack.py  (Rp = R rounded up to 64)
+
+Rows past R are padding: zero codes and zero scales (dequantize to 0), so any R works; the loop writes their
+results into a scratch tile, never into y.
+
+One call, every pool worker runs `linear_loop`:
+
+    phase 1  claim chunks of QCHUNK activation rows from counter[1]; quantize them (quantize.py: int8 per 32);
+             counter[2] counts finished chunks, and all workers wait until it reaches the chunk count
+             (a latch, not a barrier: a worker that wakes late finds the work done and does not hold anyone)
+    phase 2  claim items (batch b, block of NR*16 rows) from counter[0]; each item runs the NT x NR*16 tile
+             over all token tiles, so the item's weights stay in L2 while the activations stream past
+
+Activation rows are laid out [B, Tp, K] with Tp = T rounded up to the token tile NT; tiles that would write
+past T or R go through a scratch tile. Decode (T == 1) uses the 1 x 64 tile that streams every weight byte
+once; prefill the 4 x 32 register tile.
+
+Threads: decode calls this ~75 times per token, and waking the pool costs ~50 us here, as much as a whole
+2 MB GEMV. So the caller's thread is always one of the workers (it starts at once); the last pool worker
+sits out, so n threads run on n cores; calls under INLINE_MACS do not wake the pool at all. A call returns
+when counter[3] says every item is finished, not when every worker has returned: a worker that wakes late
+finds nothing left to claim, and since each call has a fresh counter it cannot take the next call's items.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
+from numba import literally, njit
+from numba.core import types
+
+from ktx.errors import KtxError
+
+from .moe import _check_path
+from .moe_loops import _mat_tile, fetch_add
+from .pool import WorkerPool
+from .quantize import quantize_row
+from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, decode_blocks, field_shapes, interleave
+from .simd import variant
+
+DECODE_TILE = (1, 4)  # (tokens, row groups of 16), as moe.py
+PREFILL_TILE = (4, 2)
+ROW_PAD = 64  # a multiple of both tiles' row blocks
+QCHUNK = 8  # activation rows per quantization claim
+REPACK_ROWS = 4096  # rows repacked at a time: bounded temporaries even for the lm_head
+KEEP_SCRATCH = 1 << 16  # activation elements whose scratch an instance keeps between calls
+INLINE_MACS = 1 << 20  # below this many multiply-adds the caller's thread beats waking the pool
+_FIELDS = ("codes", "d", "sc", "dmin", "m")
+_LABEL = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable": "portable llvm-vector"}
+
+
+@njit(nogil=True, cache=True)
+def linear_loop(V, md, B, T, Tp, R, K, x, xq, xd, xs, xsf, y, counter):
+    """x [B*T, K] f32 -> y [B*T, R] f32 through activation buffers [B*Tp, ...]; counter int64 [4] zeroed, fresh per call."""
+    literally(V)
+    NT = V // 10 % 10
+    NR = V % 10
+    n_rows = B * T
+    n_chunks = (n_rows + QCHUNK - 1) // QCHUNK
+    while True:
+        c = fetch_add(counter, 1, 1)
+        if c >= n_chunks:
+            break
+        for i in range(c * QCHUNK, min(n_rows, (c + 1) * QCHUNK)):
+            j = i // T * Tp + i % T
+            quantize_row(x[i], xq[j], xd[j], xs[j], xsf[j])
+        fetch_add(counter, 2, 1)
+    while fetch_add(counter, 2, 0) < n_chunks:  # atomic read: spin until every chunk is quantized
+        pass
+
+    rb_rows = NR * 16
+    n_rb = (R + rb_rows - 1) // rb_rows
+    tmp = np.empty((NT, rb_rows), np.float32)
+    while True:
+        item = fetch_add(counter, 0, 1)
+        if item >= B * n_rb:
+            break
+        b = item // n_rb
+        r0 = item % n_rb * rb_rows
+        for t0 in range(0, T, NT):
+            if r0 + rb_rows <= R and t0 + NT <= T:
+                _mat_tile(V, md, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, y, (b * T + t0) * R + r0, R)
+            else:
+                _mat_tile(V, md, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, tmp, 0, rb_rows)
+                for t in range(min(NT, T - t0)):
+                    for r in range(min(rb_rows, R - r0)):
+                        y[b * T + t0 + t, r0 + r] = tmp[t, r]
+        fetch_add(counter, 3, 1)
+
+
+@njit(nogil=True, cache=True)
+def wait_items(counter, n_items):
+    """Spin until n_items items are finished (counter[3]); workers still asleep then find nothing to claim."""
+    while fetch_add(counter, 3, 0) < n_items:
+        pass
+
+
+_A2F = types.Array(types.float32, 2, "C")
+
+
+@functools.lru_cache(maxsize=None)
+def _entry(V: int):
+    """Compiled entry point for one variant literal: the dispatcher would otherwise retry its failing
+    non-literal typing on every call (tens of ms), and one compile serves every QuantLinear."""
+    i64 = types.int64
+    sig = (types.literal(V), types.Array(i64, 1, "C"), i64, i64, i64, i64, i64, _A2F,
+           types.Array(types.int8, 2, "C"), _A2F, types.Array(types.int32, 2, "C"), _A2F, _A2F, types.Array(i64, 1, "C"))
+    return linear_loop.compile(sig)
+
+
+class QuantLinear:
+    """y = x @ W^T for one GGUF weight W, int8 activations x quantized weights, on the worker pool."""
+
+    def __init__(self, raw: np.ndarray, qtype: int, rows: int, cols: int, pool: WorkerPool, path: str = "auto",
+                 name: str = ""):
+        self.name, self.rows, self.cols, self.pool = name or "linear weight", rows, cols, pool
+        try:
+            self.qtype = QT(qtype)
+        except ValueError:
+            raise KtxError(f"{self.name}: unknown GGML type id {qtype}") from None
+        self.path = _check_path(path)
+        what = f"{self.name}: {self.qtype.name} [{rows}, {cols}]"
+        if not self.supports(self.qtype, rows, cols):
+            if self.qtype not in FLOAT_TYPES and self.qtype not in GGML_QUANT_SIZES:
+                raise KtxError(f"{what}: type not readable by gguf-py; requantize the GGUF")
+            if path != "auto" and path != "reference":
+                raise KtxError(f"{what}: the int8 CPU kernels take {'/'.join(l.name for l in LAYOUTS.values())} with "
+                               f"cols a multiple of the block; use path='reference' (dequantize + float matmul)")
+            self.path = "reference"
+        bs, ts = GGML_QUANT_SIZES[self.qtype]  # weights, bytes per block
+        if cols % bs:
+            raise KtxError(f"{what}: cols is not a multiple of the type's block of {bs}")
+        shape = (rows, cols // bs * ts)
+        if raw.dtype != np.uint8 or raw.ndim not in (2, 3) or raw.shape[-2:] != shape:
+            raise KtxError(f"{what}: raw bytes should be uint8 {list(shape)} or [B, *{list(shape)}], "
+                           f"got {raw.dtype} {list(raw.shape)}")
+        self.raw = raw
+        self.batched = raw.ndim == 3
+        self.B = raw.shape[0] if self.batched else 1
+        self._lock = threading.Lock()  # guards the per-instance activation scratch
+        self.arrays: dict[str, np.ndarray] = {}
+        if self.path != "reference":
+            self._repack()
+        self.nbytes = sum(a.nbytes for a in self.arrays.values())
+
+    @staticmethod
+    def supports(qtype: int, rows: int, cols: int) -> bool:
+        try:
+            lay = LAYOUTS.get(QT(qtype))
+        except ValueError:
+            return False
+        return lay is not None and rows > 0 and cols > 0 and cols % GGML_QUANT_SIZES[QT(qtype)][0] == 0
+
+    @property
+    def kernel_path(self) -> str:
+        if self.path == "reference":
+            return f"reference gguf-py dequantize + numpy float32 matmul ({self.qtype.name})"
+        return (f"{_LABEL[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
+                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} ({self.qtype.name}, repacked, int8 acts per 32)")
+
+    def _repack(self):
+        lay, K = LAYOUTS[self.qtype], self.cols
+        Rp = -(-self.rows // ROW_PAD) * ROW_PAD
+        self.arrays = {k: np.zeros(s, dt) for k, (s, dt) in field_shapes(lay, self.B, Rp, K).items()}
+        raw = self.raw if self.batched else self.raw[None]
+        for b in range(self.B):
+            for r0 in range(0, self.rows, REPACK_ROWS):
+                chunk = np.asarray(raw[b, r0:r0 + REPACK_ROWS])  # [n, row_bytes]
+                n = -(-chunk.shape[0] // R_GROUP) * R_GROUP  # zero rows up to a whole group: zero codes, zero d
+                if n != chunk.shape[0]:
+                    chunk = np.concatenate([chunk, np.zeros((n - chunk.shape[0], chunk.shape[1]), np.uint8)])
+                for f, a in interleave(decode_blocks(chunk, self.qtype, K), lay).items():
+                    self.arrays[f][b, r0 // R_GROUP:(r0 + n) // R_GROUP] = a
+        self.md = np.zeros(15, np.int64)  # (address, batch stride, row-group stride) per field, as moe_loops
+        for i, f in enumerate(_FIELDS):
+            if f in self.arrays:
+                a = self.arrays[f]
+                self.md[3 * i:3 * i + 3] = (a.ctypes.data, a.strides[0], a.strides[1])
+        self._bufs = (0, None)  # (rows, (xq, xd, xs, xsf)): grown on demand, reused across calls
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        want = f"[B={self.B}, T, {self.cols}]" if self.batched else f"[T, {self.cols}]"
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 + self.batched \
+                or x.shape[-1] != self.cols or (self.batched and x.shape[0] != self.B):
+            got = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
+            raise KtxError(f"{self.name}: input should be float32 {want}, got {got}")
+        T = x.shape[-2]
+        if self.path == "reference":
+            return self._reference(x)
+        y = np.empty(x.shape[:-1] + (self.rows,), np.float32)  # [B?, T, R]
+        if T == 0:
+            return y
+        nt, nr = DECODE_TILE if T == 1 else PREFILL_TILE
+        V = variant(LAYOUTS[self.qtype].name, self.path, nt, nr)
+        Tp = -(-T // nt) * nt
+        K = self.cols
+        x2 = np.ascontiguousarray(x).reshape(self.B * T, K)
+        run = _entry(V)
+        with self._lock:
+            xq, xd, xs, xsf = self._scratch(self.B * Tp)
+            c = np.zeros(4, np.int64)
+            args = (V, self.md, self.B, T, Tp, self.rows, K, x2, xq, xd, xs, xsf, y.reshape(self.B * T, self.rows), c)
+            if self.B * T * self.rows * K <= INLINE_MACS or self.pool.n_threads == 1:
+                run(*args)
+                return y
+            # the caller is one of the n workers: it starts at once, and the last pool worker stays out
+            self.pool.submit(lambda wid, n: run(*args) if wid < n - 1 else None)
+            run(*args)
+            wait_items(c, self.B * -(-self.rows // (16 * nr)))
+        return y
+
+    def _scratch(self, n: int):
+        """Activation buffers for n rows: kept when small (decode), fresh when large (a model has thousands of
+        linears; keeping each one's prefill buffers would cost GBs, and a large call's work dwarfs np.empty)."""
+        if self._bufs[0] >= n:
+            return self._bufs[1]
+        K = self.cols
+        bufs = (np.empty((n, K), np.int8), np.empty((n, K // 32), np.float32),
+                np.empty((n, K // 16), np.int32), np.empty((n, K // 32), np.float32))
+        if n * K <= KEEP_SCRATCH:
+            self._bufs = (n, bufs)
+        return bufs
+
+    def _reference(self, x):
+        raw = self.raw if self.batched else self.raw[None]
+        xb = x if self.batched else x[None]  # [B, T, K]
+        W = [dequantize(np.asarray(raw[b]), self.qtype).astype(np.float32) for b in range(self.B)]  # B x [R, K]
+        y = np.stack([xb[b] @ W[b].T for b in range(self.B)])  # [B, T, R]
+        return y if self.batched else y[0]
