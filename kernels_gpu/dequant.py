@@ -71,6 +71,8 @@ OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def block_format(qtype) -> BlockFormat:
     """Look up a format by name ("Q4_K") or GGML type id (an int or gguf.GGMLQuantizationType)."""
+    if not isinstance(qtype, (str, int)) or isinstance(qtype, bool):  # GGMLQuantizationType is an int
+        raise KtxError(f"GPU dequant: tensor type must be a name or a GGML type id, got {qtype!r}")
     fmt = FORMATS.get(qtype) if isinstance(qtype, str) else _BY_ID.get(int(qtype))
     if fmt is None:
         raise KtxError(f"GPU dequant: tensor type {qtype!r} is not supported; supported: {', '.join(FORMATS)}")
@@ -79,12 +81,13 @@ def block_format(qtype) -> BlockFormat:
 
 def check_raw(raw: torch.Tensor, fmt: BlockFormat, what: str) -> int:
     """Check a raw [rows, row_bytes] uint8 weight; return the number of elements per row."""
-    if raw.dtype != torch.uint8 or raw.dim() != 2:
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8 or raw.dim() != 2:
         raise KtxError(f"{what}: expected raw GGUF bytes as a uint8 [rows, row_bytes] tensor, got {raw.dtype} {tuple(raw.shape)}")
     if raw.shape[1] % fmt.block_bytes:
         raise KtxError(f"{what}: row of {raw.shape[1]} bytes is not a whole number of {fmt.name} blocks ({fmt.block_bytes} bytes)")
-    if raw.stride(1) != 1 or raw.stride(0) % 2:
-        raise KtxError(f"{what}: raw bytes must be row-contiguous with an even row stride; call .contiguous()")
+    if raw.numel() and (raw.stride(1) != 1 or raw.stride(0) % 2 or raw.data_ptr() % 2):
+        raise KtxError(f"{what}: raw bytes must be row-contiguous, 2-byte aligned, with an even row stride (the "
+                       "fp16 scales are read in place); call .contiguous()")
     return raw.shape[1] // fmt.block_bytes * fmt.block_elems
 
 

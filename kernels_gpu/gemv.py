@@ -76,11 +76,11 @@ def _gemm_kernel(x_ptr, w_ptr, y_ptr, T, N, K, w_stride, nblk,
 def _check(x: torch.Tensor, w_raw: torch.Tensor, qtype, what: str):
     fmt = block_format(qtype)
     k = check_raw(w_raw, fmt, f"{what} {fmt.name} weight")
+    check_device(what, x, w_raw)
     if x.dim() != 2 or x.shape[1] != k:
         raise KtxError(f"{what}: activations {tuple(x.shape)} do not match a {fmt.name} weight of {k} columns; expected [T, {k}]")
     if x.dtype not in ACT_DTYPES:
         raise KtxError(f"{what}: activations must be fp32, fp16 or bf16, got {x.dtype}")
-    check_device(what, x, w_raw)
     return fmt, k
 
 
@@ -90,6 +90,8 @@ def gemv(x: torch.Tensor, w_raw: torch.Tensor, qtype) -> torch.Tensor:
     t, n = x.shape[0], w_raw.shape[0]
     if not 1 <= t <= MAX_GEMV_TOKENS:
         raise KtxError(f"gemv: {t} tokens; the decode kernel takes 1..{MAX_GEMV_TOKENS}, use gemm for more")
+    if n == 0 or k == 0:  # nothing to launch; an empty sum is zero
+        return torch.zeros(t, n, dtype=x.dtype, device=x.device)
     x = x.contiguous()
     nblk = k // fmt.block_elems
     nb = TILE_K // fmt.block_elems
@@ -110,10 +112,10 @@ def gemm(x: torch.Tensor, w_raw: torch.Tensor, qtype) -> torch.Tensor:
     """Prefill: x [T, K] @ W^T with W raw GGUF blocks [N, row_bytes] -> y [T, N] in x's dtype."""
     fmt, k = _check(x, w_raw, qtype, "gemm")
     t, n = x.shape[0], w_raw.shape[0]
+    if t == 0 or n == 0 or k == 0:  # nothing to launch; an empty sum is zero
+        return torch.zeros(t, n, dtype=x.dtype, device=x.device)
     x = x.contiguous()
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    if t == 0:
-        return y
     bm, bn = (16, 16) if interpreting() else (64, 64)
     grid = (triton.cdiv(t, bm), triton.cdiv(n, bn))
     _gemm_kernel[grid](x, w_raw, y, t, n, k, w_raw.stride(0), k // fmt.block_elems,
@@ -124,6 +126,7 @@ def gemm(x: torch.Tensor, w_raw: torch.Tensor, qtype) -> torch.Tensor:
 
 def quant_linear(x: torch.Tensor, w_raw: torch.Tensor, qtype) -> torch.Tensor:
     """x [T, K] @ W^T on raw GGUF blocks: the GEMV for decode-sized T, the GEMM otherwise."""
+    _check(x, w_raw, qtype, "quant_linear")
     return gemv(x, w_raw, qtype) if 1 <= x.shape[0] <= MAX_GEMV_TOKENS else gemm(x, w_raw, qtype)
 
 

@@ -21,6 +21,10 @@ output with its log-sum-exp. A second kernel merges the S splits of each head:
 The number of splits S grows until B * head_groups * S fills the GPU twice over (from its SM count),
 bounded so that each split still has a few hundred tokens; the interpreter uses a fixed small value.
 Softmax runs in base 2: the scale is multiplied by log2(e) once.
+
+Entry checks: the kernel follows block-table entries as page numbers, so before the launch every
+length must fit the table and every entry a sequence uses must name a page of the cache (one read
+back from the device; `indices_checked=True` skips it for a table already checked this step).
 """
 
 import math
@@ -30,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ktx.errors import KtxError
-from ktx.kernels_gpu.device import check_device, interpreting, sm_count
+from ktx.kernels_gpu.device import check_device, check_scalar, interpreting, sm_count
 
 BLOCK_H = 16  # heads per program (tl.dot needs at least 16 rows)
 BLOCK_T = 32  # tokens per inner step
@@ -129,24 +133,59 @@ def _check(q, kv_cache, block_table, seq_lens, kv_lora: int):
         raise KtxError(f"mla_decode: seq_lens must be int32 [B={b}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     if not kv_cache.is_contiguous():
         raise KtxError("mla_decode: the latent cache must be contiguous [pages, page_size, D]")
+    if kv_cache.shape[1] < 1:
+        raise KtxError("mla_decode: the cache's page size must be >= 1")
+
+
+def check_indices(block_table: torch.Tensor, seq_lens: torch.Tensor, n_pages: int, page: int) -> None:
+    """Every length within the table's capacity, every page a sequence uses within the cache.
+
+    One read back from the device for the whole batch; entries past a sequence's last page are never
+    read and may hold anything.
+    """
+    lens = seq_lens.long()  # [B]
+    capacity = block_table.shape[1] * page
+    used = torch.arange(block_table.shape[1], device=lens.device)[None, :] * page < lens[:, None]  # [B, max_pages]
+    bad_page = used & ((block_table < 0) | (block_table >= n_pages))
+    bad_len = (lens < 0) | (lens > capacity)
+    if not (bool(bad_page.any()) or bool(bad_len.any())):
+        return
+    if bool(bad_len.any()):
+        b = int(bad_len.nonzero()[0, 0])
+        raise KtxError(f"mla_decode: seq_lens[{b}] = {int(lens[b])} is outside 0..{capacity}; no sequence may need "
+                       f"more than the block table's {block_table.shape[1]} pages of {page} tokens")
+    b, i = (int(v) for v in bad_page.nonzero()[0])
+    raise KtxError(f"mla_decode: block_table[{b}, {i}] = {int(block_table[b, i])} is not a page of the cache "
+                   f"(0..{n_pages - 1}); sequence {b} has {int(lens[b])} tokens")
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                kv_lora: int, softmax_scale: float, num_splits: int | None = None,
-               max_seq_len: int | None = None) -> torch.Tensor:
+               max_seq_len: int | None = None, indices_checked: bool = False) -> torch.Tensor:
     """Absorbed MLA decode: q [B, H, kv_lora + rope] over the paged latent cache -> [B, H, kv_lora].
 
-    max_seq_len (a host int) avoids reading seq_lens back from the GPU to size the splits.
+    max_seq_len (a host int) sizes the splits. Before the launch, seq_lens and the block table entries
+    in use are checked against the cache (`check_indices`, one read back from the device); a caller that
+    runs many layers over one table can check it once and pass indices_checked=True to the others.
     """
-    _check(q, kv_cache, block_table, seq_lens, kv_lora)
     device = check_device("mla_decode", q, kv_cache, block_table, seq_lens)
+    _check(q, kv_cache, block_table, seq_lens, kv_lora)
+    check_scalar("mla_decode", "softmax_scale", softmax_scale)
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise KtxError(f"mla_decode: num_splits must be a positive integer, got {num_splits!r}")
     bsz, n_heads, d = q.shape
     page = kv_cache.shape[1]
+    block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()  # the kernel reads them as flat arrays
+    if not indices_checked:
+        check_indices(block_table, seq_lens, kv_cache.shape[0], page)
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max()) if bsz else 0
     if max_seq_len > block_table.shape[1] * page:
         raise KtxError(f"mla_decode: a sequence of {max_seq_len} tokens needs more than the block table's "
                        f"{block_table.shape[1]} pages of {page}")
+    out = torch.empty(bsz, n_heads, kv_lora, dtype=q.dtype, device=device)  # [B, H, DV]
+    if bsz == 0 or n_heads == 0:
+        return out
     splits = num_splits or choose_num_splits(max_seq_len, bsz, n_heads, device)
     q = q.contiguous()
     dvp, drp = triton.next_power_of_2(kv_lora), max(16, triton.next_power_of_2(d - kv_lora))
@@ -157,7 +196,6 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tenso
                             softmax_scale * LOG2E, DV=kv_lora, DR=d - kv_lora, DVP=dvp, DRP=drp, PAGE=page,
                             BH=BLOCK_H, BT=BLOCK_T, UPCAST=interpreting() or q.dtype == torch.float32,
                             num_warps=8)  # the [BH, DV] accumulator and a [BT, DV] tile in registers
-    out = torch.empty(bsz, n_heads, kv_lora, dtype=q.dtype, device=device)  # [B, H, DV]
     _mla_merge_kernel[(bsz * n_heads,)](o_part, lse, out, splits, DV=kv_lora, DVP=dvp,
                                          SP=triton.next_power_of_2(splits))
     return out

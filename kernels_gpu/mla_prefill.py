@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 
 from ktx.errors import KtxError
-from ktx.kernels_gpu.device import check_device, interpreting
+from ktx.kernels_gpu.device import check_device, check_scalar, interpreting
 
 LOG2E = 1.4426950408889634
+MIN_DQK = 16
 
 
 @triton.jit
@@ -86,10 +87,14 @@ def mla_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
         raise KtxError(f"mla_prefill: q, k, v must share one of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if min(q.stride(2), k.stride(2), v.stride(2)) != 1 or max(q.stride(2), k.stride(2), v.stride(2)) != 1:
         raise KtxError("mla_prefill: the last dimension of q, k and v must be contiguous")
+    if q.shape[2] < MIN_DQK or v.shape[2] < 1:
+        raise KtxError(f"mla_prefill: head sizes Dqk={q.shape[2]} (>= {MIN_DQK}: the dot needs 16 lanes) and "
+                       f"Dv={v.shape[2]} (>= 1) are too small")
+    check_scalar("mla_prefill", "softmax_scale", softmax_scale)
     tq, n_heads, dqk = q.shape
     dv = v.shape[2]
     out = torch.empty(tq, n_heads, dv, dtype=q.dtype, device=device)  # [Tq, H, Dv]
-    if tq == 0:
+    if tq == 0 or n_heads == 0:
         return out
     da = 1 << (dqk.bit_length() - 1)
     db = dqk - da

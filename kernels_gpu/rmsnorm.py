@@ -12,7 +12,9 @@ import triton
 import triton.language as tl
 
 from ktx.errors import KtxError
-from ktx.kernels_gpu.device import check_device
+from ktx.kernels_gpu.device import check_device, check_float, check_scalar
+
+MAX_D = 65536  # one row is one block of registers
 
 
 @triton.jit
@@ -31,10 +33,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     check_device("rmsnorm", x, weight)
     if x.dim() != 2 or weight.shape != (x.shape[1],):
         raise KtxError(f"rmsnorm: expected x [T, D] and weight [D]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    check_float("rmsnorm", "x", x)
+    check_float("rmsnorm", "weight", weight)
+    check_scalar("rmsnorm", "eps", eps, 0.0)
     if x.stride(1) != 1:
         raise KtxError("rmsnorm: the last dimension of x must be contiguous")
+    if x.shape[1] > MAX_D:
+        raise KtxError(f"rmsnorm: rows of {x.shape[1]} exceed the one-block limit of {MAX_D}")
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x.shape[0]:
+    if x.numel():
         _rmsnorm_kernel[(x.shape[0],)](x, weight.contiguous(), y, x.shape[1], x.stride(0), eps,
                                        BD=triton.next_power_of_2(x.shape[1]))
     return y

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ktx.errors import KtxError
-from ktx.kernels_gpu.device import check_device
+from ktx.kernels_gpu.device import check_device, check_float, check_scalar
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ def yarn(rope_dim: int, base: float, factor: float, original_max_pos: int, q_hea
          beta_fast: float = 32.0, beta_slow: float = 1.0, mscale: float = 1.0, mscale_all_dim: float = 0.0,
          device: torch.device | str = "cpu") -> YarnRope:
     """inv_freq, cos/sin scale and attention softmax scale of DeepSeek's YaRN (factor <= 1: plain RoPE)."""
+    if rope_dim < 2 or rope_dim % 2 or q_head_dim < 1:
+        raise KtxError(f"yarn: rope_dim must be even and >= 2 and q_head_dim >= 1, got {rope_dim}, {q_head_dim}")
+    for name, v, lo in (("base", base, 1.0), ("factor", factor, 0.0), ("original_max_pos", original_max_pos, 1)):
+        check_scalar("yarn", name, v, lo)
+    if base == 1.0 or factor == 0:
+        raise KtxError(f"yarn: base must be > 1 and factor > 0, got {base}, {factor}")
     pos_freqs = base ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)  # [D/2]
     extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     softmax_scale = q_head_dim ** -0.5
@@ -91,6 +97,9 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, mscal
                        f"{tuple(x.shape)}, {tuple(positions.shape)}, {tuple(inv_freq.shape)}")
     if x.stride(2) != 1 or positions.dtype not in (torch.int32, torch.int64) or inv_freq.dtype != torch.float32:
         raise KtxError("rope: x's last dim must be contiguous, positions integer and inv_freq fp32")
+    check_float("rope", "x", x)
+    check_scalar("rope", "mscale", mscale)
+    positions, inv_freq = positions.contiguous(), inv_freq.contiguous()  # read as flat arrays
     t, h, d = x.shape
     y = torch.empty(t, h, d, dtype=x.dtype, device=x.device)
     if t and h:

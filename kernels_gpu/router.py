@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ktx.errors import KtxError
-from ktx.kernels_gpu.device import check_device
+from ktx.kernels_gpu.device import check_device, check_scalar
 
 
 @triton.jit
@@ -46,7 +46,8 @@ def _router_kernel(logit_ptr, bias_ptr, ids_ptr, w_ptr, E, group_size, scaling,
     choice = score
     if HAS_BIAS:
         choice = choice + tl.load(bias_ptr + e, mask=em, other=0.0)
-    choice = tl.where(em, choice, float("-inf"))
+    # padding lanes and NaN scores can never win, so every id is an expert (a NaN row picks expert 0)
+    choice = tl.where(em & (choice == choice), choice, float("-inf"))
 
     if N_GROUP > 1:
         group = e // group_size  # [EP]
@@ -83,7 +84,7 @@ def route(logits: torch.Tensor, top_k: int, *, scoring: str = "sigmoid", bias: t
           n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
           routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (expert_ids [T, top_k] int32, expert_weights [T, top_k] fp32)."""
-    _check(logits, top_k, scoring, bias, n_group, topk_group)
+    _check(logits, top_k, scoring, bias, n_group, topk_group, routed_scaling_factor)
     check_device("route", logits, *([] if bias is None else [bias]))
     t, n_expert = logits.shape
     ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
@@ -98,12 +99,17 @@ def route(logits: torch.Tensor, top_k: int, *, scoring: str = "sigmoid", bias: t
     return ids, w
 
 
-def _check(logits, top_k, scoring, bias, n_group, topk_group):
-    if logits.dim() != 2 or logits.dtype != torch.float32:
+def _check(logits, top_k, scoring, bias, n_group, topk_group, routed_scaling_factor):
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype != torch.float32:
         raise KtxError(f"route: logits must be fp32 [T, E], got {logits.dtype} {tuple(logits.shape)}")
     n_expert = logits.shape[1]
     if scoring not in ("sigmoid", "softmax"):
         raise KtxError(f"route: scoring must be 'sigmoid' (DeepSeek-V3) or 'softmax' (DeepSeek-V2), got {scoring!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (top_k, n_group, topk_group)):
+        raise KtxError(f"route: top_k, n_group and topk_group must be integers, got {top_k!r}, {n_group!r}, {topk_group!r}")
+    check_scalar("route", "routed_scaling_factor", routed_scaling_factor)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()):
+        raise KtxError("route: e_score_correction_bias must be a floating-point tensor")
     if bias is not None and bias.shape != (n_expert,):
         raise KtxError(f"route: e_score_correction_bias must be [{n_expert}], got {tuple(bias.shape)}")
     if n_group < 1 or n_expert % n_group or not 1 <= topk_group <= n_group:
