@@ -10,7 +10,7 @@ K run of a group contiguous), and the tile kernels of simd.py do the int8 dots. 
 Rows past R are padding: zero codes and zero scales (dequantize to 0), so any R works; the loop writes their
 results into a scratch tile, never into y.
 
-One call, every pool worker runs `linear_loop`:
+One call: the caller's thread and n - 1 pool workers run `linear_loop`:
 
     phase 1  claim chunks of QCHUNK activation rows from counter[1]; quantize them (quantize.py: int8 per 32);
              counter[2] counts finished chunks, and all workers wait until it reaches the chunk count
@@ -24,40 +24,53 @@ once; prefill the 4 x 32 register tile.
 
 Threads: decode calls this ~75 times per token, and waking the pool costs ~50 us here, as much as a whole
 2 MB GEMV. So the caller's thread is always one of the workers (it starts at once); the last pool worker
-sits out, so n threads run on n cores; calls under INLINE_MACS do not wake the pool at all. A call returns
+sits out, so n threads run on n cores; calls up to INLINE_MACS do not wake the pool at all. A call returns
 when counter[3] says every item is finished, not when every worker has returned: a worker that wakes late
 finds nothing left to claim, and since each call has a fresh counter it cannot take the next call's items.
 """
 from __future__ import annotations
 
 import functools
+import math
 import threading
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
+from llvmlite import ir
 from numba import literally, njit
-from numba.core import types
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from ktx.errors import KtxError
 
-from .moe import _check_path
+from .moe import DECODE_TILE, PREFILL_TILE, _check_path  # (tokens, row groups of 16) per tile
 from .moe_loops import _mat_tile, fetch_add
 from .pool import WorkerPool
 from .quantize import quantize_row
 from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, decode_blocks, field_shapes, interleave
 from .simd import variant
 
-DECODE_TILE = (1, 4)  # (tokens, row groups of 16), as moe.py
-PREFILL_TILE = (4, 2)
-ROW_PAD = 64  # a multiple of both tiles' row blocks
+ROW_PAD = 16 * math.lcm(DECODE_TILE[1], PREFILL_TILE[1])  # rows padded so both tiles' row blocks fit
 QCHUNK = 8  # activation rows per quantization claim
 REPACK_ROWS = 4096  # rows repacked at a time: bounded temporaries even for the lm_head
 KEEP_SCRATCH = 1 << 16  # activation elements whose scratch an instance keeps between calls
-INLINE_MACS = 1 << 20  # below this many multiply-adds the caller's thread beats waking the pool
+INLINE_MACS = 1 << 22  # up to this many multiply-adds the caller's thread alone beats waking the pool
 _FIELDS = ("codes", "d", "sc", "dmin", "m")
 _LABEL = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable": "portable llvm-vector"}
+
+
+@intrinsic
+def sched_yield(typingctx):
+    """libc sched_yield() by symbol name (a ctypes pointer would stop Numba from caching the loops): a waiting
+    thread gives its core to the one it waits for, which matters on a machine busier than its cores."""
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 @njit(nogil=True, cache=True)
@@ -76,8 +89,8 @@ def linear_loop(V, md, B, T, Tp, R, K, x, xq, xd, xs, xsf, y, counter):
             j = i // T * Tp + i % T
             quantize_row(x[i], xq[j], xd[j], xs[j], xsf[j])
         fetch_add(counter, 2, 1)
-    while fetch_add(counter, 2, 0) < n_chunks:  # atomic read: spin until every chunk is quantized
-        pass
+    while fetch_add(counter, 2, 0) < n_chunks:  # atomic read: wait until every chunk is quantized
+        sched_yield()
 
     rb_rows = NR * 16
     n_rb = (R + rb_rows - 1) // rb_rows
@@ -103,7 +116,7 @@ def linear_loop(V, md, B, T, Tp, R, K, x, xq, xd, xs, xsf, y, counter):
 def wait_items(counter, n_items):
     """Spin until n_items items are finished (counter[3]); workers still asleep then find nothing to claim."""
     while fetch_add(counter, 3, 0) < n_items:
-        pass
+        sched_yield()
 
 
 _A2F = types.Array(types.float32, 2, "C")
