@@ -37,6 +37,10 @@ SHAPES = [
 ROTATE_BYTES = 256 << 20
 
 
+def shape(B, R, K) -> str:
+    return f"[{B}, {R}, {K}]" if B else f"[{R}, {K}]"
+
+
 def per_call(fn, n: int, rounds: int = 5) -> float:
     fn()
     best = float("inf")
@@ -73,9 +77,10 @@ def decode(pool, rng, bw):
         t = per_call(lambda: next(cycle)(x), len(ops), rounds=3)
         total_t, total_b = total_t + t, total_b + first.nbytes
         gb = first.nbytes / t / 1e9
-        print(f"  {name:20s} {qt.name} [{(str(B) + ', ') if B else ''}{R}, {K}]  {t * 1e6:8.1f} us  {gb:5.1f} GB/s repacked"
+        print(f"  {name:20s} {qt.name} {shape(B, R, K)}  {t * 1e6:8.1f} us  {gb:5.1f} GB/s repacked"
               f" = {gb / bw:5.1%} of DRAM | GGUF bytes {raw.nbytes / t / 1e9:5.1f} GB/s  ({len(ops)} copies)")
-    print(f"  all of the above once: {total_t * 1e3:.2f} ms, {total_b / total_t / 1e9:.1f} GB/s = {total_b / total_t / 1e9 / bw:.1%} of DRAM")
+    gb = total_b / total_t / 1e9
+    print(f"  all of the above once: {total_t * 1e3:.2f} ms, {gb:.1f} GB/s = {gb / bw:.1%} of DRAM")
     # today's path for one shape: float32 weights, 4-7x the bytes
     R, K = 2048, 2048
     Ws = [rng.standard_normal((R, K)).astype(np.float32) for _ in range(-(-ROTATE_BYTES // (R * K * 4)))]
@@ -93,7 +98,7 @@ def prefill(pool, rng, T, peak):
         x = rng.standard_normal((B, T, K) if B else (T, K)).astype(np.float32)
         t = per_call(lambda: op(x), 3, rounds=3)
         gops = 2 * (B or 1) * T * R * K / t / 1e9
-        print(f"  {name:20s} {qt.name} [{(str(B) + ', ') if B else ''}{R}, {K}]  {t * 1e3:7.2f} ms  {gops:6.0f} GOPS"
+        print(f"  {name:20s} {qt.name} {shape(B, R, K)}  {t * 1e3:7.2f} ms  {gops:6.0f} GOPS"
               f" = {gops / peak:5.1%} of vpdpbusd peak")
 
 

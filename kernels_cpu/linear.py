@@ -75,7 +75,7 @@ def sched_yield(typingctx):
 
 @njit(nogil=True, cache=True)
 def linear_loop(V, md, B, T, Tp, R, K, x, xq, xd, xs, xsf, y, counter):
-    """x [B*T, K] f32 -> y [B*T, R] f32 through activation buffers [B*Tp, ...]; counter int64 [4] zeroed, fresh per call."""
+    """x [B*T, K] f32 -> y [B*T, R] f32 via activation buffers [B*Tp, ...]; counter int64 [4], fresh zeros."""
     literally(V)
     NT = V // 10 % 10
     NR = V % 10
@@ -114,12 +114,9 @@ def linear_loop(V, md, B, T, Tp, R, K, x, xq, xd, xs, xsf, y, counter):
 
 @njit(nogil=True, cache=True)
 def wait_items(counter, n_items):
-    """Spin until n_items items are finished (counter[3]); workers still asleep then find nothing to claim."""
+    """Wait until n_items items are finished (counter[3]); workers still asleep then find nothing to claim."""
     while fetch_add(counter, 3, 0) < n_items:
         sched_yield()
-
-
-_A2F = types.Array(types.float32, 2, "C")
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,8 +124,9 @@ def _entry(V: int):
     """Compiled entry point for one variant literal: the dispatcher would otherwise retry its failing
     non-literal typing on every call (tens of ms), and one compile serves every QuantLinear."""
     i64 = types.int64
-    sig = (types.literal(V), types.Array(i64, 1, "C"), i64, i64, i64, i64, i64, _A2F,
-           types.Array(types.int8, 2, "C"), _A2F, types.Array(types.int32, 2, "C"), _A2F, _A2F, types.Array(i64, 1, "C"))
+    f32, i8, i32 = (types.Array(t, 2, "C") for t in (types.float32, types.int8, types.int32))
+    a64 = types.Array(i64, 1, "C")
+    sig = (types.literal(V), a64, i64, i64, i64, i64, i64, f32, i8, f32, i32, f32, f32, a64)
     return linear_loop.compile(sig)
 
 

@@ -118,8 +118,9 @@ def test_bad_inputs_raise_ktxerror(pool):
     plain = QuantLinear(raw[0], QT.Q8_0, 64, 64, pool, name="blk.1.attn_output.weight")
     heads = QuantLinear(raw, QT.Q8_0, 64, 64, pool, name="blk.1.attn_k_b.weight")
     good = rng.standard_normal((3, 64)).astype(np.float32)
-    for op, x in [(plain, good.astype(np.float64)), (plain, good[:, :32]), (plain, good[0]), (plain, good[None]),
-                  (plain, list(good)), (heads, good), (heads, np.stack([good] * 3)), (heads, good[None].astype(np.float16))]:
+    bad = [(plain, good.astype(np.float64)), (plain, good[:, :32]), (plain, good[0]), (plain, good[None]),
+           (plain, list(good)), (heads, good), (heads, np.stack([good] * 3)), (heads, good[None].astype(np.float16))]
+    for op, x in bad:
         with pytest.raises(KtxError, match="input should be float32"):
             op(x)
     with pytest.raises(KtxError, match="raw bytes"):
