@@ -1,4 +1,4 @@
-"""The AMX tile shim: Intel AMX int8/bf16 microkernels built with llvmlite, plus a numpy model of the tiles.
+"""The AMX tile shim: Intel AMX int8/bf16 microkernels built with llvmlite, plus numpy and Numba models of them.
 
 AMX (Sapphire Rapids and newer) has 8 tile registers tmm0..7, each up to 16 rows x 64 bytes, shaped by a
 64-byte configuration loaded with `ldtilecfg` (Intel SDM vol. 1, 3.2 "AMX" / TILECFG, palette 1):
@@ -30,12 +30,17 @@ llvmlite 0.50 (LLVM 22) accepts both intrinsic forms for a sapphirerapids target
 explicit `ldtilecfg`. The plain form is used, so the configuration is ours and documented above.
 
 Kernel ABI (C calling convention, all sizes in bytes except K):
-    void ktx_amx_<name>(A*, lda, B*, ldb, C*, ldc, K, zero_c)   C = (zero_c ? 0 : C) + A . B over K
+    void ktx_amx_<kind>_k<KS>(A*, lda, B*, ldb, C*, ldc, K, zero_c)        C = (zero_c ? 0 : C) + A . B over K
+    void ktx_amx_<kind>_k<KS>_steps(A*, lda, B*, ldb, C*, ldc, K, zero_c)  per K step s (KS wide), its own tile
+         C_s = C + s * 16 * ldc:  C_s = (zero_c ? 0 : C_s) + A[:, s] . B[s]
 
-Per-group scales (d * sc per 16|32 weights, dx per 32 activations) are applied outside the tile: the
-blocking code (`amx_expert_matmul`) runs one microkernel call per scale group with KS = G, converts the
-int32 tile to float and scales it. The same blocking code drives the real kernel (ctypes) and `TileModel`,
-the numpy model of ldtilecfg/tileloadd/tdp*/tilestored, so the layout is proven on CPUs without AMX.
+Per-group scales (d * sc per 16|32 weights, dx per 32 activations) are applied outside the tile. The MoE
+loops (amx_loops.py) call the steps kernel with KS = G once per (16 tokens, 16 rows, whole K): one
+ldtilecfg, then one int32 tile per scale group, which Numba converts and scales. `amx_expert_matmul` is the
+plain numpy version of that blocking (one call per group), the reference the tests hold it to.
+Models, so every piece runs on CPUs without AMX: `TileModel` (numpy, instruction by instruction:
+ldtilecfg/tileloadd/tdp*/tilestored) drives the numpy blocking code; `tdpbsud_steps_model` (a Numba cfunc
+with the steps kernel's ABI) is the address the Numba loops call in place of the native kernel.
 
 Detection (`amx_available`): CPUID.7.0:EDX bits 24 (AMX-TILE), 25 (AMX-INT8), 22 (AMX-BF16); XCR0 bits
 17 (XTILECFG) and 18 (XTILEDATA); and Linux's per-process permission for the 8 KiB tile state,
@@ -60,7 +65,6 @@ ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
 SYS_ARCH_PRCTL = 158  # x86_64
 MIN_TOKENS_PER_EXPERT = 4  # below this (decode), a 16-row A tile is mostly padding: VNNI wins
-KINDS = ("ssd", "sud", "bf16")  # int8 x int8, int8 x uint8, bf16 x bf16
 _OPS = {"ssd": "tdpbssd", "sud": "tdpbsud", "bf16": "tdpbf16ps"}
 
 
@@ -123,12 +127,43 @@ def kernel_tiles(kind: str, ks: int) -> dict[int, tuple[int, int]]:
 
 # ---------------------------------------------------------------- LLVM IR, compile, load
 
-def kernel_ir(kind: str, ks: int) -> str:
-    """LLVM IR of one microkernel (the non-internal AMX intrinsics: explicit tile numbers + ldtilecfg)."""
+def kernel_ir(kind: str, ks: int, steps: bool = False) -> str:
+    """LLVM IR of one microkernel (the non-internal AMX intrinsics: explicit tile numbers + ldtilecfg).
+
+    steps=False accumulates the whole K into one C tile; steps=True gives every K step its own C tile at
+    C + (kk / ks) * 16 * ldc (zeroed or loaded, then stored), so the caller can scale each group after one
+    call: one ldtilecfg per K run instead of one per scale group."""
     cfg = tile_config(kernel_tiles(kind, ks))
     cfg_s = "".join(f"\\{b:02X}" for b in cfg)
     esize, pack, op = (2 if kind == "bf16" else 1), (2 if kind == "bf16" else 4), _OPS[kind]
-    name = f"ktx_amx_{kind}_k{ks}"
+    name = kernel_name(kind, ks, steps)
+
+    def c_begin(after):  # C tile <- 0 or C memory at %cp, then jump to `after`
+        return f"""  %z = icmp ne i32 %zero_c, 0
+  br i1 %z, label %clear, label %load
+clear:
+  call void @llvm.x86.tilezero(i8 0)
+  br label %{after}
+load:
+  call void @llvm.x86.tileloadd64(i8 0, ptr %cp, i64 %ldc)
+  br label %{after}"""
+
+    c_store = "  call void @llvm.x86.tilestored64(i8 0, ptr %cp, i64 %ldc)"
+    if steps:
+        entry = "  br label %start"
+        loop_head = f"""loop:
+  %kk = phi i64 [ 0, %start ], [ %kn, %body ]
+  %step = udiv i64 %kk, {ks}
+  %crow = mul i64 %step, 16
+  %coff = mul i64 %crow, %ldc
+  %cp = getelementptr i8, ptr %c, i64 %coff
+{c_begin("body")}
+body:"""
+        step_end, done = c_store, ""
+    else:
+        entry = "  %cp = getelementptr i8, ptr %c, i64 0\n" + c_begin("start")
+        loop_head = "loop:\n  %kk = phi i64 [ 0, %start ], [ %kn, %loop ]"
+        step_end, done = "", c_store
     return f"""
 @{name}_cfg = private unnamed_addr constant [64 x i8] c"{cfg_s}", align 64
 declare void @llvm.x86.ldtilecfg(ptr)
@@ -141,19 +176,11 @@ declare void @llvm.x86.{op}(i8 immarg, i8 immarg, i8 immarg)
 define void @{name}(ptr %a, i64 %lda, ptr %b, i64 %ldb, ptr %c, i64 %ldc, i64 %k, i32 %zero_c) {{
 entry:
   call void @llvm.x86.ldtilecfg(ptr @{name}_cfg)
-  %z = icmp ne i32 %zero_c, 0
-  br i1 %z, label %clear, label %load
-clear:
-  call void @llvm.x86.tilezero(i8 0)
-  br label %start
-load:
-  call void @llvm.x86.tileloadd64(i8 0, ptr %c, i64 %ldc)
-  br label %start
+{entry}
 start:
   %any = icmp sgt i64 %k, 0
   br i1 %any, label %loop, label %done
-loop:
-  %kk = phi i64 [ 0, %start ], [ %kn, %loop ]
+{loop_head}
   %aoff = mul i64 %kk, {esize}
   %ap = getelementptr i8, ptr %a, i64 %aoff
   %brow = udiv i64 %kk, {pack}
@@ -162,15 +189,20 @@ loop:
   call void @llvm.x86.tileloadd64(i8 1, ptr %ap, i64 %lda)
   call void @llvm.x86.tileloadd64(i8 2, ptr %bp, i64 %ldb)
   call void @llvm.x86.{op}(i8 0, i8 1, i8 2)
+{step_end}
   %kn = add i64 %kk, {ks}
   %more = icmp slt i64 %kn, %k
   br i1 %more, label %loop, label %done
 done:
-  call void @llvm.x86.tilestored64(i8 0, ptr %c, i64 %ldc)
+{done}
   call void @llvm.x86.tilerelease()
   ret void
 }}
 """
+
+
+def kernel_name(kind: str, ks: int, steps: bool = False) -> str:
+    return f"ktx_amx_{kind}_k{ks}" + ("_steps" if steps else "")
 
 
 def _target_machine():
@@ -185,7 +217,7 @@ def _target_machine():
 def _module(kernels):
     import llvmlite.binding as llvm
 
-    text = "\n".join(kernel_ir(kind, ks) for kind, ks in kernels)
+    text = "\n".join(kernel_ir(*spec) for spec in kernels)
     # each kernel declares the shared intrinsics; keep the first declaration of each
     seen, lines = set(), []
     for line in text.splitlines():
@@ -199,7 +231,10 @@ def _module(kernels):
     return mod
 
 
-DEFAULT_KERNELS = (("ssd", 64), ("sud", 16), ("sud", 32), ("sud", 64), ("bf16", 32))
+# (kind, K step, steps): the plain kernels for whole-K products, the "steps" ones for the MoE loops (one C tile
+# per scale group of G = 16 | 32 weights)
+DEFAULT_KERNELS = (("ssd", 64, False), ("sud", 16, False), ("sud", 32, False), ("sud", 64, False), ("bf16", 32, False),
+                   ("sud", 16, True), ("sud", 32, True))
 
 
 def compile_assembly(kernels=DEFAULT_KERNELS) -> str:
@@ -218,7 +253,9 @@ _SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, 
 
 @functools.lru_cache(maxsize=1)
 def load_kernels(kernels=DEFAULT_KERNELS):
-    """{(kind, ks): ctypes function} JIT-compiled into this process; KtxError where AMX cannot run."""
+    """{(kind, ks, steps): ctypes function} JIT-compiled into this process; KtxError where AMX cannot run.
+
+    The only place machine code with tile instructions enters the process: guarded by amx_available()."""
     ok, why = amx_available()
     if not ok:
         raise KtxError(f"AMX kernels cannot run on this machine: {why}; use the vnni/avx2 path (path='auto')")
@@ -226,14 +263,14 @@ def load_kernels(kernels=DEFAULT_KERNELS):
 
     engine = llvm.create_mcjit_compiler(_module(kernels), _target_machine())
     engine.finalize_object()
-    fns = {(kind, ks): _SIG(engine.get_function_address(f"ktx_amx_{kind}_k{ks}")) for kind, ks in kernels}
+    fns = {spec: _SIG(engine.get_function_address(kernel_name(*spec))) for spec in kernels}
     fns["_engine"] = engine  # owns the machine code: lives as long as the pointers
     return fns
 
 
-def native_kernel(kind: str, ks: int):
-    """The real microkernel as a Python callable on numpy arrays (same signature as `TileModel.kernel`)."""
-    fn = load_kernels()[(kind, ks)]
+def native_kernel(kind: str, ks: int, steps: bool = False):
+    """The real microkernel as a Python callable on numpy arrays (same ABI as `TileModel.kernel`'s callables)."""
+    fn = load_kernels()[(kind, ks, steps)]
 
     def run(A, lda, B, ldb, C, ldc, K, zero_c):
         fn(A.ctypes.data, lda, B.ctypes.data, ldb, C.ctypes.data, ldc, K, int(zero_c))
@@ -241,7 +278,7 @@ def native_kernel(kind: str, ks: int):
     return run
 
 
-# ---------------------------------------------------------------- numpy model of the tiles
+# ---------------------------------------------------------------- models of the tiles (numpy, Numba)
 
 class TileModel:
     """tmm0..7 as numpy byte arrays, shaped by a 64-byte TILECFG; memory operands are numpy arrays (bytes)."""
@@ -291,23 +328,63 @@ class TileModel:
             C += A[:, k2, 0:1] * B[k2, :, 0][None, :] + A[:, k2, 1:2] * B[k2, :, 1][None, :]
         self.t[c] = C.view(np.uint8)
 
-    def kernel(self, kind: str, ks: int):
+    def kernel(self, kind: str, ks: int, steps: bool = False):
         """A callable with the real microkernel's ABI that runs the same instruction sequence on the model."""
         esize, pack, op = (2 if kind == "bf16" else 1), (2 if kind == "bf16" else 4), _OPS[kind]
 
-        def run(A, lda, B, ldb, C, ldc, K, zero_c):
-            self.ldtilecfg(tile_config(kernel_tiles(kind, ks)))
+        def c_begin(C, off, ldc, zero_c):
             if zero_c:
                 self.tilezero(0)
             else:
-                self.tileloadd(0, C, 0, ldc)
+                self.tileloadd(0, C, off, ldc)
+
+        def run(A, lda, B, ldb, C, ldc, K, zero_c):
+            self.ldtilecfg(tile_config(kernel_tiles(kind, ks)))
+            if not steps:
+                c_begin(C, 0, ldc, zero_c)
             for kk in range(0, K, ks):
+                c_off = kk // ks * 16 * ldc if steps else 0
+                if steps:
+                    c_begin(C, c_off, ldc, zero_c)
                 self.tileloadd(1, A, kk * esize, lda)
                 self.tileloadd(2, B, kk // pack * ldb, ldb)
                 getattr(self, op)(0, 1, 2)
-            self.tilestored(0, C, 0, ldc)
+                if steps:
+                    self.tilestored(0, C, c_off, ldc)
+            if not steps:
+                self.tilestored(0, C, 0, ldc)
 
         return run
+
+
+@functools.lru_cache(maxsize=None)
+def tdpbsud_steps_model(ks: int):
+    """A Numba cfunc with the ABI of the `sud` steps microkernel that computes, in plain loops, what its
+    instructions do: per K step s, C[s][m][n] (+)= sum_{k<ks} A[m][kk + k] * B[(kk + k)/4][4 n + k%4] in int32.
+
+    Its address stands in for the native kernel's in the Numba MoE loops (amx_loops.py), so the integrated
+    AMX path runs end to end on CPUs without AMX; tests check it against TileModel and, where AMX runs, the
+    native kernel."""
+    from numba import cfunc, types
+
+    i64 = types.int64
+    sig = types.void(types.CPointer(types.int8), i64, types.CPointer(types.uint8), i64, types.CPointer(types.int32),
+                     i64, i64, types.int32)
+    kernel_tiles("sud", ks)  # same K-step limits as the real kernel
+
+    @cfunc(sig, nopython=True, nogil=True)
+    def run(a, lda, b, ldb, c, ldc, K, zero_c):
+        ldc4 = ldc // 4
+        for kk in range(0, K, ks):
+            c0 = kk // ks * 16 * ldc4
+            for m in range(16):
+                for n in range(16):
+                    acc = np.int32(0) if zero_c else c[c0 + m * ldc4 + n]
+                    for k in range(ks):
+                        acc += np.int32(a[m * lda + kk + k]) * np.int32(b[(kk + k) // 4 * ldb + 4 * n + k % 4])
+                    c[c0 + m * ldc4 + n] = np.int32(acc)
+
+    return run
 
 
 def _bf16_to_f32(u16: np.ndarray) -> np.ndarray:
@@ -403,16 +480,40 @@ def amx_expert_matmul(xq, xd, xs, xsf, arrays: dict, lay: Layout, kernel) -> np.
 
 # ---------------------------------------------------------------- dispatch
 
-def prefill_isa(base_isa: str, avg_tokens_per_expert: float, requested: str = "auto") -> tuple[str, str]:
-    """(isa, label) for a batch: AMX when asked or when experts average more than MIN_TOKENS_PER_EXPERT
-    tokens and AMX runs here, else base_isa (vnni/avx2/portable). Forcing "amx" without AMX is a KtxError."""
+TILE_SOURCES = ("native", "model")
+
+
+def tile_source(path: str, kernel: str = "native") -> tuple[str | None, str]:
+    """Where a MoE op's prefill tiles come from: ("native" | "model", label) or (None, why no AMX runs).
+
+    path is the MoEExperts path: "auto" uses AMX where it runs, "amx" requires it (KtxError with the reason
+    where it cannot run), vnni/avx2/portable/reference ask for that path alone. kernel="model" swaps the
+    native microkernel for tdpbsud_steps_model (testing the integrated loops on any CPU; slow)."""
+    if kernel not in TILE_SOURCES:
+        raise KtxError(f"unknown AMX kernel {kernel!r}: use 'native' or 'model'")
+    if path not in ("auto", "amx"):
+        return None, f"amx off: path={path!r}"
+    if kernel == "model":
+        return "model", "amx tdpbsud on the numba tile model (testing)"
     ok, why = amx_available()
-    if requested == "amx":
-        if not ok:
-            raise KtxError(f"CPU kernel path 'amx' cannot run on this machine: {why}; use path='auto'")
-        return "amx", "amx tdpbsud/tdpbf16ps"
-    if avg_tokens_per_expert <= MIN_TOKENS_PER_EXPERT:
-        return base_isa, base_isa
-    if not ok:
-        return base_isa, f"amx (unavailable: {why}) -> {base_isa}"
-    return "amx", "amx tdpbsud/tdpbf16ps"
+    if ok:
+        return "native", "amx tdpbsud"
+    if path == "amx":
+        raise KtxError(f"CPU kernel path 'amx' cannot run on this machine: {why}; use path='auto'")
+    return None, f"amx unavailable: {why}"
+
+
+def tile_kernel_address(source: str, ks: int) -> int:
+    """Address of the `sud` steps microkernel for K step ks: the real one (loads the shim, so only where
+    amx_available() said yes: tile_source never returns "native" elsewhere) or the Numba model."""
+    if source == "model":
+        return tdpbsud_steps_model(ks).address
+    return ctypes.cast(load_kernels()[("sud", ks, True)], ctypes.c_void_p).value
+
+
+def amx_experts(counts: np.ndarray) -> np.ndarray:
+    """Which experts of a batch run on tiles: none when the batch averages MIN_TOKENS_PER_EXPERT tokens per
+    expert or fewer (decode), else those with more than that many tokens (a 16-row A tile is then mostly data)."""
+    if counts.size == 0 or counts.mean() <= MIN_TOKENS_PER_EXPERT:
+        return np.zeros(counts.shape, bool)
+    return counts > MIN_TOKENS_PER_EXPERT

@@ -5,9 +5,20 @@ Paths (chosen at construction; `kernel_path` says which one runs):
     avx2       vpmaddubsw tile kernels on the same layout           (CPUID: avx2)
     portable   generic LLVM vector IR, same layout and loops        (any CPU)
     reference  gguf.quants.dequantize per used expert + float32 matmul (also used for F32/F16/BF16 weights)
-"auto" picks the first of vnni, avx2, portable that the CPU runs. "amx" checks the AMX tile shim (amx.py) and
-raises KtxError with the reason where AMX cannot run; the blocked loops do not call the AMX kernels yet, so
-prefill still runs the best vector path and `kernel_path` says so ("amx (unavailable: ...) -> vnni").
+"auto" picks the first of vnni, avx2, portable that the CPU runs, and adds AMX tiles for prefill where the CPU
+and OS run them (amx.amx_available). "amx" requires AMX (KtxError with the reason elsewhere), with the best
+vector path beside it. An explicit vnni/avx2/portable path runs that path alone (to compare with AMX).
+
+AMX prefill (amx_loops.py): when a batch averages more than MIN_TOKENS_PER_EXPERT tokens per used expert, each
+expert with more than that many tokens runs its gate/up/down through tdpbsud 16 x 16 tiles, the others through
+the vector tiles, in the same loops, items and work counter. Nibble codes (Q4_0, Q4_K) are widened to bytes
+per (expert, row group) into a per-worker scratch of 16 K bytes per matrix (112 KiB at K = 7168: L2-resident)
+and reused by all token tiles of that expert, not once at load time into an AMX-side byte copy: the decode
+path keeps streaming the nibble plane, so that copy would add 1 byte per weight (about 440 GB for the Q4_K
+gate/up experts of DeepSeek-V3: 58 layers x 256 experts x 2 x 7168 x 2048 weights) and prefill would stream
+twice the weight bytes. Widening costs 16 K byte writes per (expert, row group), against 16 K x tokens MACs.
+amx_kernel="model" swaps the native microkernel for a Numba model of it (amx.tdpbsud_steps_model): the whole
+AMX path then runs, and is tested, on any CPU. BF16 experts still take the reference path (no tdpbf16ps loop).
 
 Decode (every expert has one token) uses a 1-token x 64-row tile that streams weights once; prefill uses a
 4-token x 32-row register tile. The repacked weights live in RAM, or, with cache_dir, in .npy files written
@@ -27,7 +38,7 @@ from numba.core import types
 
 from ktx.errors import KtxError
 
-from .amx import MIN_TOKENS_PER_EXPERT, prefill_isa
+from .amx import MIN_TOKENS_PER_EXPERT, amx_experts, tile_kernel_address, tile_source
 from .cpu_features import cpu_features
 from .moe_loops import phase_down, phase_gate_up, quantize_slots
 from .pool import WorkerPool
@@ -105,12 +116,11 @@ class MoEExperts:
     """Routed experts of one MoE layer. gate/up: (raw uint8 [E, I, row_bytes], ggml type); down: [E, H, ...]."""
 
     def __init__(self, gate, up, down, hidden: int, inter: int, pool: WorkerPool | None = None, path: str = "auto",
-                 cache_dir: str | os.PathLike | None = None, cache_key: str | None = None):
+                 cache_dir: str | os.PathLike | None = None, cache_key: str | None = None, amx_kernel: str = "native"):
         self.H, self.I = hidden, inter
-        self.amx_requested = path == "amx"
-        if self.amx_requested:
-            prefill_isa(best_isa(), 0, "amx")  # KtxError with the reason where AMX cannot run
-        self.path = _check_path("auto" if self.amx_requested else path)
+        self.path = _check_path("auto" if path == "amx" else path)
+        self.amx, self.amx_label = tile_source(path, amx_kernel)  # KtxError for path="amx" where AMX cannot run
+        self._amx_fns = {}  # K step -> microkernel address, fetched on the first AMX batch
         self.pool = pool or WorkerPool(os.cpu_count() or 1)  # engines pass one shared pool for all layers
         if cache_dir is not None and not cache_key:
             raise KtxError("MoEExperts: cache_dir needs a cache_key naming the GGUF file and layer")
@@ -127,6 +137,7 @@ class MoEExperts:
                                f"use a Q4_K/Q5_K/Q6_K/Q8_0/Q4_0/Q5_0/F16/BF16/F32 GGUF")
         if self.path != "reference" and any(t in FLOAT_TYPES for t in types_):
             self.path = "reference"  # float expert weights: numpy float matmul (correct, not the fast path)
+            self.amx, self.amx_label = None, "amx off: float expert weights"
         self._entries = {}
         repack = self.path != "reference"
         self.mats = [_Matrix(nm, pair[0], pair[1], R, K, repack, cache_dir, cache_key) for nm, pair, R, K in
@@ -138,12 +149,14 @@ class MoEExperts:
         if self.path == "reference":
             return f"reference numpy dequant + float matmul ({names})"
         label = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable": "portable llvm-vector"}
-        amx = prefill_isa(label[self.path], MIN_TOKENS_PER_EXPERT + 1)[1]
-        if amx == "amx tdpbsud/tdpbf16ps":  # AMX runs here but the MoE loops do not call the tile shim yet
-            amx = f"amx (tile shim ready, MoE loops not integrated) -> {label[self.path]}"
+        if self.amx:
+            prefill = (f"{self.amx_label} 16x16 tiles per scale group for experts with > {MIN_TOKENS_PER_EXPERT} "
+                       f"tokens, {self.path} for the rest")
+        else:
+            prefill = f"{self.path} ({self.amx_label})"
         return (f"{label[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
                 f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} tiles ({names}, repacked, int8 acts per 32); "
-                f"prefill: {amx}")
+                f"prefill: {prefill}")
 
     # ---- API ----
     def forward(self, x, ids, w):
@@ -157,6 +170,8 @@ class MoEExperts:
             raise KtxError(f"MoEExperts.forward: x {x.shape}, ids {ids.shape}, w {w.shape} do not match hidden={self.H}")
         if ids.size and ids.max() >= self.E:
             raise KtxError(f"MoEExperts.forward: expert id {ids.max()} out of range (layer has {self.E} experts)")
+        if ids.size and ids.min() < -1:
+            raise KtxError(f"MoEExperts.forward: expert id {ids.min()} is negative; only -1 (no expert) is allowed")
         pool = self.pool
         if self.path == "reference":
             return pool.submit(lambda wid, n: None, lambda: self._reference(x, ids, w))
@@ -171,7 +186,9 @@ class MoEExperts:
         exp_e, counts = np.unique(flat[order], return_counts=True)
         exp_e = exp_e.astype(np.int64)
         nt, nr = DECODE_TILE if (counts.size == 0 or counts.max() == 1) else PREFILL_TILE
-        padded = -(-counts // nt) * nt
+        exp_amx = amx_experts(counts) if self.amx else np.zeros(counts.shape, bool)
+        tok_tile = np.where(exp_amx, 16, nt)  # an AMX A tile is 16 slots
+        padded = -(-counts // tok_tile) * tok_tile
         exp_s0 = (np.cumsum(padded) - padded).astype(np.int64)
         exp_n = counts.astype(np.int64)
         P = int(padded.sum())
@@ -191,8 +208,11 @@ class MoEExperts:
         remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
         barrier = threading.Barrier(pool.n_threads)
         mg, mu, md = self.mats
-        args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining)
-        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b)
+        fn_g, fn_u, fn_d = (self._tile_kernel(m.layout.G) if exp_amx.any() else 0 for m in self.mats)
+        exp_amx = exp_amx.astype(np.uint8)
+        args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
+                  exp_amx, fn_g, fn_u)
+        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b, exp_amx, fn_d)
         run_a = self._entry(phase_gate_up, args_a, 2)
         run_b = self._entry(phase_down, args_b, 1)
 
@@ -203,6 +223,12 @@ class MoEExperts:
                 run_b(*args_b)
 
         return pool.submit(work, lambda: y)
+
+    def _tile_kernel(self, G: int) -> int:
+        """Address of the AMX steps microkernel with K step G (one scale group per C tile)."""
+        if G not in self._amx_fns:
+            self._amx_fns[G] = tile_kernel_address(self.amx, G)
+        return self._amx_fns[G]
 
     def _entry(self, disp, args, n_literal):
         """Compiled entry point for these variant literals: calling the dispatcher with plain ints would

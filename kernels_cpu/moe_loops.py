@@ -1,7 +1,8 @@
 """The blocked MoE loops that every worker runs (Numba, nogil), around the tile kernels of simd.py.
 
 Routing is flattened into "slots" (token t, choice j) sorted by expert; expert i owns slots
-[s0[i], s0[i] + n[i]), padded to a multiple of the token tile NT so a tile never reads past its expert.
+[s0[i], s0[i] + n[i]), padded to a multiple of the token tile so a tile never reads past its expert: NT for
+the vector tiles of simd.py, 16 for experts that run on AMX tiles (exp_amx[i], amx_loops.py).
 
     phase A  items = (expert, block of NR*16 rows of I):  g = W_gate x, u = W_up x for the expert's slots,
              h = silu(g) * u; the worker that finishes an expert's last item quantizes its h rows (atomic
@@ -12,7 +13,9 @@ Routing is flattened into "slots" (token t, choice j) sorted by expert; expert i
 
 Items are claimed from a shared counter with an atomic fetch-add: whichever worker is free takes the next
 one (dynamic scheduling). A matrix is passed as md, int64 [15]: (address, expert stride, row-group stride)
-for codes, d, sc, dmin, m (zeros where the type has no such field).
+for codes, d, sc, dmin, m (zeros where the type has no such field). fn_g, fn_u, fn_d are microkernel
+addresses for AMX experts (0 when the batch has none: no AMX scratch is allocated and no tile code runs).
+Both kinds of expert share the items, the counter and the countdown, so one prefill mixes them freely.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from numba import literally, njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .amx_loops import amx_tile, b_operand
 from .quantize import quantize_row
 from .simd import tile
 
@@ -59,13 +63,17 @@ def quantize_slots(x, slot_tok, lo, hi, xq, xd, xs, xsf):
 
 @njit(nogil=True, cache=True)
 def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf,
-                  g, u, hq, hd, hs, hsf, counter, remaining):
+                  g, u, hq, hd, hs, hsf, counter, remaining, exp_amx, fn_g, fn_u):
     literally(Vg)
     literally(Vu)
     NT = Vg // 10 % 10
     NR = Vg % 10
     n_rt = I // (16 * NR)
     n_items = exp_e.shape[0] * n_rt
+    lay_g, lay_u = Vg // 1000, Vu // 1000
+    Ka = H if fn_g else 0  # AMX scratch only where tiles may run: C per scale group, widened B for gate and up
+    cbuf = np.empty((Ka // 16, 16, 16), np.int32)
+    wg, wu = np.empty(16 * Ka, np.uint8), np.empty(16 * Ka, np.uint8)
     while True:
         item = fetch_add(counter, 0, 1)
         if item >= n_items:
@@ -73,9 +81,16 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
         j = item // n_rt
         rg = (item % n_rt) * NR
         e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
-        for t0 in range(s0, s0 + n, NT):
-            _mat_tile(Vg, md_g, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * I + rg * 16, I)
-            _mat_tile(Vu, md_u, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * I + rg * 16, I)
+        if exp_amx[j]:
+            for r in range(rg, rg + NR):
+                bg, bu = b_operand(lay_g, md_g, e, r, H, wg), b_operand(lay_u, md_u, e, r, H, wu)
+                for t0 in range(s0, s0 + n, 16):
+                    amx_tile(lay_g, fn_g, md_g, e, r, H, bg, xq, xd, xs, xsf, t0, cbuf, g, t0, r * 16)
+                    amx_tile(lay_u, fn_u, md_u, e, r, H, bu, xq, xd, xs, xsf, t0, cbuf, u, t0, r * 16)
+        else:
+            for t0 in range(s0, s0 + n, NT):
+                _mat_tile(Vg, md_g, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * I + rg * 16, I)
+                _mat_tile(Vu, md_u, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * I + rg * 16, I)
         for s in range(s0, s0 + n):
             for i in range(rg * 16, (rg + NR) * 16):
                 a = g[s, i]
@@ -86,12 +101,15 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
 
 
 @njit(nogil=True, cache=True)
-def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, counter):
+def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, counter, exp_amx, fn_d):
     literally(Vd)
     NT = Vd // 10 % 10
     NR = Vd % 10
     n_items = H // (16 * NR)
-    tmp = np.empty((NT, NR * 16), np.float32)
+    tmp = np.empty((16, NR * 16), np.float32)  # [tokens of one tile, rows of one item]
+    Ka = I if fn_d else 0
+    cbuf = np.empty((Ka // 16, 16, 16), np.int32)
+    wd = np.empty(16 * Ka, np.uint8)
     while True:
         item = fetch_add(counter, 0, 1)
         if item >= n_items:
@@ -99,10 +117,23 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
         rg = item * NR
         for j in range(exp_e.shape[0]):
             e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
-            for t0 in range(s0, s0 + n, NT):
-                _mat_tile(Vd, md_d, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16)
-                for ti in range(min(NT, s0 + n - t0)):
-                    t = slot_tok[t0 + ti]
-                    w = slot_w[t0 + ti]
-                    for i in range(NR * 16):
-                        y[t, rg * 16 + i] += w * tmp[ti, i]
+            if exp_amx[j]:
+                for r in range(NR):
+                    bd = b_operand(Vd // 1000, md_d, e, rg + r, I, wd)
+                    for t0 in range(s0, s0 + n, 16):
+                        amx_tile(Vd // 1000, fn_d, md_d, e, rg + r, I, bd, hq, hd, hs, hsf, t0, cbuf, tmp, 0, 16 * r)
+                        _scatter(tmp, 16 * r, 16 * r + 16, min(16, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
+            else:
+                for t0 in range(s0, s0 + n, NT):
+                    _mat_tile(Vd, md_d, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16)
+                    _scatter(tmp, 0, NR * 16, min(NT, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _scatter(tmp, i0, i1, n_tok, t0, rg, slot_tok, slot_w, y):
+    """y[token of slot t0 + ti, 16 rg + i] += w * tmp[ti, i]: items own disjoint columns of y, so no race."""
+    for ti in range(n_tok):
+        t = slot_tok[t0 + ti]
+        w = slot_w[t0 + ti]
+        for i in range(i0, i1):
+            y[t, rg * 16 + i] += w * tmp[ti, i]

@@ -25,6 +25,7 @@ from ktx.kernels_cpu import amx
 from ktx.kernels_cpu.cpu_features import cpuinfo_flags
 from ktx.kernels_cpu.quantize import quantize_row
 from ktx.kernels_cpu.repack import LAYOUTS, decode_blocks, interleave
+from test_kernels_cpu import PATHS, _bound, deq, rand_raw, reference
 
 OK, WHY = amx.amx_available()
 FLAGS = cpuinfo_flags()
@@ -75,8 +76,11 @@ def test_kernels_compile_for_sapphirerapids():
     asm = amx.compile_assembly()
     for insn in ("tdpbssd", "tdpbsud", "tdpbf16ps", "ldtilecfg", "tileloadd", "tilestored", "tilezero", "tilerelease"):
         assert insn in asm, insn
-    for kind, ks in amx.DEFAULT_KERNELS:
-        assert f"ktx_amx_{kind}_k{ks}:" in asm
+    for spec in amx.DEFAULT_KERNELS:
+        assert f"{amx.kernel_name(*spec)}:" in asm
+    steps = asm[asm.index("ktx_amx_sud_k32_steps:"):asm.index(".Lfunc_end", asm.index("ktx_amx_sud_k32_steps:"))]
+    loop = steps[steps.index("tdpbsud") - 200:steps.index("tdpbsud") + 200]
+    assert "tilestored" in loop  # the steps kernel stores a C tile per K step, inside the loop
     obj = amx.compile_object()
     assert obj[:4] == b"\x7fELF"
 
@@ -84,19 +88,22 @@ def test_kernels_compile_for_sapphirerapids():
 def test_forcing_amx_without_amx_is_a_clear_error():
     if OK:
         pytest.skip("this CPU runs AMX")
-    with pytest.raises(KtxError, match="amx"):
-        amx.prefill_isa("vnni", 64, "amx")
+    with pytest.raises(KtxError, match="'amx' cannot run on this machine"):
+        amx.tile_source("amx")
     with pytest.raises(KtxError, match="AMX kernels cannot run"):
         amx.load_kernels()
 
 
-def test_dispatch_thresholds():
-    assert amx.prefill_isa("vnni", 1) == ("vnni", "vnni")  # decode never asks for tiles
-    isa, label = amx.prefill_isa("vnni", 32)
-    if OK:
-        assert isa == "amx"
-    else:
-        assert isa == "vnni" and label == f"amx (unavailable: {WHY}) -> vnni"
+def test_tile_source_and_expert_dispatch():
+    assert amx.tile_source("vnni") == (None, "amx off: path='vnni'")
+    assert amx.tile_source("auto", "model")[0] == "model"
+    assert amx.tile_source("auto") == (("native", "amx tdpbsud") if OK else (None, f"amx unavailable: {WHY}"))
+    with pytest.raises(KtxError, match="unknown AMX kernel"):
+        amx.tile_source("auto", "emulator")
+    m = amx.MIN_TOKENS_PER_EXPERT
+    assert not amx.amx_experts(np.ones(8, np.int64)).any()  # decode: one token per expert
+    assert not amx.amx_experts(np.array([m + 1, 1, 1, 1])).any()  # batch average at or below the threshold
+    assert amx.amx_experts(np.array([3 * m, m, m + 1, 1])).tolist() == [True, False, True, False]
 
 
 @pytest.mark.parametrize("make", KERNELS, ids=KERNEL_IDS)
@@ -169,21 +176,152 @@ def test_repacked_expert_through_tiles_matches_gguf_dequant(qt, make):
     np.testing.assert_allclose(got, ref, rtol=0, atol=float(2e-5 * scale.max()) + 1e-12)
 
 
-def test_moe_experts_shows_and_guards_the_amx_path():
-    from ktx.kernels_cpu import MoEExperts, WorkerPool
+@pytest.mark.parametrize("ks", [16, 32])
+def test_steps_kernel_models_match_numpy(ks):
+    """The Numba cfunc model (the kernel the MoE loops call here), TileModel and, with AMX, the native kernel,
+    all with the steps ABI, against per-step numpy products; zero_c=0 accumulates onto C."""
+    rng = np.random.default_rng(ks)
+    K = 4 * ks
+    a = rng.integers(-127, 128, (16, K), dtype=np.int8)  # [16, K]
+    w = rng.integers(0, 256, (16, K), dtype=np.uint8)  # [16 rows, K]
+    B = amx.pack_b_weights(w, 4)[0]  # [K/4, 64]
+    c0 = rng.integers(-1000, 1000, (K // ks, 16, 16), dtype=np.int32)
+    prods = np.einsum("msk,nsk->smn", a.reshape(16, -1, ks).astype(np.int64), w.reshape(16, -1, ks).astype(np.int64))
+    model = amx._SIG(amx.tdpbsud_steps_model(ks).address)  # called with the native kernels' ctypes ABI
+    runs = {"numba": lambda A, B, C, z: model(A.ctypes.data, K, B.ctypes.data, 64, C.ctypes.data, 64, K, z),
+            "numpy": lambda A, B, C, z: amx.TileModel().kernel("sud", ks, steps=True)(A, K, B, 64, C, 64, K, z)}
+    if OK:
+        runs["native"] = lambda A, B, C, z: amx.native_kernel("sud", ks, steps=True)(A, K, B, 64, C, 64, K, z)
+    for name, run in runs.items():
+        for zero_c in (1, 0):
+            C = c0.copy()
+            run(a, B, C, zero_c)
+            np.testing.assert_array_equal(C, prods + (0 if zero_c else c0), err_msg=f"{name} zero_c={zero_c}")
 
-    rng = np.random.default_rng(3)
-    bs, ts = GGML_QUANT_SIZES[QT.Q8_0]
-    raw = [rng.integers(0, 256, (2, 256, 256 // bs * ts), dtype=np.uint8) for _ in range(3)]
-    for r in raw:
-        r.reshape(-1, ts)[:, 0:2] = np.full((r.size // ts, 1), 1e-3, np.float16).view(np.uint8)
-    mats = [(r, QT.Q8_0) for r in raw]
-    with WorkerPool(1) as pool:
-        if OK:
-            ex = MoEExperts(*mats, hidden=256, inter=256, pool=pool, path="amx")
-            assert "prefill: amx" in ex.kernel_path
-            return
+
+# ---------------------------------------------------------------- the AMX path inside MoEExperts
+
+H, I, E = 256, 512, 6
+SOURCES = ["model"] + (["native"] if OK else [])
+
+
+def _routing(rng):
+    """ids [40, 2] with mixed per-expert counts: expert 0 has 22 tokens (a full and a partial A tile), 1 and 2
+    have 9 and 14 (AMX, one partial tile), 3 and 4 have 2 and 3 (vector tiles), 5 none; some slots -1."""
+    t = np.arange(40)
+    first = np.array([0] * 22 + [1] * 9 + [3, 3, 4, 4] + [-1] * 5)
+    second = np.where(t % 3 == 0, 2, np.where(t == 10, 4, -1))
+    return np.stack([first, second], 1).astype(np.int32), rng.random((40, 2)).astype(np.float32)
+
+
+def _experts(qt_gu, qt_down, seed):
+    rng = np.random.default_rng(seed)
+    g, u, d = rand_raw(rng, qt_gu, E, I, H), rand_raw(rng, qt_gu, E, I, H), rand_raw(rng, qt_down, E, H, I)
+    Ws = {e: (deq(g[e], qt_gu), deq(u[e], qt_gu), deq(d[e], qt_down)) for e in range(E)}
+    return ((g, qt_gu), (u, qt_gu), (d, qt_down)), Ws, rng
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from ktx.kernels_cpu import WorkerPool
+
+    with WorkerPool(2) as p:
+        yield p
+
+
+MOE_CASES = [(QT.Q4_K, QT.Q6_K), (QT.Q6_K, QT.Q4_K), (QT.Q8_0, QT.Q8_0)]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("qt_gu,qt_down", MOE_CASES, ids=[f"{a.name}-{b.name}" for a, b in MOE_CASES])
+def test_moe_amx_path_matches_dequant_reference(pool, qt_gu, qt_down, source):
+    from ktx.kernels_cpu import MoEExperts
+
+    mats, Ws, rng = _experts(qt_gu, qt_down, int(qt_gu) * 100 + int(qt_down))
+    ids, w = _routing(rng)
+    counts = np.bincount(ids[ids >= 0], minlength=E)
+    assert amx.amx_experts(counts[counts > 0]).tolist() == [True, True, True, False, False]  # mixed on purpose
+    x = rng.standard_normal((ids.shape[0], H)).astype(np.float32)
+    path = "amx" if source == "native" else "auto"
+    ex = MoEExperts(*mats, hidden=H, inter=I, pool=pool, path=path, amx_kernel=source)
+    assert "prefill: amx tdpbsud" in ex.kernel_path
+    y = ex.forward(x, ids, w)
+    emulated = reference(x, ids, w, Ws, quantize_acts=True)  # int8 activations as quantize.py documents
+    scale = np.abs(emulated).max()
+    assert np.abs(y - emulated).max() <= 2e-4 * scale
+    exact = reference(x, ids, w, Ws, quantize_acts=False)
+    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws) + 1e-6 * scale)
+    y1 = ex.forward(x[:1], ids[:1], w[:1])  # decode: one token, vector tiles only
+    assert np.abs(y1 - emulated[:1]).max() <= 2e-4 * scale
+
+
+def test_moe_amx_experts_really_run_on_the_tile_kernel(pool, monkeypatch):
+    """A broken microkernel (C left at zero) breaks exactly the tokens routed to AMX experts: proof that the
+    loops call the injected kernel for those experts, and only for them."""
+    from numba import cfunc, types
+
+    from ktx.kernels_cpu import MoEExperts
+    from ktx.kernels_cpu import moe as moe_mod
+
+    i64 = types.int64
+
+    @cfunc(types.void(i64, i64, i64, i64, types.CPointer(types.int32), i64, i64, types.int32), nopython=True)
+    def zeros(a, lda, b, ldb, c, ldc, K, zero_c):
+        for i in range(K // 16 * 256):  # at least one 16 x 16 tile per K step (16 or 32)
+            c[i] = 0
+
+    mats, Ws, rng = _experts(QT.Q4_K, QT.Q6_K, 7)
+    ids, w = _routing(rng)
+    x = rng.standard_normal((ids.shape[0], H)).astype(np.float32)
+    monkeypatch.setattr(moe_mod, "tile_kernel_address", lambda source, ks: zeros.address)
+    y = MoEExperts(*mats, hidden=H, inter=I, pool=pool, amx_kernel="model").forward(x, ids, w)
+    ref = reference(x, ids, w, Ws, quantize_acts=True)
+    on_tiles = np.isin(ids, [0, 1, 2]).any(axis=1)  # tokens with an expert above the threshold
+    vec = ~on_tiles & (ids >= 0).any(axis=1)
+    assert vec.sum() >= 3 and np.abs(y[vec] - ref[vec]).max() <= 2e-4 * np.abs(ref[vec]).max()
+    for t in np.nonzero(on_tiles)[0]:
+        assert np.abs(y[t] - ref[t]).max() > 0.05 * np.abs(ref[t]).max(), t
+
+
+def test_moe_prefill_never_loads_native_kernels_here(pool):
+    """No monkeypatching: a prefill big enough for AMX runs the vector path and never calls the loader."""
+    from ktx.kernels_cpu import MoEExperts
+
+    if OK:
+        pytest.skip("this CPU runs AMX")
+    mats, Ws, rng = _experts(QT.Q8_0, QT.Q8_0, 11)
+    ids, w = _routing(rng)
+    x = rng.standard_normal((ids.shape[0], H)).astype(np.float32)
+    before = amx.load_kernels.cache_info()
+    ex = MoEExperts(*mats, hidden=H, inter=I, pool=pool)
+    y = ex.forward(x, ids, w)
+    assert amx.load_kernels.cache_info() == before  # not called, not even to fail
+    assert ex.amx is None and ex.kernel_path.endswith(f"prefill: {ex.path} (amx unavailable: {WHY})")
+    ref = reference(x, ids, w, Ws, quantize_acts=True)
+    assert np.abs(y - ref).max() <= 2e-4 * np.abs(ref).max()
+
+
+def test_moe_experts_shows_and_guards_the_amx_path(pool):
+    from ktx.kernels_cpu import MoEExperts
+
+    mats, _, _ = _experts(QT.Q8_0, QT.Q8_0, 3)
+    if OK:
+        ex = MoEExperts(*mats, hidden=H, inter=I, pool=pool, path="amx")
+        assert "prefill: amx tdpbsud" in ex.kernel_path
+    else:
         with pytest.raises(KtxError, match="'amx' cannot run on this machine: CPU lacks AMX-TILE"):
-            MoEExperts(*mats, hidden=256, inter=256, pool=pool, path="amx")
-        ex = MoEExperts(*mats, hidden=256, inter=256, pool=pool)
-        assert f"prefill: amx (unavailable: {WHY}) -> " in ex.kernel_path
+            MoEExperts(*mats, hidden=H, inter=I, pool=pool, path="amx")
+    ex = MoEExperts(*mats, hidden=H, inter=I, pool=pool, path="vnni" if "vnni" in PATHS else "portable")
+    assert ex.amx is None and "(amx off: path=" in ex.kernel_path
+
+
+def test_submit_rejects_ids_below_minus_one(pool):
+    from ktx.kernels_cpu import MoEExperts
+
+    mats, _, rng = _experts(QT.Q8_0, QT.Q8_0, 5)
+    ex = MoEExperts(*mats, hidden=H, inter=I, pool=pool)
+    x = rng.standard_normal((2, H)).astype(np.float32)
+    with pytest.raises(KtxError, match="expert id -2 is negative; only -1"):
+        ex.submit(x, np.array([[0, -2], [1, -1]], np.int32), np.ones((2, 2), np.float32))
+    y = ex.forward(x, np.array([[0, -1], [-1, -1]], np.int32), np.ones((2, 2), np.float32))  # -1 is fine
+    assert np.all(y[1] == 0) and np.any(y[0] != 0)
