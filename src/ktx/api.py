@@ -20,7 +20,7 @@ import numpy as np
 from ktx.engine import Engine
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
-from ktx.layers.linear import FloatLinears, dense_names
+from ktx.layers.linear import FloatLinears, QuantLinears, dense_names
 from ktx.layers.weights import WeightStore
 from ktx.sampling import SamplingParams
 
@@ -109,13 +109,42 @@ def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, pools: list | None
     return factory
 
 
-def _plan(gguf, cls, cache_len, override_tensor, placement_file, cpu_moe, gpu_experts):
+def _choose_device(device: str | None, cls, gguf: GGUFModel) -> str:
+    """None -> "cuda" when torch sees a GPU, else "cpu"; a model family without a device path runs on the CPU."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise KtxError(f"device {device!r}: not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if kind == "cpu":
+        return "cpu"
+    if kind != "cuda" or not torch.cuda.is_available():
+        raise KtxError(f"device {device!r}: torch sees no CUDA GPU here; use device='cpu' (or leave it out)")
+    if not hasattr(cls, "use_device"):
+        warn(f"{gguf.architecture}: the GPU model path covers deepseek2 (DeepSeek-V2/V3/R1) only so far; this model runs on the CPU")
+        return "cpu"
+    return device
+
+
+def _path_line(device: str) -> str:
+    if device == "cpu":
+        return "model path: cpu (torch ops, CPU matmuls and expert kernels)"
+    import torch
+
+    return (f"model path: {device} ({torch.cuda.get_device_name(torch.device(device))}): attention, latent KV cache, norms, "
+            "RoPE, router, dense and shared experts through Triton kernels; routed experts on the CPU")
+
+
+def _plan(gguf, cls, cache_len, override_tensor, placement_file, cpu_moe, gpu_experts, device="cpu"):
     import torch
 
     from ktx import placement
 
     cfg = cls.config_class.from_gguf(gguf.metadata, str(gguf.path))
-    has_gpu = torch.cuda.is_available()
+    has_gpu = device != "cpu"
     rules = [placement.parse_override(o) for o in override_tensor or []]
     rules += placement.load_rules(placement_file) if placement_file else []
     rules += placement.default_rules(has_gpu, cpu_moe)
@@ -157,6 +186,8 @@ def _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, l
 
 
 class Model:
+    device_path = "model path: cpu"  # which path runs (set by load)
+
     def __init__(self, gguf: GGUFModel, net, tokenizer, cache_len: int):
         self.gguf, self.net, self.tokenizer = gguf, net, tokenizer
         self.config = net.cfg
@@ -224,12 +255,15 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
          weight_cache_bytes: int | None = None, cache_dir: str | Path | None = None, verbose: bool = False,
          numa_shards: int | None = None, experts_per_token: int | None = None, gpu_experts: int = 0,
          routing_profile: str | Path | None = None, override_tensor: list[str] | None = None,
-         placement_file: str | Path | None = None, cpu_moe: bool = True, show_plan: bool = False) -> Model:
+         placement_file: str | Path | None = None, cpu_moe: bool = True, show_plan: bool = False,
+         device: str | None = None) -> Model:
     """Open a GGUF model (a file, any part of a split set, or its folder) for generation.
 
     cache_len: KV cache capacity in tokens. threads: CPU threads for the expert kernels.
     experts: routed-experts path, 'auto' (fastest the CPU supports), 'reference' (torch float), or a kernel
     path name. weight_cache_bytes: RAM for dequantized non-expert weights (default: a quarter of free RAM).
+    device: where attention, the KV cache and the dense layers run: None = "cuda" when torch sees a GPU, else
+    "cpu" (the routed experts run on the CPU either way).
     """
     log = (lambda msg: print(f"ktx: {msg}", file=sys.stderr)) if verbose else (lambda msg: None)
     if cache_len < 1:
@@ -239,7 +273,9 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
     from ktx.tokenizer import Tokenizer
 
     cls = model_class(gguf.architecture, str(gguf.path))  # unknown architecture: fail before the tokenizer
-    plan = _plan(gguf, cls, cache_len, override_tensor, placement_file, cpu_moe, gpu_experts)
+    device = _choose_device(device, cls, gguf)
+    print(f"ktx: {_path_line(device)}", file=sys.stderr)
+    plan = _plan(gguf, cls, cache_len, override_tensor, placement_file, cpu_moe, gpu_experts, device)
     if show_plan or verbose:
         print(f"ktx: {plan.line()}", file=sys.stderr)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
@@ -248,13 +284,21 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
     budget = weight_cache_bytes if weight_cache_bytes is not None else _available_ram() // 4
     store = WeightStore(gguf, budget)
     pools, total = _worker_pools(threads, numa_shards) if _kernels_available(experts) else (None, 0)
-    linears = FloatLinears(store)  # QuantLinears(store, pools[0], path=experts) once kernels_cpu.QuantLinear lands
+    linears = QuantLinears(store, pools[0], path=experts) if pools else FloatLinears(store)
+    if device != "cpu":
+        from ktx.layers.gpu import GpuLinears
+
+        linears = GpuLinears(store, device)
     linears.prepare(dense_names(gguf))
     log(linears.describe())
     net = build_model(gguf, store, lambda cfg: _make_experts_factory(gguf, cfg, experts, pools, total, cache_dir, log), linears)
+    if device != "cpu":
+        net.use_device(device)
     _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, log)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    return Model(gguf, net, tokenizer, cache_len)
+    model = Model(gguf, net, tokenizer, cache_len)
+    model.device_path = _path_line(device)
+    return model

@@ -91,9 +91,13 @@ class QuantLinears(FloatLinears):
 
     def describe(self) -> str:
         fast = [op for op in self.ops.values() if op is not None]
+        if not fast:
+            return FloatLinears.kernel_path
+        paths = sorted({op.kernel_path.split(" (")[0] for op in fast})
+        kinds = "/".join(sorted({op.qtype.name for op in fast}))
+        line = f"dense weights: {len(fast)} tensors ({kinds}) on {', '.join(paths)}, repacked, int8 activations per 32"
         slow = sorted({self.store.model.tensor(n).type_name for n, op in self.ops.items() if op is None})
-        line = f"dense weights: {len(fast)} tensors on {fast[0].kernel_path}" if fast else FloatLinears.kernel_path
-        if slow and fast:
+        if slow:
             line += f"; {len(self.ops) - len(fast)} ({'/'.join(slow)}) as float32 torch matmul"
         return line
 
