@@ -116,10 +116,13 @@ def test_chat_turns_reuse_the_cache_and_match_recompute(model, recorded):
     assert list(fresh.generate(p2, 8)) == out2 and fresh.stats.reused_tokens == 0
     want_logits = np.stack(recorded)
     scale = np.abs(want_logits).max()
-    np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=2e-4 * scale)
+    # int8 activations (the Q4_K_M file on the CPU kernels): a last-bit difference upstream can move a
+    # rounding step, about 1/127 of a row's range, so a prefill of 6 vs 20 tokens is only close to that
+    rel = 1e-2 if model.gguf.path.name.endswith("Q4_K_M.gguf") else 2e-4
+    np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=rel * scale)
 
     full = _fresh(model).logits(p2 + out2[:-1])  # [T, vocab]: one prefill, no decode steps at all
-    np.testing.assert_allclose(got_logits, full[len(p2) - 1:], rtol=0, atol=2e-3 * scale)
+    np.testing.assert_allclose(got_logits, full[len(p2) - 1:], rtol=0, atol=max(rel, 2e-3) * scale)
 
 
 @settings(max_examples=6, deadline=None)
