@@ -1,6 +1,8 @@
 """GPU kernel benchmark: achieved GB/s and TFLOP/s next to the card's limits, measured in the same run.
 
-    python bench/bench_gpu.py            (needs a CUDA device; without one it says so and exits 0)
+    python bench/bench_gpu.py                      (needs a CUDA device; without one it says so and exits 0)
+    python bench/bench_gpu.py --e2e dsv3-bench     (also: the whole GPU model path on a synthetic model)
+    python bench/bench_gpu.py --e2e dsv3-bench --kernels off
 
 Limits printed first:
   - HBM peak from the memory clock and bus width (when torch reports them),
@@ -12,8 +14,13 @@ Then, each as bytes (or FLOPs) the kernel must touch divided by its median time:
   - fused dequant-GEMV on raw Q4_K / Q6_K / Q8_0 blocks, W 18432 x 7168 (a DeepSeek dense FFN up projection),
     T = 1; bytes = the weight bytes,
   - dequant-GEMM (prefill) on Q4_K, T = 2048; FLOPs = 2 T N K.
+End to end (`--e2e PRESET`, a synthetic DeepSeek-V3-shaped Q4_K_M GGUF from ktx.synthetic, written on first
+use): `ktx bench` on the GPU model path (attention, latent cache, dense and shared experts on the device,
+routed experts on the CPU kernels): prefill and decode tok/s, weights touched per token x tok/s, and the
+scheduler's CPU/GPU overlap.
 """
 
+import argparse
 import sys
 
 import numpy as np
@@ -90,13 +97,32 @@ def bench_gemv_gemm(copy_gbs: float, mm_tflops: float):
     print(f"GEMM Q4_K {n}x{k} T=2048: {ms:8.2f} ms  {tflops:6.1f} TFLOP/s  ({tflops / mm_tflops:.0%} of cuBLAS bf16)")
 
 
+def bench_e2e(preset: str, n_prompt: int, n_gen: int):
+    from ktx.bench import run_bench
+    from ktx.synthetic import synthetic_model
+
+    path = synthetic_model(preset, progress=True)
+    report = run_bench(path, n_prompt=[n_prompt], n_gen=[n_gen], depths=[0], reps=2, model_name=preset,
+                       measure_bandwidth=False, device="cuda", log=lambda m: print(f"e2e: {m}", file=sys.stderr))
+    print(report.to_markdown())
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--e2e", metavar="PRESET", help="also run the GPU model path on this synthetic model (dsv3-tiny, dsv3-bench)")
+    ap.add_argument("--kernels", choices=("on", "off"), default="on", help="the kernel benchmarks (default on)")
+    ap.add_argument("-p", type=int, default=128, help="e2e prompt tokens")
+    ap.add_argument("-n", type=int, default=32, help="e2e decoded tokens")
+    args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device visible; this benchmark needs a GPU. Nothing measured.")
         return 0
-    copy_gbs, mm_tflops = limits()
-    bench_mla_decode(copy_gbs)
-    bench_gemv_gemm(copy_gbs, mm_tflops)
+    if args.kernels == "on":
+        copy_gbs, mm_tflops = limits()
+        bench_mla_decode(copy_gbs)
+        bench_gemv_gemm(copy_gbs, mm_tflops)
+    if args.e2e:
+        bench_e2e(args.e2e, args.p, args.n)
     return 0
 
 

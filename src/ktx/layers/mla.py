@@ -21,17 +21,32 @@ import torch
 
 
 class LatentCache:
-    """Per-layer latent KV: kv_c [L, cap, kv_lora] and k_pe [L, cap, rope], filled up to `length`."""
+    """Per-layer latent KV, filled up to `length`: one row per token, [kv_c (kv_lora) | k_pe (rope)].
 
-    def __init__(self, n_layers: int, capacity: int, kv_lora: int, rope: int, dtype=torch.float32):
+        rows  [L, pages * PAGE, kv_lora + rope]   (capacity rounded up to whole pages)
+        kv_c  [L, cap, kv_lora], k_pe [L, cap, rope]: views of the two parts of each row
+
+    Layer i's rows are also the paged cache that the Triton `mla_decode` reads, [pages, PAGE, D], with the
+    identity block table (page p holds tokens p*PAGE ..): one sequence, allocated up front.
+    """
+
+    PAGE = 64
+
+    def __init__(self, n_layers: int, capacity: int, kv_lora: int, rope: int, dtype=torch.float32, device="cpu"):
         self.capacity = capacity
-        self.kv_c = torch.zeros(n_layers, capacity, kv_lora, dtype=dtype)
-        self.k_pe = torch.zeros(n_layers, capacity, rope, dtype=dtype)
+        pages = -(-capacity // self.PAGE)
+        self.rows = torch.zeros(n_layers, pages * self.PAGE, kv_lora + rope, dtype=dtype, device=device)
+        self.kv_c, self.k_pe = self.rows[..., :kv_lora], self.rows[..., kv_lora:]
+        self.block_table = torch.arange(pages, dtype=torch.int32, device=device)[None]  # [1, pages]
         self.length = 0  # tokens committed (advanced by the model after the last layer)
 
     @property
     def n_bytes(self) -> int:
-        return self.kv_c.numel() * self.kv_c.element_size() + self.k_pe.numel() * self.k_pe.element_size()
+        return self.rows.numel() * self.rows.element_size()
+
+    def paged(self, i: int) -> torch.Tensor:
+        """Layer i as [pages, PAGE, kv_lora + rope] (a view)."""
+        return self.rows[i].view(-1, self.PAGE, self.rows.shape[-1])
 
     def reset(self, length: int = 0) -> None:
         self.length = length

@@ -42,18 +42,23 @@ def experts_torch(store: WeightStore, prefix: str, x: torch.Tensor, ids: torch.T
 
 def moe_step(net, i: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, shared=None) -> torch.Tensor:
     """One scheduled MoE layer of `net` (which has .scheduler, .store, .routing_counts): the routed experts go
-    to the CPU workers at once; `shared()` (the shared experts) and any GPU-resident hot experts run meanwhile;
-    then join. x [T, H], ids/weights [T, k] -> [T, H]."""
+    to the CPU workers at once; `shared()` (the shared experts) and any GPU-side hot experts run meanwhile;
+    then join. x [T, H], ids/weights [T, k] -> [T, H], on x's device: the CPU job gets host copies (no-ops
+    when x is on the CPU) and its result is copied back."""
     p = f"blk.{i}."
+    xh, ids_h, w_h = x.cpu(), ids.cpu(), weights.cpu()
     if getattr(net, "routing_counts", None) is not None:
         counts = net.routing_counts.setdefault(i, np.zeros(net.cfg.n_expert, np.int64))
-        np.add.at(counts, ids.flatten().numpy(), 1)
-    split = net.scheduler.submit(i, x.numpy(), ids.numpy(), weights.numpy())
+        np.add.at(counts, ids_h.flatten().numpy(), 1)
+    split = net.scheduler.submit(i, xh.numpy(), ids_h.numpy(), w_h.numpy())
     y = shared() if shared is not None else torch.zeros_like(x)
-    if split.has_gpu_work:
-        y = y + experts_torch(net.store, p, x, torch.from_numpy(split.gpu_ids).long(), torch.from_numpy(split.gpu_w))
+    if split.has_gpu_work:  # hot experts: the float reference from host weights (not yet device-resident)
+        hot = experts_torch(net.store, p, xh, torch.from_numpy(split.gpu_ids).long(), torch.from_numpy(split.gpu_w))
+        y = y + hot.to(x.device)
+    if y.is_cuda:
+        torch.cuda.synchronize(y.device)  # the device side is done here, for the scheduler's timeline
     net.scheduler.gpu_done(i)
-    return torch.from_numpy(net.scheduler.wait(i)) + y
+    return torch.from_numpy(net.scheduler.wait(i)).to(x.device) + y
 
 
 class _Done:

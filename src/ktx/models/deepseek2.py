@@ -13,6 +13,12 @@ Tensor names are llama.cpp's (`blk.N.attn_q_a.weight`, `blk.N.ffn_gate_exps.weig
 go through a `Linears` backend (quantized CPU kernels, or float32 weights dequantized by the `WeightStore`);
 norms, biases and the router are small float32 tensors from the store; the routed experts go through an
 experts backend (`TorchExperts` reference or the quantized CPU kernels).
+
+Where it runs: by default everything is CPU torch (`TorchOps`). `use_device(device)` moves the residual
+stream, norms, RoPE, router, latent KV cache and MLA attention to `device` through the Triton kernels
+(`TritonOps`; the dense matmuls then come from a device `Linears`, ktx.layers.gpu.GpuLinears); the routed
+experts still go to the CPU scheduler (`moe_step` copies x to the host and the result back), with the shared
+experts running on the device meanwhile. Token ids come in and logits go out on the host either way.
 """
 
 from __future__ import annotations
@@ -23,11 +29,10 @@ import torch
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
 from ktx.layers.linear import FloatLinears
-from ktx.layers.mla import LatentCache, mla_latent
+from ktx.layers.mla import LatentCache
 from ktx.layers.moe import TorchExperts, moe_step
-from ktx.layers.norm import rms_norm
+from ktx.layers.ops import TorchOps, TritonOps
 from ktx.layers.rope import Rope
-from ktx.layers.router import route
 from ktx.layers.weights import WeightStore
 from ktx.models.deepseek2_config import GATING_SIGMOID, Deepseek2Config
 from ktx.quants import dequantize
@@ -51,6 +56,16 @@ class Deepseek2:
         self.experts = {i: make(f"blk.{i}.") or TorchExperts(store, f"blk.{i}.") for i in range(cfg.n_layers) if self.is_moe(i)}
         self.scheduler = Scheduler(self.experts)
         self.routing_counts: dict[int, np.ndarray] | None = None  # set to {} to record a routing profile
+        self.ops, self.device, self.kv_dtype = TorchOps(), torch.device("cpu"), torch.float32
+        self._on_device: dict[str, torch.Tensor] = {}  # small float32 weights (norms, router) copied to the device
+
+    def use_device(self, device: str | torch.device, triton: bool = True, kv_dtype: torch.dtype = torch.float32) -> None:
+        """Run on `device` (call before `new_cache`; the Linears given at construction must live there too).
+        triton: the Triton kernels (on a CPU device only under TRITON_INTERPRET=1, for tests); else torch ops."""
+        self.device, self.kv_dtype = torch.device(device), kv_dtype
+        self.ops = TritonOps() if triton else TorchOps()
+        self.rope.inv_freq = self.rope.inv_freq.to(self.device)
+        self._on_device.clear()
 
     # -- structure -------------------------------------------------------------------------------
     def is_moe(self, i: int) -> bool:
@@ -72,16 +87,21 @@ class Deepseek2:
             raise KtxError(f"{g.path}: {len(missing)} tensors missing for a deepseek2 model (first: {missing[0]}); the file is incomplete or from an unsupported converter.")
 
     def new_cache(self, capacity: int) -> LatentCache:
-        return LatentCache(self.cfg.n_layers, capacity, self.cfg.kv_lora_rank, self.cfg.qk_rope)
+        return LatentCache(self.cfg.n_layers, capacity, self.cfg.kv_lora_rank, self.cfg.qk_rope, self.kv_dtype, self.device)
 
     # -- pieces ----------------------------------------------------------------------------------
     def _w(self, name: str) -> torch.Tensor:
-        return self.store.get(name)
+        if self.device.type == "cpu":
+            return self.store.get(name)
+        w = self._on_device.get(name)
+        if w is None:
+            w = self._on_device[name] = self.store.get(name).to(self.device)
+        return w
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         t = self.gguf.tensor("token_embd.weight")
         rows = t.data[tokens.numpy()]  # raw rows: dequantize only what is used
-        return torch.from_numpy(dequantize(rows, t.qtype).reshape(len(tokens), -1).copy())  # [T, H]
+        return torch.from_numpy(dequantize(rows, t.qtype).reshape(len(tokens), -1).copy()).to(self.device)  # [T, H]
 
     def _kv_b(self, p: str) -> torch.Tensor:
         """Older files' combined attn_kv_b [n_h * (nope + v), kv_lora] as [n_h, nope + v, kv_lora] (float32)."""
@@ -102,19 +122,19 @@ class Deepseek2:
 
     def attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         cfg, p, T = self.cfg, f"blk.{i}.", x.shape[0]
-        lin = self.lin
+        lin, ops = self.lin, self.ops
         if cfg.q_lora_rank:
-            q = lin(rms_norm(lin(x, p + "attn_q_a.weight"), self._w(p + "attn_q_a_norm.weight"), cfg.rms_eps), p + "attn_q_b.weight")
+            q = lin(ops.rms_norm(lin(x, p + "attn_q_a.weight"), self._w(p + "attn_q_a_norm.weight"), cfg.rms_eps), p + "attn_q_b.weight")
         else:
             q = lin(x, p + "attn_q.weight")
         q = q.view(T, cfg.n_heads, cfg.qk_head)  # [T, n_h, nope + rope]
-        q_nope, q_pe = q[..., : cfg.qk_nope], self.rope(q[..., cfg.qk_nope:], pos)
+        q_nope, q_pe = q[..., : cfg.qk_nope], ops.rope(self.rope, q[..., cfg.qk_nope:], pos)
         kv = lin(x, p + "attn_kv_a_mqa.weight")  # [T, kv_lora + rope]
-        kv_c = rms_norm(kv[:, : cfg.kv_lora_rank], self._w(p + "attn_kv_a_norm.weight"), cfg.rms_eps)
-        k_pe = self.rope(kv[:, cfg.kv_lora_rank:], pos)
+        kv_c = ops.rms_norm(kv[:, : cfg.kv_lora_rank], self._w(p + "attn_kv_a_norm.weight"), cfg.rms_eps)
+        k_pe = ops.rope(self.rope, kv[:, cfg.kv_lora_rank:], pos)
         start, end = cache.length, cache.length + T
         cache.kv_c[i, start:end], cache.k_pe[i, start:end] = kv_c, k_pe
-        o_lat = mla_latent(self._absorb_k(p, q_nope), q_pe, cache.kv_c[i, :end], cache.k_pe[i, :end], cfg.softmax_scale, start)
+        o_lat = ops.mla(self._absorb_k(p, q_nope), q_pe, cache, i, start, end, cfg.softmax_scale)  # [T, n_h, kv_lora]
         return lin(self._absorb_v(p, o_lat).reshape(T, -1), p + "attn_output.weight")  # [T, H]
 
     def _mlp(self, x: torch.Tensor, p: str, kind: str = "") -> torch.Tensor:
@@ -129,7 +149,7 @@ class Deepseek2:
             return self._mlp(x, p)
         logits = x @ self._w(p + "ffn_gate_inp.weight").T  # [T, E]
         bias = self._w(p + "exp_probs_b.bias") if self.gguf.has(p + "exp_probs_b.bias") else None
-        ids, weights = route(logits, cfg.n_expert_used, gating="sigmoid" if cfg.gating == GATING_SIGMOID else "softmax",
+        ids, weights = self.ops.route(logits, cfg.n_expert_used, gating="sigmoid" if cfg.gating == GATING_SIGMOID else "softmax",
                              bias=bias, n_group=cfg.n_group, topk_group=cfg.topk_group, norm=cfg.expert_weights_norm,
                              scale=cfg.expert_weights_scale)  # [T, k], [T, k]
         shared = (lambda: self._mlp(x, p, "_shexp")) if cfg.n_shared else None
@@ -142,14 +162,15 @@ class Deepseek2:
         cfg, T = self.cfg, tokens.shape[0]
         if cache.length + T > cache.capacity:
             raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; raise --cache-len or start a new conversation.")
-        pos = torch.arange(cache.length, cache.length + T)
+        pos = torch.arange(cache.length, cache.length + T, device=self.device)
+        norm = self.ops.rms_norm
         x = self.embed(tokens)  # [T, H]
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
-            x = x + self.attention(i, rms_norm(x, self._w(p + "attn_norm.weight"), cfg.rms_eps), pos, cache)
-            x = x + self.ffn(i, rms_norm(x, self._w(p + "ffn_norm.weight"), cfg.rms_eps))
+            x = x + self.attention(i, norm(x, self._w(p + "attn_norm.weight"), cfg.rms_eps), pos, cache)
+            x = x + self.ffn(i, norm(x, self._w(p + "ffn_norm.weight"), cfg.rms_eps))
         cache.length += T
         if last_only:
             x = x[-1:]
         head = "output.weight" if self.gguf.has("output.weight") else "token_embd.weight"
-        return self.lin(rms_norm(x, self._w("output_norm.weight"), cfg.rms_eps), head)  # [T, vocab]
+        return self.lin(norm(x, self._w("output_norm.weight"), cfg.rms_eps), head).cpu()  # [T, vocab]
