@@ -185,6 +185,21 @@ def _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, l
         log(f"hot experts: {gpu_experts} per layer on the GPU side (profile {routing_profile or 'none: lowest ids'})")
 
 
+def _torch_threads(threads: int | None, pools) -> None:
+    """torch's own threads (attention, norms): as many as the kernels use, unless torch came in before ktx set
+    passive OpenMP waiting; then one, since spinning OpenMP threads would starve the kernel workers."""
+    import torch
+
+    import ktx
+
+    if pools and not ktx.OMP_PASSIVE:
+        warn("torch was imported before ktx: torch ops run on one thread (import ktx first, or set OMP_WAIT_POLICY=PASSIVE, "
+             "to let them use more without starving the CPU kernels)")
+        torch.set_num_threads(1)
+    elif threads:
+        torch.set_num_threads(threads)
+
+
 class Model:
     device_path = "model path: cpu"  # which path runs (set by load)
 
@@ -295,10 +310,7 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
     if device != "cpu":
         net.use_device(device)
     _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, log)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _torch_threads(threads, pools)
     model = Model(gguf, net, tokenizer, cache_len)
     model.device_path = _path_line(device)
     return model
