@@ -63,6 +63,24 @@ def _fresh(model) -> Engine:
     return Engine(model.net, CACHE)
 
 
+def _tie_tolerance(model, logits: np.ndarray) -> float:
+    """How close two logits may be before float summation order may pick either: 0 on the float paths; on the
+    int8-activation kernels (the Q4_K_M file) a last-bit difference upstream can move a rounding step, about
+    1/127 of a row's range, so two prefills chunked differently are only close to 1% of the logits' scale."""
+    return 1e-2 * np.abs(logits).max() if model.gguf.path.name.endswith("Q4_K_M.gguf") else 0.0
+
+
+def assert_same_greedy(got: list[int], want: list[int], want_logits: np.ndarray, tol: float) -> None:
+    """got == want, except that both runs may part at a near-tie of the reference (top-2 gap <= tol), after which
+    the histories differ and nothing more is compared."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            top2 = np.sort(want_logits[i])[-2:]
+            assert top2[1] - top2[0] <= tol, f"token {i}: {a} != {b}, though the reference's top-2 gap is {top2[1] - top2[0]:.4f}"
+            return
+    assert len(got) == len(want)
+
+
 # ---- prompt + max tokens beyond the cache ---------------------------------------------------------
 
 
@@ -113,12 +131,15 @@ def test_chat_turns_reuse_the_cache_and_match_recompute(model, recorded):
 
     recorded.clear()
     fresh = _fresh(model)
-    assert list(fresh.generate(p2, 8)) == out2 and fresh.stats.reused_tokens == 0
+    fresh_out = list(fresh.generate(p2, 8))
     want_logits = np.stack(recorded)
+    tol = _tie_tolerance(model, want_logits)
+    assert fresh.stats.reused_tokens == 0
+    assert_same_greedy(out2, fresh_out, want_logits, tol)
+    if out2 != fresh_out:
+        return  # parted at a near-tie: the logits after it belong to different histories
     scale = np.abs(want_logits).max()
-    # int8 activations (the Q4_K_M file on the CPU kernels): a last-bit difference upstream can move a
-    # rounding step, about 1/127 of a row's range, so a prefill of 6 vs 20 tokens is only close to that
-    rel = 1e-2 if model.gguf.path.name.endswith("Q4_K_M.gguf") else 2e-4
+    rel = tol / scale if tol else 2e-4
     np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=rel * scale)
 
     full = _fresh(model).logits(p2 + out2[:-1])  # [T, vocab]: one prefill, no decode steps at all
@@ -136,7 +157,9 @@ def test_any_sequence_of_prompts_matches_fresh_engines(model, turns, seed):
         prompt = history[:keep] + _ids(model, new, seed + i)
         prompt = prompt[: CACHE - n_out]
         out = list(model.engine.generate(prompt, n_out))
-        assert out == list(_fresh(model).generate(prompt, n_out)), (i, model.stats.reused_tokens)
+        want = list(_fresh(model).generate(prompt, n_out))
+        want_logits = _fresh(model).logits(prompt + want[:-1])[len(prompt) - 1:]  # what chose each reference token
+        assert_same_greedy(out, want, want_logits, _tie_tolerance(model, want_logits))
         history = prompt + out
 
 

@@ -11,8 +11,14 @@ e.g. 64, after RoPE): 576 floats per layer instead of 2 * n_heads * 128 for plai
   o        = o_lat @ W_UV^T       per head             [T, n_h, v]            (attn_v_b: [n_h, v, kv_lora])
   out      = W_o o                                     [T, hidden]
 
-Absorbing W_UK into the query and W_UV after the weighted sum avoids expanding K/V per head; it is
-exact algebra, so prefill and decode share this one path here.
+Absorbing W_UK into the query and W_UV after the weighted sum avoids expanding K/V per head: the right
+form for decode (one query against S cached tokens). For a long prefill it is the wrong one, since every
+score then costs 2 kv_lora + rope MACs; expanding per-head keys and values from the latent cache once,
+
+  k = [kv_c W_UK | k_pe]   [n_h, S, nope + rope]        v = kv_c W_UV^T   [n_h, S, v]
+
+makes a score cost nope + rope and a weighted sum v (3.4x fewer MACs for DeepSeek-V3's 128/64/512), for
+S * kv_lora * (nope + v) per head up front (`mla_expanded`, `expanded_is_cheaper` picks). Both are exact.
 """
 
 from __future__ import annotations
@@ -63,3 +69,39 @@ def mla_latent(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe
         scores = scores.masked_fill(causal, float("-inf"))
     probs = scores.softmax(-1)
     return torch.einsum("hts,sc->thc", probs, kv_c)  # [T, n_h, kv_lora]
+
+
+def expanded_is_cheaper(T: int, S: int, kv_lora: int, nope: int, rope: int, v: int) -> bool:
+    """MACs per head of the expanded form (K/V from the cache, causal blocks ~halve the scores) vs the absorbed one."""
+    expanded = S * kv_lora * (nope + v) + T * S * (nope + rope + v) // 2
+    absorbed = T * kv_lora * (nope + v) + T * S * (2 * kv_lora + rope)
+    return expanded < absorbed
+
+
+def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, W_UK: torch.Tensor,
+                 W_UV: torch.Tensor, scale: float, start: int, block: int = 128, budget: int = 1 << 28) -> torch.Tensor:
+    """Prefill attention with per-head K/V expanded from the latent cache: q_nope [T, n_h, nope], q_pe [T, n_h, rope];
+    kv_c [S, kv_lora], k_pe [S, rope] (S = start + T); W_UK [n_h, kv_lora, nope], W_UV [n_h, v, kv_lora] -> [T, n_h, v].
+
+    Heads go in chunks whose expanded K/V and score block stay under `budget` bytes; queries go in blocks of
+    `block`, each scoring only the keys up to its last position (causal), so a fresh prefill does ~half the work."""
+    T, n_h, nope = q_nope.shape
+    S = kv_c.shape[0]
+    dv = W_UV.shape[1]
+    out = q_nope.new_empty(T, n_h, dv)
+    per_head = 4 * S * (nope + q_pe.shape[-1] + dv + block)
+    hc = max(1, min(n_h, budget // per_head))
+    q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [n_h, T, nope + rope]
+    for h0 in range(0, n_h, hc):
+        h1 = min(n_h, h0 + hc)
+        k_nope = torch.einsum("sc,hcn->hsn", kv_c, W_UK[h0:h1])  # [hc, S, nope]
+        k = torch.cat([k_nope, k_pe.expand(h1 - h0, S, k_pe.shape[-1])], dim=-1)  # [hc, S, nope + rope]
+        v = torch.einsum("sc,hvc->hsv", kv_c, W_UV[h0:h1])  # [hc, S, v]
+        for t0 in range(0, T, block):
+            t1 = min(T, t0 + block)
+            s1 = start + t1  # keys this block may see
+            scores = torch.matmul(q[h0:h1, t0:t1], k[:, :s1].transpose(1, 2)) * scale  # [hc, tb, s1]
+            causal = torch.arange(s1)[None, :] > (start + torch.arange(t0, t1))[:, None]  # [tb, s1]
+            probs = scores.masked_fill_(causal, float("-inf")).softmax(-1)
+            out[t0:t1, h0:h1] = torch.matmul(probs, v[:, :s1]).transpose(0, 1)  # [tb, hc, v]
+    return out

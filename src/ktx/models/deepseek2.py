@@ -29,7 +29,7 @@ import torch
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
 from ktx.layers.linear import FloatLinears
-from ktx.layers.mla import LatentCache
+from ktx.layers.mla import LatentCache, expanded_is_cheaper, mla_expanded
 from ktx.layers.moe import TorchExperts, moe_step
 from ktx.layers.ops import TorchOps, TritonOps
 from ktx.layers.rope import Rope
@@ -108,6 +108,13 @@ class Deepseek2:
         cfg = self.cfg
         return self._w(p + "attn_kv_b.weight").view(cfg.n_heads, cfg.qk_nope + cfg.v_head, cfg.kv_lora_rank)
 
+    def _uk_uv(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 W_UK [n_h, kv_lora, nope] and W_UV [n_h, v, kv_lora] (the expanded prefill form)."""
+        if self.gguf.has(p + "attn_k_b.weight"):
+            return self._w(p + "attn_k_b.weight"), self._w(p + "attn_v_b.weight")
+        kv_b = self._kv_b(p)
+        return kv_b[:, : self.cfg.qk_nope].transpose(1, 2), kv_b[:, self.cfg.qk_nope:]
+
     def _absorb_k(self, p: str, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope [T, n_h, nope] -> q_lat [T, n_h, kv_lora]: each head's W_UK (attn_k_b [n_h, kv_lora, nope])."""
         if self.gguf.has(p + "attn_k_b.weight"):
@@ -134,8 +141,13 @@ class Deepseek2:
         k_pe = ops.rope(self.rope, kv[:, cfg.kv_lora_rank:], pos)
         start, end = cache.length, cache.length + T
         cache.kv_c[i, start:end], cache.k_pe[i, start:end] = kv_c, k_pe
-        o_lat = ops.mla(self._absorb_k(p, q_nope), q_pe, cache, i, start, end, cfg.softmax_scale)  # [T, n_h, kv_lora]
-        return lin(self._absorb_v(p, o_lat).reshape(T, -1), p + "attn_output.weight")  # [T, H]
+        if ops.name == "torch" and expanded_is_cheaper(T, end, cfg.kv_lora_rank, cfg.qk_nope, cfg.qk_rope, cfg.v_head):
+            W_UK, W_UV = self._uk_uv(p)
+            o = mla_expanded(q_nope, q_pe, cache.kv_c[i, :end], cache.k_pe[i, :end], W_UK, W_UV, cfg.softmax_scale, start)
+        else:
+            o_lat = ops.mla(self._absorb_k(p, q_nope), q_pe, cache, i, start, end, cfg.softmax_scale)  # [T, n_h, kv_lora]
+            o = self._absorb_v(p, o_lat)  # [T, n_h, v]
+        return lin(o.reshape(T, -1), p + "attn_output.weight")  # [T, H]
 
     def _mlp(self, x: torch.Tensor, p: str, kind: str = "") -> torch.Tensor:
         """SwiGLU: down(silu(gate x) * up x), the dense layers' (kind "") or the shared experts' ("_shexp")."""
