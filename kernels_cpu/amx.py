@@ -21,7 +21,7 @@ Microkernel (one 16 x 16 output tile; C, A, B = tmm0, tmm1, tmm2), K walked in s
 The B tile is "VNNI-interleaved": row k4 holds, for each of the 16 output columns n, the 4 (int8) or 2
 (bf16) consecutive k of weight row n. That is exactly repack.py's byte plane, codes[rg, k4, r16, 4]: one
 row group of 16 expert rows is one B operand with ldb = 64, shared with the vpdpbusd kernels unchanged
-(nibble layouts are widened to bytes by `pack_b_int8`). The repacked codes are unsigned, so quantized
+(packed 4/5/6-bit layouts are widened to bytes by `repack.unpack_codes`). The repacked codes are unsigned, so quantized
 experts use tdpbsud (signed activations x unsigned codes) and start the group sum at -zero * sum(A), as
 simd.py does.
 
@@ -59,7 +59,7 @@ import numpy as np
 from ktx.errors import KtxError
 
 from .cpu_features import cpuid, xcr0
-from .repack import R_GROUP, Layout
+from .repack import R_GROUP, Layout, unpack_codes
 
 ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
@@ -401,19 +401,6 @@ def pack_a(x: np.ndarray) -> np.ndarray:
     return a
 
 
-def pack_b_int8(codes_rg: np.ndarray, lay: Layout) -> np.ndarray:
-    """One row group of repacked codes ([K/4, 64] byte plane or [K/8, 64] nibbles) -> B operand [K/4, 64] u8.
-
-    The byte plane is already the tile layout (returned as is); nibble plane row k8 holds k = 8 k8 + j in the
-    low and 8 k8 + 4 + j in the high nibble of byte 4 r + j, so it widens to B rows 2 k8 and 2 k8 + 1."""
-    if not lay.nibble:
-        return codes_rg
-    B = np.empty((2 * codes_rg.shape[0], 64), np.uint8)  # [K/4, 64]
-    B[0::2] = codes_rg & 0xF
-    B[1::2] = codes_rg >> 4
-    return B
-
-
 def pack_b_weights(w: np.ndarray, pack: int) -> np.ndarray:
     """Weights [N, K] (N a multiple of 16) -> B operands [N/16, K/pack, 16*pack]: B[k][pack n + i] = w[n, pack k + i].
 
@@ -457,7 +444,7 @@ def amx_expert_matmul(xq, xd, xs, xsf, arrays: dict, lay: Layout, kernel) -> np.
     xd_p, xsf_p = pack_a(xd), pack_a(xsf)  # [Tp, K/32]
     tile = np.empty((16, 16), np.int32)
     for rg in range(n_rg):
-        B = pack_b_int8(np.asarray(arrays["codes"][rg]), lay)  # [K/4, 64]
+        B = unpack_codes(arrays["codes"][rg], lay)  # [K/4, 64]
         rows = slice(R_GROUP * rg, R_GROUP * rg + R_GROUP)
         for m in range(0, Tp, 16):
             acc = np.zeros((16, 16), np.float32)

@@ -3,12 +3,12 @@
 For expert e, row group rg (16 rows of a repacked matrix, repack.py) and a token tile of 16 slots t0..t0+15:
 
     A  xq[t0 : t0 + 16, :K]           int8, lda = K bytes     (slots of AMX experts are padded to 16, zeros)
-    B  codes[e, rg]  [K/4, 64]        the byte plane is the B tile layout as is, ldb = 64
-       or, for nibble layouts (Q4_0, Q4_K), codes[e, rg] [K/8, 64] widened into a per-worker scratch
-       [K/4, 64] once per (expert, row group) and reused by all of that expert's token tiles:
-           nibble byte (k8, 4 r + j) = q[8 k8 + j] | q[8 k8 + 4 + j] << 4
-           -> B row 2 k8     = low nibbles  (k = 8 k8 + j)
-              B row 2 k8 + 1 = high nibbles (k = 8 k8 + 4 + j)
+    B  codes[e, rg]  [K/4, 64]        the byte plane (Q8_0) is the B tile layout as is, ldb = 64
+       or, for the packed layouts (4, 5, 6 bits: repack.py), codes[e, rg] widened into a per-worker scratch
+       [K/4, 64] once per (expert, row group) and reused by all of that expert's token tiles. Per code block
+       of kb k (vectors v0.. of 64 bytes; step s = 4 k of the block, B row kb/4 block + s):
+           B[., 4 r + j] = (v[s / 2] >> 4 (s % 2)) & 15  |  ((v_hi >> hb s) & (2^hb - 1)) << 4
+       with hb = bits - 4 high bits per code in the block's last vector (none for 4 bits)
     C  cbuf [K/G, 16, 16] int32       the "steps" microkernel (amx.py) stores one tile per scale group of G
                                       weights: one ldtilecfg per call, K/G x (tilezero, 2 x tileloadd,
                                       tdpbsud, tilestored)
@@ -33,8 +33,8 @@ from numba.extending import intrinsic
 
 from .repack import LAYOUTS
 
-# per layout id (simd.LAYOUT_IDS order): G, S, zero, sc kind (0 none, 1 u8, 2 i8), mins, nibble
-LAY = tuple((lay.G, lay.S, lay.zero, {None: 0, "u8": 1, "i8": 2}[lay.sc], int(lay.mins), int(lay.nibble))
+# per layout id (simd.LAYOUT_IDS order): G, S, zero, sc kind (0 none, 1 u8, 2 i8), mins, code bits, k per block
+LAY = tuple((lay.G, lay.S, lay.zero, {None: 0, "u8": 1, "i8": 2}[lay.sc], int(lay.mins), lay.bits, lay.kb)
             for lay in LAYOUTS.values())
 
 _i8p = ir.IntType(8).as_pointer()
@@ -86,16 +86,24 @@ def f16_at(typingctx, addr):
 
 @njit(nogil=True, cache=True)
 def b_operand(lay, md, e, rg, K, wbuf):
-    """Address of the B operand [K/4, 64] of (e, rg): the byte plane itself, or wbuf after widening nibbles."""
+    """Address of the B operand [K/4, 64] of (e, rg): the byte plane itself, or wbuf after widening packed codes."""
     src = np.int64(md[0] + e * md[1] + rg * md[2])
-    if not LAY[lay][5]:
+    bits, kb = LAY[lay][5], LAY[lay][6]
+    if bits == 8:
         return src
-    codes = carray(u8_ptr(src), K // 8 * 64)
-    for k8 in range(K // 8):
-        for i in range(64):
-            q = codes[64 * k8 + i]
-            wbuf[128 * k8 + i] = q & 15
-            wbuf[128 * k8 + 64 + i] = q >> 4
+    n_vec = bits * kb // 32  # 64-byte vectors per code block
+    hb = bits - 4
+    hmask = (1 << hb) - 1
+    codes = carray(u8_ptr(src), K * bits // 32 * 64)
+    for blk in range(K // kb):
+        v = 64 * n_vec * blk
+        out = 64 * (kb // 4) * blk
+        for s in range(kb // 4):
+            for i in range(64):
+                q = (codes[v + 64 * (s // 2) + i] >> 4 * (s % 2)) & 15
+                if hb:
+                    q |= ((codes[v + 64 * (n_vec - 1) + i] >> hb * s) & hmask) << 4
+                wbuf[out + 64 * s + i] = q
     return np.int64(wbuf.ctypes.data)  # int64 like src (ctypes.data is uint64)
 
 
@@ -103,7 +111,7 @@ def b_operand(lay, md, e, rg, K, wbuf):
 def amx_tile(lay, fn, md, e, rg, K, b_addr, xq, xd, xs, xsf, t0, cbuf, out, r0, c0):
     """out[r0 : r0 + 16, c0 : c0 + 16] = slots t0..t0+15 times rows of (e, rg): one steps-kernel call over K,
     then the per-group scales. cbuf: int32 scratch of at least [K/G, 16, 16]."""
-    G, S, zero, sck, mins, _ = LAY[lay]
+    G, S, zero, sck, mins, _, _ = LAY[lay]
     call_tile_kernel(fn, xq.ctypes.data + t0 * K, K, b_addr, 64, cbuf.ctypes.data, 64, K, 1)
     d_a, sc_a = md[3] + e * md[4] + rg * md[5], md[6] + e * md[7] + rg * md[8]
     dm_a, m_a = md[9] + e * md[10] + rg * md[11], md[12] + e * md[13] + rg * md[14]

@@ -5,7 +5,7 @@ the routed-expert machinery: W is repacked once into the VNNI layout of repack.p
 K run of a group contiguous), and the tile kernels of simd.py do the int8 dots. A batched weight
 [B, R, K] (MLA's per-head attn_k_b / attn_v_b) is B independent matrices, stored like B experts:
 
-    codes [B, Rp/16, K/4|K/8, 64] u8   d [B, Rp/16, K/S, 16] f16   sc/dmin/m as repack.py  (Rp = R rounded up to 64)
+    codes [B, Rp/16, K*bits/32, 64] u8   d [B, Rp/16, K/S, 16] f16   sc/dmin/m as repack.py  (Rp = R rounded up to 64)
 
 Rows past R are padding: zero codes and zero scales (dequantize to 0), so any R works; the loop writes their
 results into a scratch tile, never into y.

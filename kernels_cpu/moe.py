@@ -11,10 +11,10 @@ vector path beside it. An explicit vnni/avx2/portable path runs that path alone 
 
 AMX prefill (amx_loops.py): when a batch averages more than MIN_TOKENS_PER_EXPERT tokens per used expert, each
 expert with more than that many tokens runs its gate/up/down through tdpbsud 16 x 16 tiles, the others through
-the vector tiles, in the same loops, items and work counter. Nibble codes (Q4_0, Q4_K) are widened to bytes
+the vector tiles, in the same loops, items and work counter. Packed codes (4, 5, 6 bits) are widened to bytes
 per (expert, row group) into a per-worker scratch of 16 K bytes per matrix (112 KiB at K = 7168: L2-resident)
 and reused by all token tiles of that expert, not once at load time into an AMX-side byte copy: the decode
-path keeps streaming the nibble plane, so that copy would add 1 byte per weight (about 440 GB for the Q4_K
+path keeps streaming the packed codes, so that copy would add 1 byte per weight (about 440 GB for the Q4_K
 gate/up experts of DeepSeek-V3: 58 layers x 256 experts x 2 x 7168 x 2048 weights) and prefill would stream
 twice the weight bytes. Widening costs 16 K byte writes per (expert, row group), against 16 K x tokens MACs.
 amx_kernel="model" swaps the native microkernel for a Numba model of it (amx.tdpbsud_steps_model): the whole

@@ -16,15 +16,32 @@ while the activations are the signed one. Per type (GGUF block bytes -> fields):
     Q6_K  [ql 128 B][qh 64 B][sc i8 x16][d f16]: q = 4 + 2 bits, zero 32, G = 16, S = 256, signed sc
 
 Layout of one expert matrix [R rows, K] (R a multiple of 16): rows in groups of 16, and for each group the
-whole K run is contiguous, 64-byte vectors of 16 rows x 4 k (the vpdpbusd operand):
+whole K run is contiguous, a sequence of 64-byte vectors. The kernel's operand for one step of 4 k is
+16 rows x 4 codes (the vpdpbusd operand): byte 4 r + j = q[16 rg + r, 4 k4 + j]. Codes wider than 4 bits
+are split into a 4-bit low part and a 1- or 2-bit high part; both go into the same run, one code block after
+another, so a row group is still one sequential stream:
 
-    byte plane  codes[rg, k4, r16, 4]     = q[16 rg + r16, 4 k4 + j]                   (1 B / weight)
-    nibble      codes[rg, k8, r16, j]     = q[.., 8 k8 + j] | q[.., 8 k8 + 4 + j] << 4 (0.5 B / weight)
-    d           [rg, K / S, 16] f16,  sc [rg, K / G, 16] u8|i8,  dmin [rg, K / 256, 16] f16,  m [rg, K / 32, 16] u8
+    8-bit  block = 4 k,  1 vector      v0[4 r + j] = q[r, k0 + j]                                   (1 B / weight)
+    4-bit  block = 8 k,  1 vector      v0[4 r + j] = q[r, k0 + j] | q[r, k0 + 4 + j] << 4           (0.5 B)
+    6-bit  block = 16 k, 3 vectors     v0, v1 = the 4-bit vectors of k0 and k0 + 8 (low 4 bits of q)
+                                       v2[4 r + j] = sum_s (q[r, k0 + 4 s + j] >> 4) << 2 s, s < 4  (0.75 B)
+    5-bit  block = 32 k, 5 vectors     v0..v3 = the 4-bit vectors of k0, k0 + 8, k0 + 16, k0 + 24
+                                       v4[4 r + j] = sum_s (q[r, k0 + 4 s + j] >> 4) << s,   s < 8  (0.625 B)
+
+    one 6-bit block of a row group (192 bytes, 16 k):
+      byte   0 ..  63   lo4 k0+0..3 | lo4 k0+4..7 << 4        (4 r + j)
+      byte  64 .. 127   lo4 k0+8..11 | lo4 k0+12..15 << 4
+      byte 128 .. 191   hi2 k0+0..3 | hi2 k0+4..7 << 2 | hi2 k0+8..11 << 4 | hi2 k0+12..15 << 6
+
+so operand s of a block is (v[s / 2] >> 4 (s % 2)) & 15 | ((v_hi >> hb s) & (2^hb - 1)) << 4 (hb = 1|2): one
+vector load per plane, shifts and masks (unpack_codes does the same in numpy). Scales, per row group:
+
+    d [rg, K / S, 16] f16,  sc [rg, K / G, 16] u8|i8,  dmin [rg, K / 256, 16] f16,  m [rg, K / 32, 16] u8
 
 so the scales for 16 rows are one small vector load. Products d * sc are exact in f32, so the layout
-dequantizes bit-exactly to `gguf.quants.dequantize`. Q6_K and the 5-bit types use the byte plane (more bytes
-than the GGUF block; a packed 6-bit plane is future work).
+dequantizes bit-exactly to `gguf.quants.dequantize`. Bytes per weight (Layout.bytes_per_weight) match the GGUF
+block within the K-quant scale unpacking: Q6_K 0.820 (GGUF 0.820), Q5_K 0.703 (0.688), Q5_0 0.688 (0.688),
+Q4_K 0.578 (0.562), Q4_0 0.562 (0.562), Q8_0 1.062 (1.062).
 """
 from __future__ import annotations
 
@@ -41,26 +58,31 @@ class Layout:
     """How one GGUF type maps onto the kernel's affine form (see the module docstring)."""
 
     name: str
-    nibble: bool  # 4-bit codes packed two per byte
+    bits: int  # code width: 8 (byte plane), 4 (nibbles), 5 or 6 (nibbles + a 1|2-bit plane per block)
     G: int  # weights per sc group (16 or 32)
     S: int  # weights per d
     sc: str | None  # "u8" | "i8" | None
     mins: bool  # K-quant minimums (dmin * m per 32)
     zero: int  # code offset (q - zero)
 
+    @property
+    def kb(self) -> int:
+        """k per code block (see the module docstring): 4, 8, 32 or 16 for 8, 4, 5 or 6 bits."""
+        return {8: 4, 4: 8, 5: 32, 6: 16}[self.bits]
+
     def bytes_per_weight(self) -> float:
-        b = 0.5 if self.nibble else 1.0
+        b = self.bits / 8
         b += 2 / self.S + (1 / self.G if self.sc else 0)
         return b + (2 / 256 + 1 / 32 if self.mins else 0)
 
 
 LAYOUTS = {
-    QT.Q8_0: Layout("Q8_0", False, 32, 32, None, False, 128),
-    QT.Q4_0: Layout("Q4_0", True, 32, 32, None, False, 8),
-    QT.Q5_0: Layout("Q5_0", False, 32, 32, None, False, 16),
-    QT.Q4_K: Layout("Q4_K", True, 32, 256, "u8", True, 0),
-    QT.Q5_K: Layout("Q5_K", False, 32, 256, "u8", True, 0),
-    QT.Q6_K: Layout("Q6_K", False, 16, 256, "i8", False, 32),
+    QT.Q8_0: Layout("Q8_0", 8, 32, 32, None, False, 128),
+    QT.Q4_0: Layout("Q4_0", 4, 32, 32, None, False, 8),
+    QT.Q5_0: Layout("Q5_0", 5, 32, 32, None, False, 16),
+    QT.Q4_K: Layout("Q4_K", 4, 32, 256, "u8", True, 0),
+    QT.Q5_K: Layout("Q5_K", 5, 32, 256, "u8", True, 0),
+    QT.Q6_K: Layout("Q6_K", 6, 16, 256, "i8", False, 32),
 }
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 
@@ -142,18 +164,44 @@ def _rows16(a: np.ndarray) -> np.ndarray:  # [R, n] -> [R/16, n, 16]
     return np.ascontiguousarray(a.reshape(R // R_GROUP, R_GROUP, n).transpose(0, 2, 1))
 
 
-def interleave(f: dict, lay: Layout) -> dict:
-    """Decoded fields of one expert -> kernel arrays (codes [R/16, n_k, 64] u8 and scale vectors)."""
-    q = f["q"]
+def pack_codes(q: np.ndarray, lay: Layout) -> np.ndarray:
+    """Codes q [R, K] u8 -> the code runs [R/16, K * bits / 32, 64] of the module docstring."""
     R, K = q.shape
-    g = q.reshape(R // R_GROUP, R_GROUP, K)
-    if lay.nibble:
-        g = g.reshape(R // R_GROUP, R_GROUP, K // 8, 2, 4)
-        g = g[:, :, :, 0, :] | (g[:, :, :, 1, :] << 4)  # [rg, 16, K/8, 4]
-    else:
-        g = g.reshape(R // R_GROUP, R_GROUP, K // 4, 4)
-    out = dict(codes=np.ascontiguousarray(g.transpose(0, 2, 1, 3)).reshape(R // R_GROUP, -1, 64),
-               d=_rows16(f["d"]))
+    if lay.bits == 8:
+        g = q.reshape(R // R_GROUP, R_GROUP, K // 4, 4).transpose(0, 2, 1, 3)  # [rg, k4, r, j]
+        return np.ascontiguousarray(g).reshape(R // R_GROUP, -1, 64)
+    kb = lay.kb
+    g = q.reshape(R // R_GROUP, R_GROUP, K // kb, kb // 8, 2, 4)  # [rg, r, block, k8, lo|hi nibble, j]
+    nib = (g[..., 0, :] & 0xF) | ((g[..., 1, :] & 0xF) << 4)  # [rg, r, block, kb/8, j]
+    vecs = [nib.transpose(0, 2, 3, 1, 4)]  # [rg, block, kb/8, r, j]
+    if lay.bits > 4:
+        hb = lay.bits - 4
+        hi = (q >> 4).reshape(R // R_GROUP, R_GROUP, K // kb, kb // 4, 4)  # [rg, r, block, step, j]
+        h = hi[:, :, :, 0].copy()  # [rg, r, block, j]
+        for s in range(1, kb // 4):
+            h |= hi[:, :, :, s] << (hb * s)
+        vecs.append(h.transpose(0, 2, 1, 3)[:, :, None])  # [rg, block, 1, r, j]
+    return np.ascontiguousarray(np.concatenate(vecs, axis=2)).reshape(R // R_GROUP, -1, 64)
+
+
+def unpack_codes(codes_rg: np.ndarray, lay: Layout) -> np.ndarray:
+    """One row group's code run [K * bits / 32, 64] -> byte operands [K/4, 64]: B[k4, 4 r + j] = q[r, 4 k4 + j]
+    (the vpdpbusd operand of every step, and the AMX B tile)."""
+    if lay.bits == 8:
+        return np.asarray(codes_rg)
+    kb = lay.kb
+    v = np.asarray(codes_rg).reshape(-1, lay.bits * kb // 32, 64)  # [block, vectors, 64]
+    nib = np.stack([v[:, :kb // 8] & 0xF, v[:, :kb // 8] >> 4], axis=2).reshape(-1, kb // 4, 64)  # [block, step, 64]
+    if lay.bits > 4:
+        hb = lay.bits - 4
+        shifts = (hb * np.arange(kb // 4, dtype=np.uint8))[:, None]  # [step, 1]
+        nib |= ((v[:, -1:] >> shifts) & ((1 << hb) - 1)) << 4
+    return nib.reshape(-1, 64)
+
+
+def interleave(f: dict, lay: Layout) -> dict:
+    """Decoded fields of one expert -> kernel arrays (codes [R/16, K * bits / 32, 64] u8 and scale vectors)."""
+    out = dict(codes=pack_codes(f["q"], lay), d=_rows16(f["d"]))
     if lay.sc:
         out["sc"] = _rows16(f["sc"])
     if lay.mins:
@@ -165,7 +213,7 @@ def interleave(f: dict, lay: Layout) -> dict:
 def field_shapes(lay: Layout, E: int, R: int, K: int) -> dict:
     """Shapes and dtypes of the stacked kernel arrays for E experts (to preallocate or memory-map)."""
     rg = R // R_GROUP
-    s = dict(codes=((E, rg, K // (8 if lay.nibble else 4), 64), np.uint8), d=((E, rg, K // lay.S, 16), np.float16))
+    s = dict(codes=((E, rg, K * lay.bits // 32, 64), np.uint8), d=((E, rg, K // lay.S, 16), np.float16))
     if lay.sc:
         s["sc"] = ((E, rg, K // lay.G, 16), np.uint8 if lay.sc == "u8" else np.int8)
     if lay.mins:

@@ -7,8 +7,9 @@ One call of `tile(V, ...)` computes, for NT tokens x NR row groups (16 rows each
                        with the integer sum started at -zero * sum_{k in g} xq[t, k]   (code offset)
 
 where xq are int8 activations with one float scale dx per 32 (see quantize.py). Inner loop, per 4 k and
-row group: one 64-byte load = 16 rows x 4 codes (repack.py), and for every token a 4-byte broadcast of xq;
-`dot4` multiplies u8 codes by s8 activations and adds each row's 4 products into its int32 lane:
+row group: one 64-byte operand = 16 rows x 4 codes (repack.py: a load for byte codes; for 4/5/6-bit codes
+loads of the block's low-nibble and high-bit vectors, shifts and masks), and for every token a 4-byte
+broadcast of xq; `dot4` multiplies u8 codes by s8 activations and adds each row's 4 products into its int32 lane:
 
     vnni      vpdpbusd zmm                        (AVX-512 VNNI)
     avx2      vpmaddubsw + vpmaddwd, two ymm halves (codes > 127 use the sign trick: |w| * sign(w) x)
@@ -85,6 +86,33 @@ def _dot4_portable(b, acc, w, x):
     return b.add(acc, b.add(b.add(lanes[0], lanes[1]), b.add(lanes[2], lanes[3])))
 
 
+def _vconst(v):
+    return ir.Constant(V64B, [v] * 64)
+
+
+def _c64(v):
+    return ir.Constant(i64, v)
+
+
+def _operand(b, base, lay, j):
+    """The 64-byte vpdpbusd operand (16 rows x 4 codes) of step j (4 k) of a group whose codes start at
+    address `base`: a plain load for bytes, else unpacked from the code block (repack.py's docstring)."""
+    if lay.bits == 8:
+        return b.load(_ptr(b, base, _c64(64 * j), V64B), align=1)
+    steps = lay.kb // 4
+    blk, s = divmod(j, steps)
+    blk_off = blk * 2 * lay.bits * lay.kb  # bytes per code block of a row group
+    v = b.load(_ptr(b, base, _c64(blk_off + 64 * (s // 2)), V64B), align=1)
+    q = b.and_(v, _vconst(0x0F)) if s % 2 == 0 else b.lshr(v, _vconst(4))
+    if lay.bits == 4:
+        return q
+    hb = lay.bits - 4
+    h = b.load(_ptr(b, base, _c64(blk_off + 64 * (lay.kb // 8)), V64B), align=1)  # loaded once: LLVM merges repeats
+    sh = 4 - hb * s  # bring bits hb s .. hb s + hb - 1 to bit 4
+    h = b.shl(h, _vconst(sh)) if sh > 0 else b.lshr(h, _vconst(-sh)) if sh < 0 else h
+    return b.or_(q, b.and_(h, _vconst(((1 << hb) - 1) << 4)))
+
+
 def _emit(b, V, a):
     """The tile kernel body; `a` holds the i64 arguments by name (addresses and sizes)."""
     lay, isa, nt, nr = _LAYOUT_BY_ID[V // 1000], V // 100 % 10, V // 10 % 10, V % 10
@@ -123,19 +151,12 @@ def _emit(b, V, a):
         else:
             xsum.append(ir.Constant(V16I, [0] * 16))
     iacc = [[xsum[t] for _ in range(nr)] for t in range(nt)]
-    code_step = 8 if lay.nibble else 16  # bytes of codes per k per row group (16 rows)
-    gcodes = b.mul(gk, c(code_step))
-    nib_mask = ir.Constant(V64B, [0x0F] * 64)
+    gcodes = b.mul(gk, c(2 * lay.bits))  # bytes of codes per k per row group (16 rows): 2 * bits
     for j in range(G // 4):
         ws = []
         for r in range(nr):
-            base = b.add(a["codes"], b.mul(c(r), a["cs"]))
-            if lay.nibble:
-                v = b.load(_ptr(b, base, b.add(gcodes, c(64 * (j // 2))), V64B), align=1)
-                v = b.and_(v, nib_mask) if j % 2 == 0 else b.lshr(v, ir.Constant(V64B, [4] * 64))
-            else:
-                v = b.load(_ptr(b, base, b.add(gcodes, c(64 * j)), V64B), align=1)
-            ws.append(v)
+            base = b.add(b.add(a["codes"], b.mul(c(r), a["cs"])), gcodes)
+            ws.append(_operand(b, base, lay, j))
         for t in range(nt):
             xoff = b.add(b.mul(c(t), K), b.add(gk, c(4 * j)))
             xb = b.bitcast(_splat(b, b.load(_ptr(b, a["xq"], xoff, i32), align=1), V16I), V64B)

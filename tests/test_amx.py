@@ -229,7 +229,7 @@ def pool():
         yield p
 
 
-MOE_CASES = [(QT.Q4_K, QT.Q6_K), (QT.Q6_K, QT.Q4_K), (QT.Q8_0, QT.Q8_0)]
+MOE_CASES = [(QT.Q4_K, QT.Q6_K), (QT.Q6_K, QT.Q4_K), (QT.Q8_0, QT.Q8_0), (QT.Q5_K, QT.Q5_0)]
 
 
 @pytest.mark.parametrize("source", SOURCES)

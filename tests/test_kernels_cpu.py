@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features
 from ktx.kernels_cpu.cpu_features import cpuinfo_flags
-from ktx.kernels_cpu.repack import LAYOUTS, decode_blocks, dequantize_fields
+from ktx.kernels_cpu.repack import LAYOUTS, decode_blocks, dequantize_fields, interleave
 from ktx.errors import KtxError
 
 _SCALE_OFFSETS = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q5_0: [0], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
@@ -133,6 +133,51 @@ def test_layout_fields_dequantize_exactly(qt):
     raw = rand_raw(rng, qt, 1, 16, 512, scale=1.0)[0]
     f = decode_blocks(raw, qt, 512)
     np.testing.assert_array_equal(dequantize_fields(f, LAYOUTS[qt]), dequantize(raw, qt).astype(np.float32))
+
+
+def _code_at(codes, bits, r, k):
+    """Code of row r, column k read from a repacked code run [R/16, ., 64], bit by bit as the repack.py
+    docstring draws it (written out per element here, independent of pack_codes / unpack_codes)."""
+    rg, i = r // 16, 4 * (r % 16) + k % 4  # byte within a 64-byte vector
+    run = codes[rg].reshape(-1)
+    if bits == 8:
+        return int(run[64 * (k // 4) + i])
+    kb = {4: 8, 5: 32, 6: 16}[bits]  # k per code block
+    base = (k // kb) * 16 * kb * bits // 8  # byte offset of the block in the row group's run
+    s = (k % kb) // 4  # step (4 k) within the block
+    lo = (int(run[base + 64 * (s // 2) + i]) >> (4 * (s % 2))) & 15
+    if bits == 4:
+        return lo
+    hb = bits - 4
+    hi = (int(run[base + 64 * (kb // 8) + i]) >> (hb * s)) & ((1 << hb) - 1)
+    return lo | hi << 4
+
+
+@pytest.mark.parametrize("qt", list(LAYOUTS), ids=lambda q: q.name)
+def test_repacked_arrays_dequantize_exactly_and_size(qt):
+    """The kernel arrays (packed code runs + per-16-row scale vectors) against gguf-py, element by element
+    on a sample, exactly; and their size per weight: the packed 5/6-bit runs at GGUF size or within the
+    K-quant scale unpacking (Q6_K 0.82 B/weight as GGUF's 210/256, no longer 1.07)."""
+    rng = np.random.default_rng(int(qt) + 7)
+    R, K = 32, 512
+    raw = rand_raw(rng, qt, 1, R, K, scale=1.0)[0]
+    lay = LAYOUTS[qt]
+    a = interleave(decode_blocks(raw, qt, K), lay)
+    W = dequantize(raw, qt).astype(np.float32)  # [R, K]
+    for r, k in zip(rng.integers(0, R, 600), rng.integers(0, K, 600)):
+        rg, rr = r // 16, r % 16
+        q = _code_at(a["codes"], lay.bits, r, k)
+        w = np.float32(q - lay.zero) * np.float32(a["d"][rg, k // lay.S, rr])
+        if lay.sc:
+            w *= np.float32(a["sc"][rg, k // lay.G, rr])
+        if lay.mins:
+            w -= np.float32(a["dmin"][rg, k // 256, rr]) * np.float32(a["m"][rg, k // 32, rr])
+        assert w == W[r, k], (r, k)
+    nbytes = sum(v.nbytes for v in a.values())
+    assert nbytes == R * K * lay.bytes_per_weight()
+    bs, ts = GGML_QUANT_SIZES[qt]
+    kquant_scales = (8 + 8 - 12) / 256 if lay.mins else 0  # 6-bit sc, m (12 B per 256) stored as bytes (16 B)
+    assert nbytes / (R * K) == pytest.approx(ts / bs + kquant_scales)
 
 
 CASES = [(p, QT.Q4_K, QT.Q4_K) for p in PATHS] + [(p, QT.Q8_0, QT.Q8_0) for p in PATHS] + \
