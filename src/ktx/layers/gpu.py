@@ -71,6 +71,9 @@ class GpuLinears:
             return quant_linear(x.to(self.prefill_dtype), w, qtype).float()  # [T, R]
         return quant_linear(x.float(), w, qtype)  # [T, R]
 
+    def many(self, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        return [self(x, n) for n in names]
+
     def heads(self, x: torch.Tensor, name: str) -> torch.Tensor:
         w, _ = self._weight(name)  # [B, R, K]
         return torch.bmm(x.to(w.dtype), w.transpose(1, 2)).float()  # [B, T, K] @ [B, K, R]

@@ -12,6 +12,11 @@ Backends:
   printed at load (`describe`) so a slow fallback is never silent.
 
 Which tensors are dense linears is decided by name (`DENSE`), so every architecture shares the list.
+
+Weights that multiply the same input (`FUSE`: q_a with kv_a, gate with up, q with k and v) go through
+`lin.many(x, names)`. The quantized backend repacks such a group as one matrix (rows stacked) when the
+members share type and width, so decode makes one kernel call instead of two or three: fewer pool wake-ups,
+one longer weight stream.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from ktx.layers.weights import WeightStore
 
 # attention projections, dense and shared-expert MLPs, the lm_head (llama.cpp tensor names)
 DENSE = re.compile(r"^(blk\.\d+\.(attn_(q|q_a|q_b|k|v|kv_a_mqa|k_b|v_b|output)|ffn_(gate|up|down)(_shexp)?)|output)\.weight$")
+# groups of one layer's weights applied to the same input, first match wins (GQA's q/k/v before MLA's q/kv_a)
+FUSE = (("attn_q", "attn_k", "attn_v"), ("attn_q_a", "attn_kv_a_mqa"), ("attn_q", "attn_kv_a_mqa"),
+        ("ffn_gate", "ffn_up"), ("ffn_gate_shexp", "ffn_up_shexp"))
 
 
 class FloatLinears:
@@ -39,6 +47,10 @@ class FloatLinears:
     def heads(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return torch.bmm(x, self.store.get(name).transpose(1, 2))  # [B, T, K] @ [B, K, R]
 
+    def many(self, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        """[x @ W^T for W in names]: several weights on one input (see FUSE)."""
+        return [self(x, n) for n in names]
+
     def prepare(self, names) -> None:
         """Make the backend ready for these tensors up front (nothing to do for the float path)."""
 
@@ -51,6 +63,7 @@ class QuantLinears(FloatLinears):
         super().__init__(store)
         self.pool, self.path = pool, path
         self.ops: dict[str, object] = {}  # name -> QuantLinear, or None for the float path
+        self.fused: dict[tuple[str, ...], tuple[object, list[int]]] = {}  # names -> (stacked QuantLinear, rows each)
         self.kernel_path = "quantized CPU kernels"
 
     def _op(self, name: str):
@@ -76,26 +89,63 @@ class QuantLinears(FloatLinears):
         op = self._op(name)
         return super().heads(x, name) if op is None else torch.from_numpy(op(x.numpy()))
 
+    def many(self, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        hit = self.fused.get(tuple(names))
+        if hit is None:
+            return super().many(x, names)
+        op, rows = hit
+        return list(torch.from_numpy(op(x.numpy())).split(rows, dim=-1))
+
+    def _fuse(self, names: tuple[str, ...]) -> bool:
+        """One stacked QuantLinear for weights of one type and width (raw rows concatenated, then repacked)."""
+        from ktx.kernels_cpu import QuantLinear
+
+        ts = [self.store.model.tensor(n) for n in names]
+        rows = [t.shape[-2] for t in ts]
+        if len({(t.qtype, t.shape[-1], t.data.dtype, len(t.shape)) for t in ts}) != 1 or len(ts[0].shape) != 2 \
+                or ts[0].data.dtype != np.uint8 or not QuantLinear.supports(ts[0].qtype, sum(rows), ts[0].shape[-1]):
+            return False
+        raw = np.concatenate([np.asarray(t.data) for t in ts])  # [sum rows, row_bytes]
+        op = QuantLinear(raw, ts[0].qtype, sum(rows), ts[0].shape[-1], self.pool, path=self.path, name="+".join(names))
+        self.fused[names] = (op, rows)
+        return True
+
     def prepare(self, names) -> None:
-        """Repack every dense weight now (with a progress bar on big models), not inside the first token."""
+        """Repack every dense weight now (with a progress bar on big models), not inside the first token; the FUSE
+        groups as stacked matrices."""
         from rich.console import Console
         from rich.progress import Progress
 
         names = list(names)
-        total = sum(self.store.model.tensor(n).n_bytes for n in names)
-        with Progress(transient=True, disable=total < 256 << 20, console=Console(stderr=True)) as bar:
-            task = bar.add_task("repacking dense weights", total=total)
+        have = set(names)
+        groups, grouped = [], set()
+        for p in sorted({n[: n.index(".", 4) + 1] for n in names if n.startswith("blk.")}):
+            for g in FUSE:
+                full = tuple(f"{p}{k}.weight" for k in g)
+                if all(n in have and n not in grouped for n in full):
+                    groups.append(full)
+                    grouped.update(full)
+        size = lambda ns: sum(self.store.model.tensor(n).n_bytes for n in ns)  # noqa: E731
+        with Progress(transient=True, disable=size(names) < 256 << 20, console=Console(stderr=True)) as bar:
+            task = bar.add_task("repacking dense weights", total=size(names))
+            for g in groups:
+                if not self._fuse(g):
+                    grouped.difference_update(g)
+                bar.advance(task, size(g))
             for n in names:
-                self._op(n)
-                bar.advance(task, self.store.model.tensor(n).n_bytes)
+                if n not in grouped:
+                    self._op(n)
+                    bar.advance(task, size([n]))
 
     def describe(self) -> str:
-        fast = [op for op in self.ops.values() if op is not None]
+        fast = [op for op in self.ops.values() if op is not None] + [op for op, _ in self.fused.values()]
         if not fast:
             return FloatLinears.kernel_path
         paths = sorted({op.kernel_path.split(" (")[0] for op in fast})
         kinds = "/".join(sorted({op.qtype.name for op in fast}))
-        line = f"dense weights: {len(fast)} tensors ({kinds}) on {', '.join(paths)}, repacked, int8 activations per 32"
+        n = len(fast) + sum(len(rows) - 1 for _, rows in self.fused.values())
+        line = (f"dense weights: {n} tensors ({kinds}) on {', '.join(paths)}, repacked, int8 activations per 32"
+                f" ({len(self.fused)} stacked groups)")
         slow = sorted({self.store.model.tensor(n).type_name for n, op in self.ops.items() if op is None})
         if slow:
             line += f"; {len(self.ops) - len(fast)} ({'/'.join(slow)}) as float32 torch matmul"

@@ -1,8 +1,9 @@
-"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, computed in float32."""
+"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * w, computed in float32 (torch's fused op: one call instead of five,
+which matters for decode, where every op is a few microseconds of overhead on a [1, H] row)."""
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * w
+    return F.rms_norm(x.float(), (x.shape[-1],), w, eps)

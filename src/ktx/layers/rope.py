@@ -41,11 +41,19 @@ class Rope:
             self.inv_freq = yarn_inv_freq(dim, base, yarn_factor, orig_ctx, beta_fast, beta_slow)
         else:
             self.inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dim/2]
+        self._table = (None, None, None)  # (positions, cos, sin) of the last call
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, dim/2] (times the YaRN scale); kept for the last positions tensor, since every layer of a
+        forward pass rotates at the same positions (q and k: 2 * n_layers calls for one table)."""
+        if self._table[0] is not positions:
+            angles = positions.float()[:, None] * self.inv_freq[None, :].to(positions.device)  # [T, dim/2]
+            self._table = (positions, torch.cos(angles) * self.scale, torch.sin(angles) * self.scale)
+        return self._table[1], self._table[2]
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, ..., dim], positions [T] -> rotated x (float32)."""
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, dim/2]
-        cos, sin = torch.cos(angles) * self.scale, torch.sin(angles) * self.scale
+        cos, sin = self.cos_sin(positions)
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.dim // 2,)
         cos, sin = cos.view(shape), sin.view(shape)
         x = x.float()

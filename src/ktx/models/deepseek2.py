@@ -131,12 +131,12 @@ class Deepseek2:
         cfg, p, T = self.cfg, f"blk.{i}.", x.shape[0]
         lin, ops = self.lin, self.ops
         if cfg.q_lora_rank:
-            q = lin(ops.rms_norm(lin(x, p + "attn_q_a.weight"), self._w(p + "attn_q_a_norm.weight"), cfg.rms_eps), p + "attn_q_b.weight")
+            q_a, kv = lin.many(x, [p + "attn_q_a.weight", p + "attn_kv_a_mqa.weight"])  # [T, q_lora], [T, kv_lora + rope]
+            q = lin(ops.rms_norm(q_a, self._w(p + "attn_q_a_norm.weight"), cfg.rms_eps), p + "attn_q_b.weight")
         else:
-            q = lin(x, p + "attn_q.weight")
+            q, kv = lin.many(x, [p + "attn_q.weight", p + "attn_kv_a_mqa.weight"])
         q = q.view(T, cfg.n_heads, cfg.qk_head)  # [T, n_h, nope + rope]
         q_nope, q_pe = q[..., : cfg.qk_nope], ops.rope(self.rope, q[..., cfg.qk_nope:], pos)
-        kv = lin(x, p + "attn_kv_a_mqa.weight")  # [T, kv_lora + rope]
         kv_c = ops.rms_norm(kv[:, : cfg.kv_lora_rank], self._w(p + "attn_kv_a_norm.weight"), cfg.rms_eps)
         k_pe = ops.rope(self.rope, kv[:, cfg.kv_lora_rank:], pos)
         start, end = cache.length, cache.length + T
@@ -152,7 +152,8 @@ class Deepseek2:
     def _mlp(self, x: torch.Tensor, p: str, kind: str = "") -> torch.Tensor:
         """SwiGLU: down(silu(gate x) * up x), the dense layers' (kind "") or the shared experts' ("_shexp")."""
         lin = self.lin
-        h = torch.nn.functional.silu(lin(x, f"{p}ffn_gate{kind}.weight")) * lin(x, f"{p}ffn_up{kind}.weight")
+        g, u = lin.many(x, [f"{p}ffn_gate{kind}.weight", f"{p}ffn_up{kind}.weight"])  # [T, I] each
+        h = torch.nn.functional.silu(g) * u
         return lin(h, f"{p}ffn_down{kind}.weight")
 
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -90,8 +90,7 @@ class GQATransformer:
     def _w(self, name: str) -> torch.Tensor:
         return self.store.get(name)
 
-    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        y = self.lin(x, name + ".weight")
+    def _bias(self, y: torch.Tensor, name: str) -> torch.Tensor:
         return y + self._w(name + ".bias") if self.gguf.has(name + ".bias") else y
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -110,9 +109,11 @@ class GQATransformer:
 
     def attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         cfg, p, T = self.cfg, f"blk.{i}.", x.shape[0]
-        q = self._linear(x, p + "attn_q").view(T, cfg.n_heads, cfg.head_dim)  # [T, n_h, d]
-        k = self._linear(x, p + "attn_k").view(T, cfg.n_kv_heads, cfg.head_dim)  # [T, n_kv, d]
-        v = self._linear(x, p + "attn_v").view(T, cfg.n_kv_heads, cfg.v_head_dim)  # [T, n_kv, dv]
+        q, k, v = (self._bias(y, p + n) for y, n in zip(self.lin.many(x, [p + n + ".weight" for n in ("attn_q", "attn_k", "attn_v")]),
+                                                       ("attn_q", "attn_k", "attn_v")))
+        q = q.view(T, cfg.n_heads, cfg.head_dim)  # [T, n_h, d]
+        k = k.view(T, cfg.n_kv_heads, cfg.head_dim)  # [T, n_kv, d]
+        v = v.view(T, cfg.n_kv_heads, cfg.v_head_dim)  # [T, n_kv, dv]
         if self.gguf.has(p + "attn_q_norm.weight"):
             q, k = self._norm(q, p + "attn_q_norm.weight"), self._norm(k, p + "attn_k_norm.weight")
         sliding = cfg.is_sliding(i)
@@ -126,7 +127,7 @@ class GQATransformer:
         return self.lin(o.reshape(T, -1), p + "attn_output.weight")  # [T, H]
 
     def _mlp(self, x: torch.Tensor, p: str, kind: str = "") -> torch.Tensor:
-        g, u = self.lin(x, f"{p}ffn_gate{kind}.weight"), self.lin(x, f"{p}ffn_up{kind}.weight")  # [T, I]
+        g, u = self.lin.many(x, [f"{p}ffn_gate{kind}.weight", f"{p}ffn_up{kind}.weight"])  # [T, I] each
         h = F.silu(g) * u if self.cfg.act == "silu" else F.gelu(g, approximate="tanh") * u
         return self.lin(h, f"{p}ffn_down{kind}.weight")
 
