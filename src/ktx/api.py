@@ -103,7 +103,9 @@ def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, pools: list | None
             ex = ShardedExperts(shards)
         if not said:
             said.append(ex.kernel_path)
-            log(f"routed experts: {ex.kernel_path}; {len(pools)} NUMA shard(s), {total} threads")
+            path, _, prefill = ex.kernel_path.partition("; prefill: ")
+            print(f"ktx: routed experts: {path}; {len(pools)} NUMA shard(s), {total} threads", file=sys.stderr)
+            log(f"routed experts, prefill: {prefill}")
         return ex
 
     return factory
@@ -305,7 +307,7 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
 
         linears = GpuLinears(store, device)
     linears.prepare(dense_names(gguf))
-    log(linears.describe())
+    print(f"ktx: {linears.describe()}", file=sys.stderr)
     net = build_model(gguf, store, lambda cfg: _make_experts_factory(gguf, cfg, experts, pools, total, cache_dir, log), linears)
     if device != "cpu":
         net.use_device(device)

@@ -32,15 +32,18 @@ CpuMoeOpt = typer.Option(True, "--cpu-moe/--no-cpu-moe", help="With a GPU: keep 
 GpuExpertsOpt = typer.Option(0, "--gpu-experts", help="Keep the N most used experts of each MoE layer on the GPU side (needs --routing-profile).")
 ProfileOpt = typer.Option(None, "--routing-profile", help="Expert routing counts recorded by `ktx profile`, used by --gpu-experts.")
 OverrideOpt = typer.Option(None, "--override-tensor", "-ot", help="REGEX=DEVICE (cpu or gpu) placement rule; first match wins; repeatable.")
+DeviceOpt = typer.Option(None, "--device", help="Where attention, the KV cache and the dense layers run: cpu, cuda or cuda:N "
+                         "(default: cuda when torch sees a GPU). Routed experts stay on the CPU either way.")
 PlacementOpt = typer.Option(None, "--placement", help="Placement rules file: TOML [[rule]] tables (pattern, device) or a YAML list.")
 ExpertsPerTokenOpt = typer.Option(None, "--experts-per-token", help="Run only the K highest-weight of the model's routed experts per token "
                                   "(KTransformers' '6 of 8'); the kept weights are NOT renormalised, so the output is the model's minus its smallest expert terms.")
 NumaOpt = typer.Option(None, "--numa-shards", help="Split each expert's intermediate dimension into N shards with pinned workers (default: one per NUMA node).")
 
 
-def _load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards) -> dict:
+def _load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards,
+                 device) -> dict:
     return dict(cpu_moe=cpu_moe, gpu_experts=gpu_experts, routing_profile=routing_profile, override_tensor=override_tensor,
-                placement_file=placement, experts_per_token=experts_per_token, numa_shards=numa_shards)
+                placement_file=placement, experts_per_token=experts_per_token, numa_shards=numa_shards, device=device)
 
 
 def _default_model() -> Path:
@@ -80,6 +83,7 @@ def chat(
     placement: Optional[Path] = PlacementOpt,
     experts_per_token: Optional[int] = ExpertsPerTokenOpt,
     numa_shards: Optional[int] = NumaOpt,
+    device: Optional[str] = DeviceOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load details and the kernel paths chosen."),
 ):
     """Chat with a model: interactive (type /reset to forget the conversation, /exit to quit), one-shot with
@@ -93,7 +97,7 @@ def chat(
             raise KtxError(f"{prompt_file}: cannot read prompt file ({e.strerror})") from None
     path = model or _default_model()
     m = ktx.load(path, cache_len=cache_len, threads=cpu_threads, experts=experts, verbose=verbose, show_plan=True,
-                 **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards))
+                 **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards, device))
     gen = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
@@ -206,6 +210,7 @@ def bench(
     placement: Optional[Path] = PlacementOpt,
     experts_per_token: Optional[int] = ExpertsPerTokenOpt,
     numa_shards: Optional[int] = NumaOpt,
+    device: Optional[str] = DeviceOpt,
     output: str = typer.Option("md", "--output", "-o", help="md (markdown table) or json."),
 ):
     """Measure prefill (pp) and decode (tg) speed like llama-bench, with the GB/s of weights decode reads and the
@@ -224,7 +229,7 @@ def bench(
     report = run_bench(model, n_prompt=_counts("-p", n_prompt), n_gen=_counts("-n", n_gen), depths=_counts("-d", depth) or [0],
                        reps=reps, threads=cpu_threads, experts=experts, model_name=name,
                        log=lambda msg: _eprint(f"ktx bench: {msg}") if sys.stderr.isatty() else None,
-                       **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards))
+                       **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards, device))
     print(report.to_json() if output == "json" else report.to_markdown())
 
 
@@ -245,6 +250,7 @@ def serve(
     placement: Optional[Path] = PlacementOpt,
     experts_per_token: Optional[int] = ExpertsPerTokenOpt,
     numa_shards: Optional[int] = NumaOpt,
+    device: Optional[str] = DeviceOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load details and each request."),
 ):
     """Serve the model over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions (SSE streaming too),
@@ -255,7 +261,7 @@ def serve(
         raise KtxError(f"ktx serve needs FastAPI and uvicorn ({e}); install them with: pip install 'ktx[serve]'") from None
     run_server(model or _default_model(), host=host, port=port, api_key=api_key, model_id=model_id, cache_len=cache_len,
                threads=cpu_threads, experts=experts, verbose=verbose,
-               **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards))
+               **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards, device))
 
 
 @app.command("inspect")
