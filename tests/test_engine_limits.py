@@ -1,8 +1,8 @@
 """Engine limits: a prompt that does not fit, a cache that fills, prefix reuse across turns, seeded sampling.
 
 Models: the synthetic dsv3-tiny preset (MLA latent cache, torch experts), a tiny random Qwen3-MoE built
-with transformers (GQA cache), and the llama.cpp fixture tiny-dsv3 Q4_K_M on the quantized CPU expert
-kernels (skipped when the fixtures are absent).
+with transformers (GQA cache), and the llama.cpp fixture tiny-dsv3 Q4_K_M (K-quant blocks, float paths;
+skipped when the fixtures are absent).
 
 References are independent of the state under test: the expected lengths come from the cache size
 configured here; "reuse == recompute" compares against a fresh `Engine` on the same weights (an empty
@@ -38,7 +38,10 @@ def model(request, tmp_path_factory):
         hf_dir, _ = make_qwen3_moe(d / "hf", seed=7)
         return ktx.load(convert_hf_to_gguf(hf_dir, d / "m-bf16.gguf", "bf16"), cache_len=CACHE, experts="reference")
     fixture = request.getfixturevalue("tiny_dsv3")
-    return ktx.load(fixture / "tiny-dsv3-Q4_K_M.gguf", cache_len=CACHE)  # "auto": the int8/int4 CPU kernels
+    # float experts and dense weights: on the int8-activation kernels a prefill and a decode step differ in the
+    # last float bits (attention forms, tile orders), which can flip this random-router file's near-tied routing
+    # (margins ~1e-3) and so part the token streams for reasons that are not the engine's
+    return ktx.load(fixture / "tiny-dsv3-Q4_K_M.gguf", cache_len=CACHE, experts="reference")
 
 
 def _ids(model, n: int, seed: int) -> list[int]:
@@ -64,10 +67,8 @@ def _fresh(model) -> Engine:
 
 
 def _tie_tolerance(model, logits: np.ndarray) -> float:
-    """How close two logits may be before float summation order may pick either: 0 on the float paths; on the
-    int8-activation kernels (the Q4_K_M file) a last-bit difference upstream can move a rounding step, about
-    1/127 of a row's range, so two prefills chunked differently are only close to 1% of the logits' scale."""
-    return 1e-2 * np.abs(logits).max() if model.gguf.path.name.endswith("Q4_K_M.gguf") else 0.0
+    """How close two logits may be before float summation order (a prefill vs decode steps) may pick either."""
+    return 1e-4 * np.abs(logits).max()
 
 
 def assert_same_greedy(got: list[int], want: list[int], want_logits: np.ndarray, tol: float) -> None:
@@ -139,11 +140,10 @@ def test_chat_turns_reuse_the_cache_and_match_recompute(model, recorded):
     if out2 != fresh_out:
         return  # parted at a near-tie: the logits after it belong to different histories
     scale = np.abs(want_logits).max()
-    rel = tol / scale if tol else 2e-4
-    np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=rel * scale)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=2e-4 * scale)
 
     full = _fresh(model).logits(p2 + out2[:-1])  # [T, vocab]: one prefill, no decode steps at all
-    np.testing.assert_allclose(got_logits, full[len(p2) - 1:], rtol=0, atol=max(rel, 2e-3) * scale)
+    np.testing.assert_allclose(got_logits, full[len(p2) - 1:], rtol=0, atol=2e-3 * scale)
 
 
 @settings(max_examples=6, deadline=None)

@@ -202,6 +202,25 @@ def _torch_threads(threads: int | None, pools) -> None:
         torch.set_num_threads(threads)
 
 
+def _warm_up(net) -> None:
+    """Run a prefill (one token repeated, so experts get several tokens: the GEMM tiles) and a decode step on a
+    scratch cache. The kernels are compiled for exactly the variants this model uses (or loaded from Numba's and
+    Triton's caches), here, under a spinner, instead of stalling the first prompt (~15 s on a cold cache)."""
+    import time
+
+    import torch
+    from rich.console import Console
+
+    t = time.perf_counter()
+    with Console(stderr=True).status("preparing kernels (compiled on the first run, then cached)"):
+        cache = net.new_cache(16)
+        net.forward(torch.full((8,), 1, dtype=torch.int64), cache, last_only=True)
+        net.forward(torch.tensor([1]), cache, last_only=True)
+        net.scheduler.new_step()  # the warm-up is not part of any timeline
+    if time.perf_counter() - t > 2:
+        print(f"ktx: kernels ready in {time.perf_counter() - t:.0f} s (cached for the next runs)", file=sys.stderr)
+
+
 class Model:
     device_path = "model path: cpu"  # which path runs (set by load)
 
@@ -313,6 +332,8 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
         net.use_device(device)
     _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, log)
     _torch_threads(threads, pools)
+    if pools or device != "cpu":
+        _warm_up(net)
     model = Model(gguf, net, tokenizer, cache_len)
     model.device_path = _path_line(device)
     return model
