@@ -87,6 +87,26 @@ def test_repeated_calls_pool_and_inline_agree(pool):
     check(pooled[5][None], xs[5][None], [deq(raw, QT.Q4_K)])
 
 
+@pytest.mark.parametrize("qt,B,R,K", [(QT.Q8_0, 16, 500, 128), (QT.Q6_K, None, 3000, 256)])
+def test_decode_items_of_several_row_blocks(pool, qt, B, R, K):
+    """Short-K decode: work items hold several row blocks (attn_k_b-like [16, 500, 128]: 3 of 8 blocks per
+    item, the last one partial, rows padded), each tile prefetching the next; every row must still be right."""
+    rng = np.random.default_rng(11)
+    raw = rand_raw(rng, qt, B or 1, R, K)
+    op = QuantLinear(raw if B else raw[0], qt, R, K, pool)
+    n_rb = -(-R // 64)
+    assert op._item_blocks(1, K, n_rb, 4) > 1  # the case under test
+    x = rng.standard_normal((B or 1, 1, K)).astype(np.float32)
+    saved = linear.INLINE_MACS
+    try:
+        for inline in (0, 1 << 62):
+            linear.INLINE_MACS = inline
+            y = op(x if B else x[0])
+            check(y if B else y[None], x, [deq(r, qt) for r in raw])
+    finally:
+        linear.INLINE_MACS = saved
+
+
 def test_reference_path_and_float_weights(pool):
     rng = np.random.default_rng(4)
     for qt in (QT.Q6_K, QT.F16):
