@@ -1,13 +1,14 @@
 """CPU routed-expert kernels against this machine's own limits, measured in the same run.
 
-    /work/venv/bin/python bench/bench_cpu_experts.py [--threads 2] [--types Q4_K,Q6_K,Q8_0] [--experts 16]
+    /work/venv/bin/python bench/bench_cpu_experts.py [--threads 2] [--types Q4_K,Q6_K,Q8_0] [--experts 16] [--tokens 64]
 
 Limits: DRAM read bandwidth (all workers summing disjoint halves of a 2 GiB buffer, best of 3) and the
 vpdpbusd peak (all workers running 16 independent vpdpbusd zmm chains). Cases, DeepSeek-V3 expert shape
 (hidden 7168, expert FFN 2048):
   decode   1 token through 8 experts; a rotating choice out of --experts, so the 8 x 3 matrices (>190 MB)
            come from DRAM; GB/s = repacked bytes streamed / time (and GGUF bytes / time)
-  prefill  64 tokens, each through the same 8 experts (64 tokens per expert); GOPS = 2 * MACs / time
+  prefill  T tokens (--tokens, a comma list: 64,128,256,512), each through the same 8 experts (T tokens per
+           expert); GOPS = 2 * MACs / time
 Weights are random valid blocks (random codes, small finite f16 scales).
 """
 from __future__ import annotations
@@ -109,14 +110,14 @@ def rand_raw(rng, qt, E, R, K):
     return raw
 
 
-def bench_type(qt, pool, rng, n_experts, bw, peak):
+def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,)):
     g, u, d = rand_raw(rng, qt, n_experts, I_FF, H), rand_raw(rng, qt, n_experts, I_FF, H), rand_raw(rng, qt, n_experts, H, I_FF)
     t = time.perf_counter()
     ex = MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I_FF, pool=pool)
     t_repack = time.perf_counter() - t
     bytes_expert = sum(m.nbytes_per_expert() for m in ex.mats)
     gguf_expert = (g[0].nbytes + u[0].nbytes + d[0].nbytes)
-    x = rng.standard_normal((64, H)).astype(np.float32)
+    x = rng.standard_normal((max(tokens), H)).astype(np.float32)
     w8 = np.full((1, 8), 1 / 8, np.float32)
     ex.forward(x[:1], np.arange(8, dtype=np.int32)[None], w8)  # compile
     times = []
@@ -127,21 +128,23 @@ def bench_type(qt, pool, rng, n_experts, bw, peak):
         times.append(time.perf_counter() - t)
     td = float(np.median(times[2:]))
     gbs = 8 * bytes_expert / td / 1e9
-    print(f"{qt.name:5s} decode : {td * 1e3:7.2f} ms/token  {gbs:6.1f} GB/s repacked ({bytes_expert / 2**20:.1f} MiB/expert)"
+    bpw = bytes_expert / (3 * H * I_FF)
+    print(f"{qt.name:5s} decode : {td * 1e3:7.2f} ms/token  {gbs:6.1f} GB/s repacked ({bytes_expert / 2**20:.1f} MiB/expert,"
+          f" {bpw:.3f} B/weight)"
           f" = {gbs / bw:5.1%} of DRAM   | GGUF bytes {8 * gguf_expert / td / 1e9:6.1f} GB/s   (repack {t_repack:.1f} s)")
-    T = 64
-    ids = np.tile(np.arange(8, dtype=np.int32), (T, 1))
-    wT = np.full((T, 8), 1 / 8, np.float32)
-    ex.forward(x, ids, wT)
-    times = []
-    for _ in range(4):
-        t = time.perf_counter()
-        ex.forward(x, ids, wT)
-        times.append(time.perf_counter() - t)
-    tp = min(times)
-    gops = 2 * T * 8 * 3 * H * I_FF / tp / 1e9
-    print(f"{qt.name:5s} prefill: {tp * 1e3:7.1f} ms / {T} tok x 8 experts  {gops:6.0f} GOPS = {gops / peak:5.1%} of VNNI peak")
-    return td, gbs, tp, gops
+    for T in tokens:
+        ids = np.tile(np.arange(8, dtype=np.int32), (T, 1))
+        wT = np.full((T, 8), 1 / 8, np.float32)
+        ex.forward(x[:T], ids, wT)
+        times = []
+        for _ in range(4):
+            t = time.perf_counter()
+            ex.forward(x[:T], ids, wT)
+            times.append(time.perf_counter() - t)
+        tp = min(times)
+        gops = 2 * T * 8 * 3 * H * I_FF / tp / 1e9
+        print(f"{qt.name:5s} prefill: {tp * 1e3:7.1f} ms / {T} tok x 8 experts  {gops:6.0f} GOPS = {gops / peak:5.1%} of VNNI peak")
+    return td, gbs
 
 
 def main():
@@ -149,6 +152,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", default="Q4_K,Q6_K,Q8_0")
     ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--tokens", default="64", help="prefill tokens per expert, a comma list")
     a = ap.parse_args()
     print(cpu_features().describe())
     with WorkerPool(a.threads) as pool:
@@ -157,7 +161,7 @@ def main():
         print(f"limits ({a.threads} threads): DRAM read {bw:.1f} GB/s, vpdpbusd peak {peak:.0f} GOPS")
         rng = np.random.default_rng(0)
         for name in a.types.split(","):
-            bench_type(QT[name], pool, rng, a.experts, bw, peak)
+            bench_type(QT[name], pool, rng, a.experts, bw, peak, tuple(int(t) for t in a.tokens.split(",")))
 
 
 if __name__ == "__main__":
