@@ -32,6 +32,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .repack import LAYOUTS
+from .simd import widen
 
 # per layout id (simd.LAYOUT_IDS order): G, S, zero, sc kind (0 none, 1 u8, 2 i8), mins, code bits, k per block
 LAY = tuple((lay.G, lay.S, lay.zero, {None: 0, "u8": 1, "i8": 2}[lay.sc], int(lay.mins), lay.bits, lay.kb)
@@ -86,25 +87,20 @@ def f16_at(typingctx, addr):
 
 @njit(nogil=True, cache=True)
 def b_operand(lay, md, e, rg, K, wbuf):
-    """Address of the B operand [K/4, 64] of (e, rg): the byte plane itself, or wbuf after widening packed codes."""
+    """Address of the B operand [K/4, 64] of (e, rg): the byte plane itself, or wbuf after widening packed codes
+    (simd.widen: the tile kernels' vector unpacking, ~40x a scalar byte loop)."""
     src = np.int64(md[0] + e * md[1] + rg * md[2])
-    bits, kb = LAY[lay][5], LAY[lay][6]
+    bits = LAY[lay][5]
+    dst = np.int64(wbuf.ctypes.data)  # int64 like src (ctypes.data is uint64)
     if bits == 8:
         return src
-    n_vec = bits * kb // 32  # 64-byte vectors per code block
-    hb = bits - 4
-    hmask = (1 << hb) - 1
-    codes = carray(u8_ptr(src), K * bits // 32 * 64)
-    for blk in range(K // kb):
-        v = 64 * n_vec * blk
-        out = 64 * (kb // 4) * blk
-        for s in range(kb // 4):
-            for i in range(64):
-                q = (codes[v + 64 * (s // 2) + i] >> 4 * (s % 2)) & 15
-                if hb:
-                    q |= ((codes[v + 64 * (n_vec - 1) + i] >> hb * s) & hmask) << 4
-                wbuf[out + 64 * s + i] = q
-    return np.int64(wbuf.ctypes.data)  # int64 like src (ctypes.data is uint64)
+    if bits == 4:
+        widen(4, K, src, dst)
+    elif bits == 5:
+        widen(5, K, src, dst)
+    else:
+        widen(6, K, src, dst)
+    return dst
 
 
 @njit(nogil=True, cache=True)

@@ -240,3 +240,35 @@ def tile(typingctx, V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def widen(typingctx, bits, K, src, dst):
+    """widen(bits, K, src, dst): one row group's packed code run at address src (4, 5 or 6 bits, repack.py)
+    -> byte operands [K/4, 64] at dst, B[k4, 4 r + j] = q[r, 4 k4 + j] (the AMX B tile), with the same
+    vector unpacking as the tile kernels: one loop iteration per code block."""
+    if not isinstance(bits, types.IntegerLiteral) or bits.literal_value not in (4, 5, 6):
+        return None
+    lay = next(lay for lay in LAYOUTS.values() if lay.bits == bits.literal_value)
+    sig = types.void(bits, K, src, dst)
+
+    def codegen(context, b, signature, args):
+        K_, src_, dst_ = (context.cast(b, v, t, types.int64) for v, t in zip(args[1:], signature.args[1:]))
+        n_blocks = b.sdiv(K_, _c64(lay.kb))
+        entry = b.block
+        loop, done = b.append_basic_block("widen_blk"), b.append_basic_block("widen_done")
+        b.cbranch(b.icmp_signed(">", n_blocks, _c64(0)), loop, done)
+        b.position_at_end(loop)
+        i = b.phi(i64)
+        i.add_incoming(_c64(0), entry)
+        base = b.add(src_, b.mul(i, _c64(2 * lay.bits * lay.kb)))  # code bytes per block of a row group
+        out = b.add(dst_, b.mul(i, _c64(16 * lay.kb)))
+        for s in range(lay.kb // 4):
+            b.store(_operand(b, base, lay, s), _ptr(b, out, _c64(64 * s), V64B), align=1)
+        i1 = b.add(i, _c64(1))
+        i.add_incoming(i1, b.block)
+        b.cbranch(b.icmp_signed("<", i1, n_blocks), loop, done)
+        b.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
