@@ -16,12 +16,33 @@ K/V is ever expanded.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ktx.errors import KtxError
 from ktx.layers.mla import LatentCache, mla_latent
 from ktx.layers.norm import rms_norm
 from ktx.layers.router import route
+
+
+SMALL_TOKENS = 32  # forward passes of fewer tokens run torch on one thread
+
+
+@contextmanager
+def torch_threads_for(tokens: int):
+    """One torch thread for decode-sized passes. Waking a sleeping OpenMP thread (passive waiting, which ktx needs so
+    that idle torch threads do not starve the kernel workers) costs ~100 us per parallel op: a [16, 512] x [512, S]
+    matmul took 103 us on 2 threads against 9 us on one, and a decode step runs hundreds of such ops."""
+    n = torch.get_num_threads()
+    if tokens >= SMALL_TOKENS or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class TorchOps:

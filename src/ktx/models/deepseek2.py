@@ -31,7 +31,7 @@ from ktx.gguf_file import GGUFModel
 from ktx.layers.linear import FloatLinears
 from ktx.layers.mla import LatentCache, expanded_is_cheaper, mla_expanded
 from ktx.layers.moe import TorchExperts, moe_step
-from ktx.layers.ops import TorchOps, TritonOps
+from ktx.layers.ops import TorchOps, TritonOps, torch_threads_for
 from ktx.layers.rope import Rope
 from ktx.layers.weights import WeightStore
 from ktx.models.deepseek2_config import GATING_SIGMOID, Deepseek2Config
@@ -172,6 +172,10 @@ class Deepseek2:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: LatentCache, last_only: bool = False) -> torch.Tensor:
         """tokens [T] int64 at positions cache.length.. -> logits [T, vocab] (or [1, vocab]) float32."""
+        with torch_threads_for(tokens.shape[0]):
+            return self._forward(tokens, cache, last_only)
+
+    def _forward(self, tokens: torch.Tensor, cache: LatentCache, last_only: bool) -> torch.Tensor:
         cfg, T = self.cfg, tokens.shape[0]
         if cache.length + T > cache.capacity:
             raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; raise --cache-len or start a new conversation.")

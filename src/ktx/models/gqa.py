@@ -31,6 +31,7 @@ from ktx.layers.attention import KVCache, gqa_attend
 from ktx.layers.linear import FloatLinears
 from ktx.layers.moe import TorchExperts, moe_step
 from ktx.layers.norm import rms_norm
+from ktx.layers.ops import torch_threads_for
 from ktx.layers.rope import Rope
 from ktx.layers.router import route
 from ktx.layers.weights import WeightStore
@@ -149,6 +150,10 @@ class GQATransformer:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """tokens [T] int64 at positions cache.length.. -> logits [T, vocab] (or [1, vocab]) float32."""
+        with torch_threads_for(tokens.shape[0]):
+            return self._forward(tokens, cache, last_only)
+
+    def _forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
         cfg, T = self.cfg, tokens.shape[0]
         if cache.length + T > cache.capacity:
             raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; "
