@@ -90,17 +90,22 @@ def b_operand(lay, md, e, rg, K, wbuf):
     """Address of the B operand [K/4, 64] of (e, rg): the byte plane itself, or wbuf after widening packed codes
     (simd.widen: the tile kernels' vector unpacking, ~40x a scalar byte loop)."""
     src = np.int64(md[0] + e * md[1] + rg * md[2])
-    bits = LAY[lay][5]
     dst = np.int64(wbuf.ctypes.data)  # int64 like src (ctypes.data is uint64)
-    if bits == 8:
+    if LAY[lay][5] == 8:
         return src
+    widen_codes(LAY[lay][5], K, src, dst)
+    return dst
+
+
+@njit(nogil=True, cache=True, inline="always")
+def widen_codes(bits, K, src, dst):
+    """One row group's packed codes at src -> bytes [K/4, 64] at dst (bits 4, 5 or 6; a literal for widen)."""
     if bits == 4:
         widen(4, K, src, dst)
     elif bits == 5:
         widen(5, K, src, dst)
     else:
         widen(6, K, src, dst)
-    return dst
 
 
 @njit(nogil=True, cache=True)

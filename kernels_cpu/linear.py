@@ -21,6 +21,7 @@ One call: the caller's thread and n - 1 pool workers run `linear_loop`:
              contiguous run and the decode tile's prefetch of the next block (simd.py) is for its own next
              tile: MLA's attn_k_b [16, 512, 128] Q8_0 went from ~10.5 to ~18.5 GB/s with both (2 threads).
 
+Prefill of 5/6-bit codes with T >= WIDE_MIN_TOKENS widens each block's row groups to bytes first (moe.py).
 Activation rows are laid out [B, Tp, K] with Tp = T rounded up to the token tile NT; tiles that would write
 past T or R go through a scratch tile. Decode (T == 1) uses the 1 x 64 tile that streams every weight byte
 once; prefill the 4 x 32 register tile.
@@ -48,8 +49,8 @@ from numba.extending import intrinsic
 
 from ktx.errors import KtxError
 
-from .moe import DECODE_TILE, PREFILL_TILE, _check_path  # (tokens, row groups of 16) per tile
-from .moe_loops import _mat_tile, fetch_add
+from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path  # (tokens, row groups of 16) per tile
+from .moe_loops import _mat_tile, _widened, fetch_add
 from .pool import WorkerPool
 from .quantize import quantize_row
 from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, decode_blocks, field_shapes, interleave
@@ -102,6 +103,8 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
     n_rb = (R + rb_rows - 1) // rb_rows
     n_ib = (n_rb + IB - 1) // IB
     tmp = np.empty((NT, rb_rows), np.float32)
+    wbuf = np.empty(rb_rows * (K if V >= 10000 else 0), np.uint8)  # wide variants (moe.py): widened row groups
+    mdw = np.empty(15, np.int64)
     while True:
         item = fetch_add(counter, 0, 1)
         if item >= B * n_ib:
@@ -109,11 +112,12 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
         b = item // n_ib
         for rb in range(item % n_ib * IB, min(n_rb, (item % n_ib + 1) * IB)):
             r0 = rb * rb_rows
+            m = _widened(V, md, b, r0 // 16, K, wbuf, mdw)
             for t0 in range(0, T, NT):
                 if r0 + rb_rows <= R and t0 + NT <= T:
-                    _mat_tile(V, md, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, y, (b * T + t0) * R + r0, R)
+                    _mat_tile(V, m, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, y, (b * T + t0) * R + r0, R)
                 else:
-                    _mat_tile(V, md, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, tmp, 0, rb_rows)
+                    _mat_tile(V, m, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, tmp, 0, rb_rows)
                     for t in range(min(NT, T - t0)):
                         for r in range(min(rb_rows, R - r0)):
                             y[b * T + t0 + t, r0 + r] = tmp[t, r]
@@ -221,7 +225,8 @@ class QuantLinear:
         if T == 0:
             return y
         nt, nr = DECODE_TILE if T == 1 else PREFILL_TILE
-        V = variant(LAYOUTS[self.qtype].name, self.path, nt, nr)
+        lay = LAYOUTS[self.qtype]
+        V = variant(lay.name, self.path, nt, nr, T >= WIDE_MIN_TOKENS and lay.bits in (5, 6))
         Tp = -(-T // nt) * nt
         K = self.cols
         x2 = np.ascontiguousarray(x).reshape(self.B * T, K)

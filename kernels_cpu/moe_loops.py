@@ -24,7 +24,7 @@ from numba import literally, njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .amx_loops import amx_tile, b_operand
+from .amx_loops import LAY, amx_tile, b_operand, widen_codes
 from .quantize import quantize_row
 from .simd import tile
 
@@ -53,6 +53,21 @@ def _mat_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo):
          xsf.ctypes.data + t0 * (K // 32) * 4, out.ctypes.data + o_off * 4, ldo)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _widened(V, md, e, rg, K, buf, mdw):
+    """md itself, or (wide variants) mdw after widening the tile's NR row groups of (e, rg) into buf
+    [NR, K/4, 64]: mdw is md with the codes triple pointing into buf (e stride 0, row-group stride 16 K)."""
+    if V < 10000:
+        return md
+    NR = V % 10
+    base = np.int64(buf.ctypes.data)
+    for r in range(NR):
+        widen_codes(LAY[V // 1000 % 10][5], K, md[0] + e * md[1] + (rg + r) * md[2], base + r * 16 * K)
+    mdw[:] = md
+    mdw[0], mdw[1], mdw[2] = base - rg * 16 * K, 0, 16 * K
+    return mdw
+
+
 @njit(nogil=True, cache=True)
 def quantize_slots(x, slot_tok, lo, hi, xq, xd, xs, xsf):
     """Quantized copy of x[slot_tok[s]] into slot rows s in [lo, hi) (padding slots stay zero)."""
@@ -70,10 +85,14 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
     NR = Vg % 10
     n_rt = I // (16 * NR)
     n_items = exp_e.shape[0] * n_rt
-    lay_g, lay_u = Vg // 1000, Vu // 1000
+    lay_g, lay_u = Vg // 1000 % 10, Vu // 1000 % 10
     Ka = H if fn_g else 0  # AMX scratch only where tiles may run: C per scale group, widened B for gate and up
     cbuf = np.empty((Ka // 16, 16, 16), np.int32)
     wg, wu = np.empty(16 * Ka, np.uint8), np.empty(16 * Ka, np.uint8)
+    # wide variants: the vector tile's row groups widened once per item into these
+    vg = np.empty(NR * 16 * (H if Vg >= 10000 else 0), np.uint8)
+    vu = np.empty(NR * 16 * (H if Vu >= 10000 else 0), np.uint8)
+    mdw_g, mdw_u = np.empty(15, np.int64), np.empty(15, np.int64)
     while True:
         item = fetch_add(counter, 0, 1)
         if item >= n_items:
@@ -88,9 +107,10 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                     amx_tile(lay_g, fn_g, md_g, e, r, H, bg, xq, xd, xs, xsf, t0, cbuf, g, t0, r * 16)
                     amx_tile(lay_u, fn_u, md_u, e, r, H, bu, xq, xd, xs, xsf, t0, cbuf, u, t0, r * 16)
         else:
+            mg, mu = _widened(Vg, md_g, e, rg, H, vg, mdw_g), _widened(Vu, md_u, e, rg, H, vu, mdw_u)
             for t0 in range(s0, s0 + n, NT):
-                _mat_tile(Vg, md_g, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * I + rg * 16, I)
-                _mat_tile(Vu, md_u, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * I + rg * 16, I)
+                _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * I + rg * 16, I)
+                _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * I + rg * 16, I)
         for s in range(s0, s0 + n):
             for i in range(rg * 16, (rg + NR) * 16):
                 a = g[s, i]
@@ -110,6 +130,8 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
     Ka = I if fn_d else 0
     cbuf = np.empty((Ka // 16, 16, 16), np.int32)
     wd = np.empty(16 * Ka, np.uint8)
+    vd = np.empty(NR * 16 * (I if Vd >= 10000 else 0), np.uint8)
+    mdw = np.empty(15, np.int64)
     while True:
         item = fetch_add(counter, 0, 1)
         if item >= n_items:
@@ -119,13 +141,14 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
             e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
             if exp_amx[j]:
                 for r in range(NR):
-                    bd = b_operand(Vd // 1000, md_d, e, rg + r, I, wd)
+                    bd = b_operand(Vd // 1000 % 10, md_d, e, rg + r, I, wd)
                     for t0 in range(s0, s0 + n, 16):
-                        amx_tile(Vd // 1000, fn_d, md_d, e, rg + r, I, bd, hq, hd, hs, hsf, t0, cbuf, tmp, 0, 16 * r)
+                        amx_tile(Vd // 1000 % 10, fn_d, md_d, e, rg + r, I, bd, hq, hd, hs, hsf, t0, cbuf, tmp, 0, 16 * r)
                         _scatter(tmp, 16 * r, 16 * r + 16, min(16, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
             else:
+                m = _widened(Vd, md_d, e, rg, I, vd, mdw)
                 for t0 in range(s0, s0 + n, NT):
-                    _mat_tile(Vd, md_d, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16)
+                    _mat_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16)
                     _scatter(tmp, 0, NR * 16, min(NT, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
 
 

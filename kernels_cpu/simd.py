@@ -24,7 +24,8 @@ measured no better than none. Prefetches never fault, so the last tile's run pas
 
 After each group of G = 16|32 weights the int32 lanes become float and are scaled (d * sc, per row, from the
 layout; dx per token): NT x NR float accumulators stay in registers across the whole K loop.
-The variant number V = 1000 layout + 100 isa + 10 NT + NR is a compile-time literal, so one generated
+The variant number V = 10000 wide + 1000 layout + 100 isa + 10 NT + NR is a compile-time literal (wide: the
+codes were widened to bytes beforehand, `widen`, and are read as a byte plane), so one generated
 function exists per variant and Numba caches it.
 """
 from __future__ import annotations
@@ -44,8 +45,8 @@ f16, f32 = ir.HalfType(), ir.FloatType()
 V64B, V16I, V16F, V16H = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(f32, 16), ir.VectorType(f16, 16)
 
 
-def variant(layout: str, isa: str, nt: int, nr: int) -> int:
-    return 1000 * LAYOUT_IDS[layout] + 100 * ISA_IDS[isa] + 10 * nt + nr
+def variant(layout: str, isa: str, nt: int, nr: int, wide: bool = False) -> int:
+    return 10000 * wide + 1000 * LAYOUT_IDS[layout] + 100 * ISA_IDS[isa] + 10 * nt + nr
 
 
 def _fn(b, name, ret, args):
@@ -101,10 +102,11 @@ def _c64(v):
     return ir.Constant(i64, v)
 
 
-def _operand(b, base, lay, j):
+def _operand(b, base, lay, j, wide=False):
     """The 64-byte vpdpbusd operand (16 rows x 4 codes) of step j (4 k) of a group whose codes start at
-    address `base`: a plain load for bytes, else unpacked from the code block (repack.py's docstring)."""
-    if lay.bits == 8:
+    address `base`: a plain load for bytes (or codes widened beforehand), else unpacked from the code block
+    (repack.py's docstring)."""
+    if wide or lay.bits == 8:
         return b.load(_ptr(b, base, _c64(64 * j), V64B), align=1)
     steps = lay.kb // 4
     blk, s = divmod(j, steps)
@@ -122,7 +124,9 @@ def _operand(b, base, lay, j):
 
 def _emit(b, V, a):
     """The tile kernel body; `a` holds the i64 arguments by name (addresses and sizes)."""
-    lay, isa, nt, nr = _LAYOUT_BY_ID[V // 1000], V // 100 % 10, V // 10 % 10, V % 10
+    lay, isa, nt, nr = _LAYOUT_BY_ID[V // 1000 % 10], V // 100 % 10, V // 10 % 10, V % 10
+    wide = V >= 10000  # codes already widened to bytes (moe_loops: prefill of packed layouts)
+    bits = 8 if wide else lay.bits
     signed_trick = isa == ISA_IDS["avx2"] and lay.zero == 128
     zero = 0 if signed_trick else lay.zero
     G, S = lay.G, lay.S
@@ -158,18 +162,18 @@ def _emit(b, V, a):
         else:
             xsum.append(ir.Constant(V16I, [0] * 16))
     iacc = [[xsum[t] for _ in range(nr)] for t in range(nt)]
-    gcodes = b.mul(gk, c(2 * lay.bits))  # bytes of codes per k per row group (16 rows): 2 * bits
+    gcodes = b.mul(gk, c(2 * bits))  # bytes of codes per k per row group (16 rows): 2 * bits
     if nt == 1:  # decode: the next tile's row groups, same offset, into L2 (see the module docstring)
         pf = _fn(b, "llvm.prefetch.p0", ir.VoidType(), [i8.as_pointer(), i32, i32, i32])
         for r in range(nr):
             nxt_base = b.add(b.add(a["codes"], b.mul(c(nr + r), a["cs"])), gcodes)
-            for line in range(0, G * 2 * lay.bits, 64):  # every cache line of this group's codes
+            for line in range(0, G * 2 * bits, 64):  # every cache line of this group's codes
                 b.call(pf, [_ptr(b, nxt_base, c(line), i8), ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i32, 1)])
     for j in range(G // 4):
         ws = []
         for r in range(nr):
             base = b.add(b.add(a["codes"], b.mul(c(r), a["cs"])), gcodes)
-            ws.append(_operand(b, base, lay, j))
+            ws.append(_operand(b, base, lay, j, wide))
         for t in range(nt):
             xoff = b.add(b.mul(c(t), K), b.add(gk, c(4 * j)))
             xb = b.bitcast(_splat(b, b.load(_ptr(b, a["xq"], xoff, i32), align=1), V16I), V64B)

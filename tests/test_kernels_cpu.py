@@ -244,3 +244,24 @@ def test_disk_cache_roundtrip(pool, tmp_path):
     ex2 = MoEExperts((g, QT.Q4_K), (u, QT.Q4_K), (d, QT.Q4_K), **kw)
     assert isinstance(ex2.mats[0].arrays["codes"], np.memmap)
     np.testing.assert_array_equal(ex2.forward(x, ids, w), y1)
+
+
+@pytest.mark.parametrize("t_gu,t_down", [(QT.Q6_K, QT.Q5_0), (QT.Q5_K, QT.Q6_K)], ids=["Q6_K-Q5_0", "Q5_K-Q6_K"])
+def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down):
+    """A prefill with >= WIDE_MIN_TOKENS per expert widens 5/6-bit codes to bytes per work item and runs the
+    byte-plane tile (wide variants); held to the same two references as the packed path."""
+    rng = np.random.default_rng(int(t_gu) * 31 + int(t_down))
+    H, I, E, T = 256, 512, 3, 40
+    g, u, d = rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_down, E, H, I)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1).astype(np.int32)
+    w = rng.random((T, 2)).astype(np.float32)
+    ex = MoEExperts((g, t_gu), (u, t_gu), (d, t_down), hidden=H, inter=I, pool=pool, path=PATHS[-1])
+    y = ex.forward(x, ids, w)
+    assert any(V >= 10000 for key in ex._entries for V in key[1:]), "the wide variants did not run"
+    Ws = {e: (deq(g[e], t_gu), deq(u[e], t_gu), deq(d[e], t_down)) for e in range(E)}
+    emulated = reference(x, ids, w, Ws, quantize_acts=True)
+    scale = np.abs(emulated).max()
+    assert np.abs(y - emulated).max() <= 2e-3 * scale
+    exact = reference(x, ids, w, Ws, quantize_acts=False)
+    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws) + 1e-6 * scale)
