@@ -24,8 +24,9 @@ Decode (every expert has one token) uses a 1-token x 64-row tile that streams we
 4-token x 32-row register tile. For 5/6-bit codes, a prefill averaging >= WIDE_MIN_TOKENS per expert first widens
 each item's row groups to bytes (simd.widen, per-worker scratch of NR x 16 K bytes) and runs the byte-plane tile:
 the unpack is paid once per item instead of once per token tile (Q6_K: +5-15% GOPS at 64-256 tokens per expert;
-for 4-bit codes, whose unpack is one op, it measured no better, so they are read packed). The repacked weights live in RAM, or, with cache_dir, in .npy files written
-expert by expert (bounded RAM) and memory-mapped on later loads.
+for 4-bit codes, whose unpack is one op, it measured no better, so they are read packed). The repacked weights
+live in RAM, or, with cache_dir, in .npy files written expert by expert (bounded RAM) and memory-mapped on later
+loads.
 """
 from __future__ import annotations
 
@@ -167,15 +168,19 @@ class MoEExperts:
         return self.submit(x, ids, w).wait()
 
     def submit(self, x, ids, w):
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":  # before any cast: 1.7 must not become expert 1
+            raise KtxError(f"MoEExperts.submit: expert ids must be integers, got {ids.dtype}")
+        if ids.size and (ids.max() >= self.E or ids.min() < -1):  # on the caller's dtype: 2**32 + 3 must not wrap to 3
+            bad = ids.max() if ids.max() >= self.E else ids.min()
+            raise KtxError(f"MoEExperts.submit: expert id {bad} out of range (layer has {self.E} experts; -1 = no expert)")
         x = np.ascontiguousarray(x, dtype=np.float32)  # [T, H]
-        ids = np.asarray(ids, dtype=np.int32)  # [T, k]
+        ids = ids.astype(np.int32)  # [T, k]
         w = np.asarray(w, dtype=np.float32)  # [T, k]
-        if x.ndim != 2 or x.shape[1] != self.H or ids.shape != w.shape or ids.shape[0] != x.shape[0]:
-            raise KtxError(f"MoEExperts.forward: x {x.shape}, ids {ids.shape}, w {w.shape} do not match hidden={self.H}")
-        if ids.size and ids.max() >= self.E:
-            raise KtxError(f"MoEExperts.forward: expert id {ids.max()} out of range (layer has {self.E} experts)")
-        if ids.size and ids.min() < -1:
-            raise KtxError(f"MoEExperts.forward: expert id {ids.min()} is negative; only -1 (no expert) is allowed")
+        if x.ndim != 2 or x.shape[1] != self.H or ids.ndim != 2 or ids.shape != w.shape or ids.shape[0] != x.shape[0]:
+            raise KtxError(f"MoEExperts.submit: x {x.shape}, ids {ids.shape}, w {w.shape}: want x [T, {self.H}], ids and w [T, k]")
+        if not (np.isfinite(x).all() and np.isfinite(w).all()):
+            raise KtxError("MoEExperts.submit: activations or routing weights hold NaN/inf (an upstream layer diverged)")
         pool = self.pool
         if self.path == "reference":
             return pool.submit(lambda wid, n: None, lambda: self._reference(x, ids, w))
