@@ -236,7 +236,8 @@ class QuantLinear:
         with self._lock:
             xq, xd, xs, xsf = self._scratch(self.B * Tp)
             c = np.zeros(4, np.int64)
-            args = (V, self.md, self.B, T, Tp, self.rows, K, IB, x2, xq, xd, xs, xsf, y.reshape(self.B * T, self.rows), c)
+            y2 = y.reshape(self.B * T, self.rows)
+            args = (V, self.md, self.B, T, Tp, self.rows, K, IB, x2, xq, xd, xs, xsf, y2, c)
             if self.B * T * self.rows * K <= INLINE_MACS or self.pool.n_threads == 1:
                 run(*args)
                 return y

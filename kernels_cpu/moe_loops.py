@@ -143,7 +143,8 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
                 for r in range(NR):
                     bd = b_operand(Vd // 1000 % 10, md_d, e, rg + r, I, wd)
                     for t0 in range(s0, s0 + n, 16):
-                        amx_tile(Vd // 1000 % 10, fn_d, md_d, e, rg + r, I, bd, hq, hd, hs, hsf, t0, cbuf, tmp, 0, 16 * r)
+                        amx_tile(Vd // 1000 % 10, fn_d, md_d, e, rg + r, I, bd, hq, hd, hs, hsf, t0, cbuf, tmp, 0,
+                                 16 * r)
                         _scatter(tmp, 16 * r, 16 * r + 16, min(16, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
             else:
                 m = _widened(Vd, md_d, e, rg, I, vd, mdw)

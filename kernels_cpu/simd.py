@@ -168,7 +168,8 @@ def _emit(b, V, a):
         for r in range(nr):
             nxt_base = b.add(b.add(a["codes"], b.mul(c(nr + r), a["cs"])), gcodes)
             for line in range(0, G * 2 * bits, 64):  # every cache line of this group's codes
-                b.call(pf, [_ptr(b, nxt_base, c(line), i8), ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i32, 1)])
+                rw, locality, data = ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i32, 1)
+                b.call(pf, [_ptr(b, nxt_base, c(line), i8), rw, locality, data])
     for j in range(G // 4):
         ws = []
         for r in range(nr):
