@@ -10,10 +10,10 @@ import concurrent.futures
 import http.client
 import json
 import socket
-import threading
 import time
 
 import pytest
+from live_server import running_server
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -42,19 +42,8 @@ def app(model):
 
 @pytest.fixture(scope="module")
 def server(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with running_server(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from live_server import running_server
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -49,20 +50,8 @@ def model(model_path):
 def server(model):
     from ktx.server import create_app
 
-    app = create_app(model, MODEL_ID, api_key=KEY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield port
-    srv.should_exit = True
-    thread.join(10)
+    with running_server(create_app(model, MODEL_ID, api_key=KEY)) as port:
+        yield port
 
 
 def _client(port: int):
