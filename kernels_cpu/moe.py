@@ -42,9 +42,9 @@ from numba.core import types
 
 from ktx.errors import KtxError
 
-from .amx import MIN_TOKENS_PER_EXPERT, amx_experts, tile_kernel_address, tile_source
+from .amx import MIN_TOKENS_PER_EXPERT, tile_kernel_address, tile_source
 from .cpu_features import cpu_features
-from .moe_loops import phase_down, phase_gate_up, quantize_slots
+from .moe_loops import phase_down, phase_gate_up, plan_slots, quantize_slots
 from .pool import WorkerPool
 from .repack import FLOAT_TYPES, LAYOUTS, field_shapes, repack_into
 from .simd import variant
@@ -189,37 +189,24 @@ class MoEExperts:
     # ---- fast paths ----
     def _submit_fast(self, pool, x, ids, w):
         T, H, I = x.shape[0], self.H, self.I
-        flat = ids.reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        order = order[flat[order] >= 0]
-        exp_e, counts = np.unique(flat[order], return_counts=True)
-        exp_e = exp_e.astype(np.int64)
-        nt, nr = DECODE_TILE if (counts.size == 0 or counts.max() == 1) else PREFILL_TILE
-        exp_amx = amx_experts(counts) if self.amx else np.zeros(counts.shape, bool)
-        tok_tile = np.where(exp_amx, 16, nt)  # an AMX A tile is 16 slots
-        padded = -(-counts // tok_tile) * tok_tile
-        exp_s0 = (np.cumsum(padded) - padded).astype(np.int64)
-        exp_n = counts.astype(np.int64)
-        P = int(padded.sum())
-        slot_tok = np.full(P, -1, np.int64)
-        slot_w = np.zeros(P, np.float32)
-        pos = np.repeat(exp_s0, counts) + (np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts))
-        slot_tok[pos] = order // ids.shape[1]
-        slot_w[pos] = w.reshape(-1)[order]
+        amx_min = MIN_TOKENS_PER_EXPERT if self.amx else 1 << 62  # amx.amx_experts' rule, inside the plan
+        exp_e, exp_s0, exp_n, exp_amx, slot_tok, slot_w, nt, routed = plan_slots(
+            ids, w, self.E, DECODE_TILE[0], PREFILL_TILE[0], amx_min, 16)  # an AMX A tile is 16 slots
+        nr = DECODE_TILE[1] if nt == DECODE_TILE[0] else PREFILL_TILE[1]
+        P = slot_tok.shape[0]
         xq, xd, xs, xsf = _qbufs(P, H)
         hq, hd, hs, hsf = _qbufs(P, I)
         g = np.zeros((P, I), np.float32)
         u = np.zeros((P, I), np.float32)
         y = np.zeros((T, H), np.float32)
         quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf)
-        wide = bool(nt > 1 and counts.mean() >= WIDE_MIN_TOKENS)
+        wide = bool(nt > 1 and routed >= WIDE_MIN_TOKENS * len(exp_e))
         Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and m.layout.bits in (5, 6)) for m in self.mats)
         c_a, c_b = np.zeros(1, np.int64), np.zeros(1, np.int64)
         remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
         barrier = threading.Barrier(pool.n_threads)
         mg, mu, md = self.mats
         fn_g, fn_u, fn_d = (self._tile_kernel(m.layout.G) if exp_amx.any() else 0 for m in self.mats)
-        exp_amx = exp_amx.astype(np.uint8)
         args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
                   exp_amx, fn_g, fn_u)
         args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b, exp_amx, fn_d)

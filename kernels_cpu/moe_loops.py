@@ -69,6 +69,55 @@ def _widened(V, md, e, rg, K, buf, mdw):
 
 
 @njit(nogil=True, cache=True)
+def plan_slots(ids, w, E, nt_one, nt_many, amx_min, amx_tile):
+    """Routing ids/w [T, k] (-1 = none) -> the slot layout above, in one compiled pass (decode calls this once per
+    MoE layer per token; the numpy version was ~60 small calls, slow right after a layer's weights flushed the caches).
+
+    Slots of an expert keep the order of (t, j). The token tile is nt_one when no expert has two tokens, else
+    nt_many; when the batch averages more than amx_min tokens per used expert, experts with more than amx_min tokens
+    are AMX experts, padded to amx_tile. Returns exp_e, exp_s0, exp_n, exp_amx (uint8), slot_tok (-1 = padding),
+    slot_w, the chosen tile and the number of routed (token, expert) pairs."""
+    T, k = ids.shape
+    counts = np.zeros(E, np.int64)
+    for t in range(T):
+        for j in range(k):
+            if ids[t, j] >= 0:
+                counts[ids[t, j]] += 1
+    used, total, most = 0, 0, 0
+    for e in range(E):
+        if counts[e]:
+            used += 1
+            total += counts[e]
+            most = max(most, counts[e])
+    nt = nt_one if most <= 1 else nt_many
+    amx_on = used > 0 and total > amx_min * used
+    exp_e, exp_s0, exp_n = np.empty(used, np.int64), np.empty(used, np.int64), np.empty(used, np.int64)
+    exp_amx = np.zeros(used, np.uint8)
+    nxt = np.empty(E, np.int64)  # next free slot of each expert
+    P, i = 0, 0
+    for e in range(E):
+        c = counts[e]
+        if c == 0:
+            continue
+        amx = amx_on and c > amx_min
+        tile_n = amx_tile if amx else nt
+        exp_e[i], exp_s0[i], exp_n[i], exp_amx[i] = e, P, c, amx
+        nxt[e] = P
+        P += (c + tile_n - 1) // tile_n * tile_n
+        i += 1
+    slot_tok = np.full(P, -1, np.int64)
+    slot_w = np.zeros(P, np.float32)
+    for t in range(T):
+        for j in range(k):
+            e = ids[t, j]
+            if e >= 0:
+                slot_tok[nxt[e]] = t
+                slot_w[nxt[e]] = w[t, j]
+                nxt[e] += 1
+    return exp_e, exp_s0, exp_n, exp_amx, slot_tok, slot_w, nt, total
+
+
+@njit(nogil=True, cache=True)
 def quantize_slots(x, slot_tok, lo, hi, xq, xd, xs, xsf):
     """Quantized copy of x[slot_tok[s]] into slot rows s in [lo, hi) (padding slots stay zero)."""
     for s in range(lo, hi):

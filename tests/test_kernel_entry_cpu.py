@@ -1,7 +1,10 @@
 """MoEExperts.submit refuses malformed calls with a KtxError before any kernel touches memory: ids that a cast
-would wrap or truncate into a valid expert, 1-D routing, mismatched shapes, non-finite inputs."""
+would wrap or truncate into a valid expert, 1-D routing, mismatched shapes, non-finite inputs; and the slot plan
+the MoE loops run on, against the same layout written out with numpy."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from gguf import GGMLQuantizationType as QT
 
 from ktx.errors import KtxError
@@ -43,3 +46,36 @@ def test_submit_rejects(experts, ids, w, x, match):
 def test_valid_calls_still_run(experts):
     y = experts.forward(X, np.array([[0, -1], [3, 2]], np.int64), W2)
     assert y.shape == (2, H) and np.isfinite(y).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 4), st.integers(2, 9), st.booleans(), st.integers(0, 2**31 - 1))
+def test_slot_plan_matches_a_numpy_sort(T, k, n_exp, amx, seed):
+    """plan_slots against the layout written out with numpy: stable sort of (t, j) by expert, per-expert padding to the
+    token tile (1 when no expert has two tokens, else 4) or to 16 for AMX experts (amx.amx_experts' rule)."""
+    from ktx.kernels_cpu import amx as amx_mod
+    from ktx.kernels_cpu.moe_loops import plan_slots
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(-1, n_exp, (T, k)).astype(np.int32)
+    w = rng.random((T, k)).astype(np.float32)
+    m = amx_mod.MIN_TOKENS_PER_EXPERT
+    exp_e, exp_s0, exp_n, exp_amx, slot_tok, slot_w, nt, routed = plan_slots(ids, w, n_exp, 1, 4, m if amx else 1 << 62, 16)
+    flat = ids.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    order = order[flat[order] >= 0]
+    want_e, counts = np.unique(flat[order], return_counts=True)
+    want_nt = 1 if counts.size == 0 or counts.max() == 1 else 4
+    want_amx = amx_mod.amx_experts(counts) if amx else np.zeros(counts.shape, bool)
+    tile = np.where(want_amx, 16, want_nt)
+    padded = -(-counts // tile) * tile
+    assert nt == want_nt and routed == len(order)
+    assert exp_e.tolist() == want_e.tolist() and exp_n.tolist() == counts.tolist()
+    assert exp_s0.tolist() == (np.cumsum(padded) - padded).tolist() and exp_amx.astype(bool).tolist() == want_amx.tolist()
+    assert len(slot_tok) == padded.sum()
+    for i, e in enumerate(want_e):
+        pairs = order[flat[order] == e]
+        s0, n = exp_s0[i], counts[i]
+        assert slot_tok[s0:s0 + n].tolist() == (pairs // k).tolist()
+        assert slot_w[s0:s0 + n].tolist() == w.reshape(-1)[pairs].tolist()
+        assert (slot_tok[s0 + n:s0 + padded[i]] == -1).all() and (slot_w[s0 + n:s0 + padded[i]] == 0).all()
