@@ -50,6 +50,34 @@ def _put_f16(blocks: np.ndarray, offset: int, value: np.ndarray) -> None:
     blocks[:, offset : offset + 2] = value.astype(np.float16).reshape(-1, 1).view(np.uint8)
 
 
+def _f16_bytes(v: np.ndarray) -> np.ndarray:
+    """float32 [B, n] -> its f16 bytes [B, 2n] (round to nearest even, as ggml)."""
+    return v.astype(np.float16).view(np.uint8)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """1 / d, with 0 where d is 0 (an all-zero block quantizes to code 0 / the zero point)."""
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d)
+
+
+def _symmetric_codes(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 (half 8) / Q5_0 (half 16): ggml maps the element of largest magnitude to code 0 exactly, so d may be
+    negative; x [B, 32] -> d [B, 1], codes [B, 32] in 0..2 half - 1."""
+    peak = np.take_along_axis(x, np.abs(x).argmax(axis=1, keepdims=True), axis=1)  # [B, 1]
+    d = peak / np.float32(-half)
+    q = np.trunc(x * _inverse(d) + np.float32(half + 0.5)).astype(np.uint8)
+    return d, np.minimum(q, 2 * half - 1)
+
+
+def _affine_codes(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1 (top 15) / Q5_1 (top 31): x = d * q + min; x [B, 32] -> d, min [B, 1], codes [B, 32] in 0..top."""
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)  # [B, 1]
+    d = (hi - lo) / np.float32(top)
+    q = np.trunc((x - lo) * _inverse(d) + np.float32(0.5)).astype(np.uint8)
+    return d, lo, np.minimum(q, top)
+
+
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """uint8 [..., k] -> [..., 2k]: all low nibbles, then all high nibbles (ggml's order)."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
@@ -154,10 +182,8 @@ class Q8_0:
     @classmethod
     def quantize_blocks(cls, x):
         d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)  # [B, 1]
-        with np.errstate(divide="ignore"):
-            inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d)
-        qs = _round_half_away(x * inv_d).astype(np.int8)  # [B, 32]
-        return np.concatenate([d.astype(np.float16).view(np.uint8), qs.view(np.uint8)], axis=1)
+        qs = _round_half_away(x * _inverse(d)).astype(np.int8)  # [B, 32]
+        return np.concatenate([_f16_bytes(d), qs.view(np.uint8)], axis=1)
 
     @classmethod
     def randomize(cls, blocks, rng):
@@ -176,13 +202,8 @@ class Q4_0:
 
     @classmethod
     def quantize_blocks(cls, x):
-        # ggml: the element of largest magnitude maps to code 0 exactly, so d may be negative.
-        peak = np.take_along_axis(x, np.abs(x).argmax(axis=1, keepdims=True), axis=1)  # [B, 1]
-        d = peak / np.float32(-8)
-        with np.errstate(divide="ignore"):
-            inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d)
-        q = np.minimum(np.trunc(x * inv_d + np.float32(8.5)).astype(np.uint8), 15)  # [B, 32]
-        return np.concatenate([d.astype(np.float16).view(np.uint8), _pack_nibbles(q)], axis=1)
+        d, q = _symmetric_codes(x, 8)  # [B, 1], [B, 32]
+        return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)
 
     @classmethod
     def randomize(cls, blocks, rng):
@@ -201,13 +222,8 @@ class Q4_1:
 
     @classmethod
     def quantize_blocks(cls, x):
-        lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)  # [B, 1]
-        d = (hi - lo) / np.float32(15)
-        with np.errstate(divide="ignore"):
-            inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d)
-        q = np.minimum(np.trunc((x - lo) * inv_d + np.float32(0.5)).astype(np.uint8), 15)
-        f16 = lambda v: v.astype(np.float16).view(np.uint8)  # noqa: E731
-        return np.concatenate([f16(d), f16(lo), _pack_nibbles(q)], axis=1)
+        d, lo, q = _affine_codes(x, 15)
+        return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _pack_nibbles(q)], axis=1)
 
     @classmethod
     def randomize(cls, blocks, rng):
@@ -230,13 +246,9 @@ class Q5_0:
 
     @classmethod
     def quantize_blocks(cls, x):
-        peak = np.take_along_axis(x, np.abs(x).argmax(axis=1, keepdims=True), axis=1)  # [B, 1]
-        d = peak / np.float32(-16)
-        with np.errstate(divide="ignore"):
-            inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d)
-        q = np.minimum(np.trunc(x * inv_d + np.float32(16.5)).astype(np.uint8), 31)  # [B, 32]
+        d, q = _symmetric_codes(x, 16)  # [B, 1], [B, 32]
         qh = np.packbits(q >> 4, axis=1, bitorder="little")  # [B, 4]
-        return np.concatenate([d.astype(np.float16).view(np.uint8), qh, _pack_nibbles(q & 0x0F)], axis=1)
+        return np.concatenate([_f16_bytes(d), qh, _pack_nibbles(q & 0x0F)], axis=1)
 
     @classmethod
     def randomize(cls, blocks, rng):
@@ -256,14 +268,9 @@ class Q5_1:
 
     @classmethod
     def quantize_blocks(cls, x):
-        lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)  # [B, 1]
-        d = (hi - lo) / np.float32(31)
-        with np.errstate(divide="ignore"):
-            inv_d = np.where(d == 0, np.float32(0), np.float32(1) / d)
-        q = np.minimum(np.trunc((x - lo) * inv_d + np.float32(0.5)).astype(np.uint8), 31)
+        d, lo, q = _affine_codes(x, 31)
         qh = np.packbits(q >> 4, axis=1, bitorder="little")  # [B, 4]
-        f16 = lambda v: v.astype(np.float16).view(np.uint8)  # noqa: E731
-        return np.concatenate([f16(d), f16(lo), qh, _pack_nibbles(q & 0x0F)], axis=1)
+        return np.concatenate([_f16_bytes(d), _f16_bytes(lo), qh, _pack_nibbles(q & 0x0F)], axis=1)
 
     @classmethod
     def randomize(cls, blocks, rng):
