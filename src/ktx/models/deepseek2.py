@@ -103,29 +103,26 @@ class Deepseek2:
         rows = t.data[tokens.numpy()]  # raw rows: dequantize only what is used
         return torch.from_numpy(dequantize(rows, t.qtype).reshape(len(tokens), -1).copy()).to(self.device)  # [T, H]
 
-    def _kv_b(self, p: str) -> torch.Tensor:
-        """Older files' combined attn_kv_b [n_h * (nope + v), kv_lora] as [n_h, nope + v, kv_lora] (float32)."""
-        cfg = self.cfg
-        return self._w(p + "attn_kv_b.weight").view(cfg.n_heads, cfg.qk_nope + cfg.v_head, cfg.kv_lora_rank)
-
     def _uk_uv(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 W_UK [n_h, kv_lora, nope] and W_UV [n_h, v, kv_lora] (the expanded prefill form)."""
+        """float32 W_UK [n_h, kv_lora, nope] and W_UV [n_h, v, kv_lora]: from attn_k_b/attn_v_b, or from older files'
+        combined attn_kv_b [n_h * (nope + v), kv_lora]."""
         if self.gguf.has(p + "attn_k_b.weight"):
             return self._w(p + "attn_k_b.weight"), self._w(p + "attn_v_b.weight")
-        kv_b = self._kv_b(p)
-        return kv_b[:, : self.cfg.qk_nope].transpose(1, 2), kv_b[:, self.cfg.qk_nope:]
+        cfg = self.cfg
+        kv_b = self._w(p + "attn_kv_b.weight").view(cfg.n_heads, cfg.qk_nope + cfg.v_head, cfg.kv_lora_rank)
+        return kv_b[:, : cfg.qk_nope].transpose(1, 2), kv_b[:, cfg.qk_nope:]
 
     def _absorb_k(self, p: str, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope [T, n_h, nope] -> q_lat [T, n_h, kv_lora]: each head's W_UK (attn_k_b [n_h, kv_lora, nope])."""
         if self.gguf.has(p + "attn_k_b.weight"):
             return self.lin.heads(q_nope.transpose(0, 1).contiguous(), p + "attn_k_b.weight").transpose(0, 1)
-        return torch.einsum("thn,hnc->thc", q_nope, self._kv_b(p)[:, : self.cfg.qk_nope])
+        return torch.einsum("thn,hcn->thc", q_nope, self._uk_uv(p)[0])
 
     def _absorb_v(self, p: str, o_lat: torch.Tensor) -> torch.Tensor:
         """o_lat [T, n_h, kv_lora] -> [T, n_h, v]: each head's W_UV (attn_v_b [n_h, v, kv_lora])."""
         if self.gguf.has(p + "attn_v_b.weight"):
             return self.lin.heads(o_lat.transpose(0, 1).contiguous(), p + "attn_v_b.weight").transpose(0, 1)
-        return torch.einsum("thc,hvc->thv", o_lat, self._kv_b(p)[:, self.cfg.qk_nope:])
+        return torch.einsum("thc,hvc->thv", o_lat, self._uk_uv(p)[1])
 
     def attention(self, i: int, x: torch.Tensor, pos: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         cfg, p, T = self.cfg, f"blk.{i}.", x.shape[0]
