@@ -496,11 +496,3 @@ def tile_kernel_address(source: str, ks: int) -> int:
     if source == "model":
         return tdpbsud_steps_model(ks).address
     return ctypes.cast(load_kernels()[("sud", ks, True)], ctypes.c_void_p).value
-
-
-def amx_experts(counts: np.ndarray) -> np.ndarray:
-    """Which experts of a batch run on tiles: none when the batch averages MIN_TOKENS_PER_EXPERT tokens per
-    expert or fewer (decode), else those with more than that many tokens (a 16-row A tile is then mostly data)."""
-    if counts.size == 0 or counts.mean() <= MIN_TOKENS_PER_EXPERT:
-        return np.zeros(counts.shape, bool)
-    return counts > MIN_TOKENS_PER_EXPERT

@@ -189,7 +189,7 @@ class MoEExperts:
     # ---- fast paths ----
     def _submit_fast(self, pool, x, ids, w):
         T, H, I = x.shape[0], self.H, self.I
-        amx_min = MIN_TOKENS_PER_EXPERT if self.amx else 1 << 62  # amx.amx_experts' rule, inside the plan
+        amx_min = MIN_TOKENS_PER_EXPERT if self.amx else 1 << 62  # the AMX/VNNI split per expert: see plan_slots
         exp_e, exp_s0, exp_n, exp_amx, slot_tok, slot_w, nt, routed = plan_slots(
             ids, w, self.E, DECODE_TILE[0], PREFILL_TILE[0], amx_min, 16)  # an AMX A tile is 16 slots
         nr = DECODE_TILE[1] if nt == DECODE_TILE[0] else PREFILL_TILE[1]

@@ -66,7 +66,7 @@ def _fresh(model) -> Engine:
     return Engine(model.net, CACHE)
 
 
-def _tie_tolerance(model, logits: np.ndarray) -> float:
+def _tie_tolerance(logits: np.ndarray) -> float:
     """How close two logits may be before float summation order (a prefill vs decode steps) may pick either."""
     return 1e-4 * np.abs(logits).max()
 
@@ -134,7 +134,7 @@ def test_chat_turns_reuse_the_cache_and_match_recompute(model, recorded):
     fresh = _fresh(model)
     fresh_out = list(fresh.generate(p2, 8))
     want_logits = np.stack(recorded)
-    tol = _tie_tolerance(model, want_logits)
+    tol = _tie_tolerance(want_logits)
     assert fresh.stats.reused_tokens == 0
     assert_same_greedy(out2, fresh_out, want_logits, tol)
     if out2 != fresh_out:
@@ -159,7 +159,7 @@ def test_any_sequence_of_prompts_matches_fresh_engines(model, turns, seed):
         out = list(model.engine.generate(prompt, n_out))
         want = list(_fresh(model).generate(prompt, n_out))
         want_logits = _fresh(model).logits(prompt + want[:-1])[len(prompt) - 1:]  # what chose each reference token
-        assert_same_greedy(out, want, want_logits, _tie_tolerance(model, want_logits))
+        assert_same_greedy(out, want, want_logits, _tie_tolerance(want_logits))
         history = prompt + out
 
 
