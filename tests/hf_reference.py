@@ -4,6 +4,9 @@
 overwrites every weight with the dequantized GGUF tensor (gguf-py's dequantizer, llama.cpp's layout
 undone here, independently of ktx.convert). For a quantized file this isolates ktx's numerics from the
 quantization error: both sides then compute with exactly the same weights.
+
+`assert_matches_hf(m, model, ids)` is the shared check of the architecture tests: ktx's prefill logits and its
+token-by-token cached decode against transformers' at every position away from a routing near-tie.
 """
 
 from __future__ import annotations
@@ -76,3 +79,22 @@ def hf_model_from_gguf(hf_dir, gguf_path):
 @torch.inference_mode()
 def hf_logits(model, ids) -> np.ndarray:
     return model(torch.tensor([list(ids)]), use_cache=False).logits[0].float().numpy()
+
+
+def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(4, vocab, size=n).tolist()
+
+
+def assert_matches_hf(m, model, ids, name: str, tol: float = 2e-3, margin: float = 1e-3) -> None:
+    """ktx model `m` vs transformers `model`: prefill logits, then decode one token at a time through the cache,
+    both within `tol` at positions whose smallest routing margin exceeds `margin`."""
+    from tiny_models import router_margins
+
+    ref = hf_logits(model, ids)
+    ok = router_margins(model, ids) > margin
+    assert ok.mean() > 0.5, "test prompt has too many routing near-ties to be meaningful"
+    got = m.logits(ids)
+    assert np.abs(got - ref).max(-1)[ok].max() <= tol, name
+    m.engine.reset()
+    steps = np.stack([m.net.forward(torch.tensor([t]), m.engine.cache).numpy()[0] for t in ids])
+    assert np.abs(steps - ref).max(-1)[ok].max() <= tol, name

@@ -7,14 +7,13 @@ continuations must be identical. The prompt (40 tokens) is longer than gemma3's 
 llama/mixtral exercise the converter's q/k row permutation against llama.cpp's adjacent-pair rope.
 """
 
-import numpy as np
 import pytest
 import torch
 
 import ktx
-from hf_reference import hf_logits
+from hf_reference import assert_matches_hf, prompt_ids
 from ktx.convert import convert_hf_to_gguf
-from tiny_models import make_gemma3, make_llama, make_mixtral, make_qwen2_moe, make_qwen3_moe, router_margins
+from tiny_models import make_gemma3, make_llama, make_mixtral, make_qwen2_moe, make_qwen3_moe
 
 TOL = 2e-3
 MARGIN = 1e-3
@@ -25,10 +24,6 @@ CASES = {
     "qwen2moe": (make_qwen2_moe, "qwen2moe"),
     "gemma3": (make_gemma3, "gemma3"),
 }
-
-
-def _prompt(n: int, vocab: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(4, vocab, size=n).tolist()
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -44,20 +39,12 @@ def case(request, tmp_path_factory):
 
 def test_prefill_and_decode_match_transformers(case):
     name, model, m = case
-    ids = _prompt(40, model.config.vocab_size, 1)
-    ref = hf_logits(model, ids)
-    ok = router_margins(model, ids) > MARGIN
-    assert ok.mean() > 0.5, "test prompt has too many routing near-ties to be meaningful"
-    got = m.logits(ids)
-    assert np.abs(got - ref).max(-1)[ok].max() <= TOL, name
-    m.engine.reset()
-    steps = np.stack([m.net.forward(torch.tensor([t]), m.engine.cache).numpy()[0] for t in ids])
-    assert np.abs(steps - ref).max(-1)[ok].max() <= TOL, name
+    assert_matches_hf(m, model, prompt_ids(40, model.config.vocab_size, 1), name, TOL, MARGIN)
 
 
 def test_greedy_continuation_matches_transformers(case):
     name, model, m = case
-    ids = _prompt(8, model.config.vocab_size, 2)
+    ids = prompt_ids(8, model.config.vocab_size, 2)
     with torch.inference_mode():
         want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(ids):].tolist()

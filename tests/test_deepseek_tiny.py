@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ktx
-from hf_reference import hf_logits, hf_model_from_gguf
+from hf_reference import assert_matches_hf, hf_logits, hf_model_from_gguf, prompt_ids
 from ktx.convert import convert_hf_to_gguf
 from tiny_models import make_deepseek_v3, router_margins
 
@@ -24,10 +24,6 @@ CASES = {
 }
 
 
-def _prompt(n: int, vocab: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(4, vocab, size=n).tolist()
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
@@ -38,21 +34,13 @@ def case(request, tmp_path_factory):
 
 def test_prefill_and_decode_match_transformers(case):
     name, hf_dir, model, gguf_path = case
-    ids = _prompt(40, model.config.vocab_size, 1)
-    ref = hf_logits(model, ids)
-    ok = router_margins(model, ids) > MARGIN
-    assert ok.mean() > 0.5, "test prompt has too many routing near-ties to be meaningful"
     m = ktx.load(gguf_path, cache_len=64, experts="reference")
-    got = m.logits(ids)
-    assert np.abs(got - ref).max(-1)[ok].max() <= TOL, name
-    m.engine.reset()
-    steps = np.stack([m.net.forward(torch.tensor([t]), m.engine.cache).numpy()[0] for t in ids])
-    assert np.abs(steps - ref).max(-1)[ok].max() <= TOL, name
+    assert_matches_hf(m, model, prompt_ids(40, model.config.vocab_size, 1), name, TOL, MARGIN)
 
 
 def test_greedy_continuation_matches_transformers(case):
     name, hf_dir, model, gguf_path = case
-    ids = _prompt(8, model.config.vocab_size, 2)
+    ids = prompt_ids(8, model.config.vocab_size, 2)
     with torch.inference_mode():
         want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(ids):].tolist()
@@ -64,7 +52,7 @@ def test_q8_0_file_matches_transformers_with_its_weights(tmp_path):
     hf_dir, model = make_deepseek_v3(tmp_path / "hf", seed=3)
     path = convert_hf_to_gguf(hf_dir, tmp_path / "m-q8_0.gguf", "q8_0")
     ref_model = hf_model_from_gguf(hf_dir, path)
-    ids = _prompt(24, model.config.vocab_size, 3)
+    ids = prompt_ids(24, model.config.vocab_size, 3)
     ok = router_margins(ref_model, ids) > MARGIN
     got = ktx.load(path, cache_len=32, experts="reference").logits(ids)
     assert np.abs(got - hf_logits(ref_model, ids)).max(-1)[ok].max() <= TOL
