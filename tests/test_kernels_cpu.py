@@ -72,22 +72,26 @@ def silu(v):
     return v / (1 + np.exp(-v))
 
 
+def _routed(ids):
+    """(token, slot, expert) of every routed choice (expert -1 = none)."""
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            if ids[t, j] >= 0:
+                yield t, j, ids[t, j]
+
+
 def reference(x, ids, w, Ws, quantize_acts):
     """float64 y [T, H]; with quantize_acts, x and h go through q8_emulate first."""
     y = np.zeros(x.shape, np.float64)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = ids[t, j]
-            if e < 0:
-                continue
-            Wg, Wu, Wd = Ws[e]
-            xt = x[t:t + 1].astype(np.float64)
-            if quantize_acts:
-                xt = q8_emulate(xt)
-            h = silu(xt @ Wg.T) * (xt @ Wu.T)
-            if quantize_acts:
-                h = q8_emulate(h)
-            y[t] += w[t, j] * (h @ Wd.T)[0]
+    for t, j, e in _routed(ids):
+        Wg, Wu, Wd = Ws[e]
+        xt = x[t:t + 1].astype(np.float64)
+        if quantize_acts:
+            xt = q8_emulate(xt)
+        h = silu(xt @ Wg.T) * (xt @ Wu.T)
+        if quantize_acts:
+            h = q8_emulate(h)
+        y[t] += w[t, j] * (h @ Wd.T)[0]
     return y
 
 
@@ -99,20 +103,16 @@ def _bound(x, ids, w, Ws):
     h is then quantized per 32: + (max_b |h| + max_b dh) / 254. Down sums |Wd| times that; y sums |w| times.
     A relative 1e-5 of sum |w||Wd||h| covers float32 accumulation."""
     y = np.zeros(x.shape, np.float64)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = ids[t, j]
-            if e < 0:
-                continue
-            Wg, Wu, Wd = Ws[e]
-            xt = x[t].astype(np.float64)
-            dx = np.repeat(np.abs(xt.reshape(-1, 32)).max(axis=1) / 127 / 2, 32)
-            bg, bu = np.abs(Wg) @ dx, np.abs(Wu) @ dx
-            g, u = Wg @ xt, Wu @ xt
-            dh = 1.1 * bg * (np.abs(u) + bu) + (np.abs(silu(g)) + 1.1 * bg) * bu
-            h = silu(g) * u
-            hq = np.repeat((np.abs(h).reshape(-1, 32).max(axis=1) + dh.reshape(-1, 32).max(axis=1)) / 254, 32)
-            y[t] += abs(w[t, j]) * (np.abs(Wd) @ (dh + hq) + 1e-5 * (np.abs(Wd) @ np.abs(h)))
+    for t, j, e in _routed(ids):
+        Wg, Wu, Wd = Ws[e]
+        xt = x[t].astype(np.float64)
+        dx = np.repeat(np.abs(xt.reshape(-1, 32)).max(axis=1) / 127 / 2, 32)
+        bg, bu = np.abs(Wg) @ dx, np.abs(Wu) @ dx
+        g, u = Wg @ xt, Wu @ xt
+        dh = 1.1 * bg * (np.abs(u) + bu) + (np.abs(silu(g)) + 1.1 * bg) * bu
+        h = silu(g) * u
+        hq = np.repeat((np.abs(h).reshape(-1, 32).max(axis=1) + dh.reshape(-1, 32).max(axis=1)) / 254, 32)
+        y[t] += abs(w[t, j]) * (np.abs(Wd) @ (dh + hq) + 1e-5 * (np.abs(Wd) @ np.abs(h)))
     return y
 
 
