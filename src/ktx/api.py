@@ -310,7 +310,8 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
 
     cls = model_class(gguf.architecture, str(gguf.path))  # unknown architecture: fail before the tokenizer
     device = _choose_device(device, cls, gguf)
-    print(f"ktx: {_path_line(device)}", file=sys.stderr)
+    path_line = _path_line(device)
+    print(f"ktx: {path_line}", file=sys.stderr)
     plan = _plan(gguf, cls, cache_len, override_tensor, placement_file, cpu_moe, gpu_experts, device)
     if show_plan or verbose:
         print(f"ktx: {plan.line()}", file=sys.stderr)
@@ -320,11 +321,12 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
     budget = weight_cache_bytes if weight_cache_bytes is not None else _available_ram() // 4
     store = WeightStore(gguf, budget)
     pools, total = _worker_pools(threads, numa_shards) if _kernels_available(experts) else (None, 0)
-    linears = QuantLinears(store, pools[0], path=experts) if pools else FloatLinears(store)
     if device != "cpu":
         from ktx.layers.gpu import GpuLinears
 
         linears = GpuLinears(store, device)
+    else:
+        linears = QuantLinears(store, pools[0], path=experts) if pools else FloatLinears(store)
     linears.prepare(dense_names(gguf))
     print(f"ktx: {linears.describe()}", file=sys.stderr)
     net = build_model(gguf, store, lambda cfg: _make_experts_factory(gguf, cfg, experts, pools, total, cache_dir, log), linears)
@@ -335,5 +337,5 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
     if pools or device != "cpu":
         _warm_up(net)
     model = Model(gguf, net, tokenizer, cache_len)
-    model.device_path = _path_line(device)
+    model.device_path = path_line
     return model

@@ -88,7 +88,7 @@ class BenchReport:
                 t = r.timeline
                 lines.append(f"{r.test} overlap: routed experts (CPU) busy {t['cpu_busy_s']:.3f} s, shared experts/GPU side "
                              f"{t['gpu_busy_s']:.3f} s, overlapped {100 * t['overlap_fraction']:.0f}% of the shorter")
-        lines.append("kernel paths: " + ("; ".join(self.kernel_paths) or "no MoE layers"))
+        lines.append("kernel paths: " + "; ".join(self.kernel_paths))
         if self.device_path:
             lines.append(self.device_path)
         return "\n".join(lines)
@@ -201,7 +201,7 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
     report = BenchReport(
         model=model_name or Path(gguf.path).name.removesuffix(".gguf"), path=str(gguf.path), size_bytes=gguf.n_bytes,
         n_params=sum(t.n_elements for t in gguf.tensors.values()), bytes_per_token=touched_bytes_per_token(gguf),
-        threads=threads, experts=experts, kernel_paths=sorted({e.kernel_path for e in model.net.experts.values()}),
+        threads=threads, experts=experts, kernel_paths=sorted({e.kernel_path for e in model.net.experts.values()}) + [model.net.lin.describe()],
         dram_gbps=None, device_path=model.device_path,
     )
     rng = np.random.default_rng(0)

@@ -64,7 +64,6 @@ class QuantLinears(FloatLinears):
         self.pool, self.path = pool, path
         self.ops: dict[str, object] = {}  # name -> QuantLinear, or None for the float path
         self.fused: dict[tuple[str, ...], tuple[object, list[int]]] = {}  # names -> (stacked QuantLinear, rows each)
-        self.kernel_path = "quantized CPU kernels"
 
     def _op(self, name: str):
         op = self.ops.get(name, False)
