@@ -216,6 +216,8 @@ def _warm_up(net) -> None:
         cache = net.new_cache(16)
         net.forward(torch.full((8,), 1, dtype=torch.int64), cache, last_only=True)
         net.forward(torch.tensor([1]), cache, last_only=True)
+        if getattr(net, "_programs", None):
+            net._programs.clear()  # built for the scratch cache's capacity: the engine's cache gets its own
         net.scheduler.new_step()  # the warm-up is not part of any timeline
     if time.perf_counter() - t > 2:
         print(f"ktx: kernels ready in {time.perf_counter() - t:.0f} s (cached for the next runs)", file=sys.stderr)
@@ -292,7 +294,7 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
          numa_shards: int | None = None, experts_per_token: int | None = None, gpu_experts: int = 0,
          routing_profile: str | Path | None = None, override_tensor: list[str] | None = None,
          placement_file: str | Path | None = None, cpu_moe: bool = True, show_plan: bool = False,
-         device: str | None = None) -> Model:
+         device: str | None = None, decode_program: bool = True) -> Model:
     """Open a GGUF model (a file, any part of a split set, or its folder) for generation.
 
     cache_len: KV cache capacity in tokens. threads: CPU threads for the expert kernels.
@@ -300,6 +302,8 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
     path name. weight_cache_bytes: RAM for dequantized non-expert weights (default: a quarter of free RAM).
     device: where attention, the KV cache and the dense layers run: None = "cuda" when torch sees a GPU, else
     "cpu" (the routed experts run on the CPU either way).
+    decode_program: decode each token through one compiled program (DeepSeek on the CPU kernels; the load
+    prints whether it runs and why not); False keeps the per-op path (for comparisons).
     """
     log = (lambda msg: print(f"ktx: {msg}", file=sys.stderr)) if verbose else (lambda msg: None)
     if cache_len < 1:
@@ -334,8 +338,12 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
         net.use_device(device)
     _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, log)
     _torch_threads(threads, pools)
+    if hasattr(net, "decode_program"):
+        net.decode_program = decode_program and device == "cpu"
     if pools or device != "cpu":
         _warm_up(net)
+    if getattr(net, "program_note", ""):
+        print(f"ktx: {net.program_note}", file=sys.stderr)
     model = Model(gguf, net, tokenizer, cache_len)
     model.device_path = path_line
     return model

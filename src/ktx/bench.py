@@ -40,6 +40,7 @@ class TestResult:
     gbps: float | None = None  # weights read per second (decode tests only)
     roofline: float | None = None  # gbps / DRAM read bandwidth
     timeline: dict | None = None  # the scheduler's CPU/GPU busy and overlap over the last repetition
+    profile: dict | None = None  # decode through a compiled program: share of the step per part (all repetitions)
 
     @property
     def tps(self) -> float:
@@ -88,6 +89,9 @@ class BenchReport:
                 t = r.timeline
                 lines.append(f"{r.test} overlap: routed experts (CPU) busy {t['cpu_busy_s']:.3f} s, shared experts/GPU side "
                              f"{t['gpu_busy_s']:.3f} s, overlapped {100 * t['overlap_fraction']:.0f}% of the shorter")
+            if r.profile:
+                parts = ", ".join(f"{k} {100 * v:.0f}%" for k, v in list(r.profile.items())[:8] if v >= 0.005)
+                lines.append(f"{r.test} step, compiled program: {parts}")
         lines.append("kernel paths: " + "; ".join(self.kernel_paths))
         if self.device_path:
             lines.append(self.device_path)
@@ -172,6 +176,12 @@ def _timeline(model) -> dict | None:
     return sched.new_step().summary() if sched is not None else None
 
 
+def _program_profile(model) -> dict | None:
+    """Where the compiled decode steps since the last call spent their time (None when decode ran per op)."""
+    progs = [p for p in getattr(model.net, "_programs", {}).values() if p is not None]
+    return progs[0].take_profile() if progs else None
+
+
 def _fill_depth(model, depth: int, rng) -> None:
     import torch
 
@@ -201,7 +211,8 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
     report = BenchReport(
         model=model_name or Path(gguf.path).name.removesuffix(".gguf"), path=str(gguf.path), size_bytes=gguf.n_bytes,
         n_params=sum(t.n_elements for t in gguf.tensors.values()), bytes_per_token=touched_bytes_per_token(gguf),
-        threads=threads, experts=experts, kernel_paths=sorted({e.kernel_path for e in model.net.experts.values()}) + [model.net.lin.describe()],
+        threads=threads, experts=experts, kernel_paths=sorted({e.kernel_path for e in model.net.experts.values()}) + [model.net.lin.describe()]
+        + ([model.net.program_note] if getattr(model.net, "program_note", "") else []),
         dram_gbps=None, device_path=model.device_path,
     )
     rng = np.random.default_rng(0)
@@ -215,10 +226,12 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
             name = f"{kind}{n}" + (f" @ d{d}" if d else "")
             log(f"running {name}")
             samples = []
+            _program_profile(model)
             for _ in range(reps):
                 _timeline(model)
                 samples.append(timer(model, n, d, rng))
-            res = TestResult(name, n if kind == "pp" else 0, n if kind == "tg" else 0, d, samples, timeline=_timeline(model))
+            res = TestResult(name, n if kind == "pp" else 0, n if kind == "tg" else 0, d, samples, timeline=_timeline(model),
+                             profile=_program_profile(model) if kind == "tg" else None)
             if kind == "tg":
                 res.gbps = report.bytes_per_token * res.tps / 1e9
             report.results.append(res)

@@ -58,6 +58,9 @@ class Deepseek2:
         self.routing_counts: dict[int, np.ndarray] | None = None  # set to {} to record a routing profile
         self.ops, self.device, self.kv_dtype = TorchOps(), torch.device("cpu"), torch.float32
         self._on_device: dict[str, torch.Tensor] = {}  # small float32 weights (norms, router) copied to the device
+        self.decode_program = False  # True: decode through deepseek2_program where it can run (set by ktx.load)
+        self._programs: dict[int, object] = {}  # cache capacity -> built program, or None (cannot run)
+        self.program_note = ""
 
     def use_device(self, device: str | torch.device, triton: bool = True, kv_dtype: torch.dtype = torch.float32) -> None:
         """Run on `device` (call before `new_cache`; the Linears given at construction must live there too).
@@ -172,10 +175,28 @@ class Deepseek2:
         with torch_threads_for(tokens.shape[0]):
             return self._forward(tokens, cache, last_only)
 
+    def program(self, capacity: int):
+        """The compiled decode step for caches of `capacity` rows (built on first use), or None where it cannot run
+        (`program_note` says why, or which program runs)."""
+        if capacity not in self._programs:
+            from ktx.models import deepseek2_program
+
+            prog, why = deepseek2_program.build(self, capacity)
+            self._programs[capacity] = prog
+            self.program_note = prog.describe() if prog is not None else f"decode: per-op path ({why})"
+        return self._programs[capacity]
+
     def _forward(self, tokens: torch.Tensor, cache: LatentCache, last_only: bool) -> torch.Tensor:
         cfg, T = self.cfg, tokens.shape[0]
         if cache.length + T > cache.capacity:
             raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; raise --cache-len or start a new conversation.")
+        rows = cache.rows.shape[1]  # the capacity rounded up to whole pages
+        if T == 1 and self.decode_program and self.routing_counts is None and self.program(rows) is not None:
+            from ktx.models.deepseek2_program import step
+
+            logits = step(self._programs[rows], self.embed(tokens)[0].numpy(), cache.rows.numpy(), cache.length)
+            cache.length += 1
+            return torch.from_numpy(logits)[None]
         pos = torch.arange(cache.length, cache.length + T, device=self.device)
         norm = self.ops.rms_norm
         x = self.embed(tokens)  # [T, H]

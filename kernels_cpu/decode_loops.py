@@ -1,0 +1,397 @@
+"""A whole decode step as one compiled program that every worker thread runs (Numba, nogil).
+
+Decoding one token through a model is a few hundred small operations; run one by one from Python, each pays
+a dispatch, a pool wake-up or a torch call (5-50 us, and more right after a layer's weights flushed the
+caches), which added up to half the step time. Here the model's builder (ktx.layers.program) writes the
+step once as a table of ops, and `run_program` executes the table on every thread:
+
+    for each op:   parallel ops: claim items from the op's own counter (atomic fetch-add: work stealing)
+                   serial ops:   thread 0 runs them (norms, RoPE, routing: a few microseconds each)
+                   barrier after the op when it, or the next op, is parallel (the builder sets the flag)
+
+State lives in flat arenas addressed by element offsets: F float32 (activations, logits, scratch), Q/QD/QS/QF
+(int8 activations with their per-32 scales, per-16 sums and scale x sum: quantize.py's four arrays), IX int64
+(expert ids), WA (addresses of float32 weights: norms, router, bias), MD (one row per quantized matrix: the
+md descriptor of moe_loops plus, in column 15, the address of its 1 x 64 decode tile kernel, simd.tile_address).
+KV is the latent or K/V cache [layers, capacity, width]; pos the position of the token.
+
+Ops (columns of a row of `ops`: code, parallel, barrier, then the arguments named in each function below):
+    NORM      RMSNorm of `rows` rows                                        (serial)
+    QUANT     int8-quantize rows into a quant buffer                         (serial)
+    GEMV      y (+)= W x for a (batched) quantized matrix, items of row blocks (parallel)
+    ROPE      rotate pairs (interleaved or NeoX halves) of `heads` vectors     (serial)
+    CACHE     copy a row into KV[layer, pos]                                  (serial)
+    MLA       absorbed latent attention over KV[layer, :pos + 1], head chunks  (parallel)
+    ROUTER    float32 router logits, row chunks                               (parallel)
+    TOPK      sigmoid/softmax, group limit, top-k, renormalise, scale, select (serial)
+    MOE_UP    gate/up tiles of the chosen experts and of the shared (or dense) MLP, SiLU * up; the thread
+              finishing an expert's last block quantizes its h row (countdown, no barrier)  (parallel)
+    MOE_DOWN  row blocks of H: sum_j w_j down_j h_j + shared down h, added into the residual  (parallel)
+
+Counters C (int64, fresh zeros per call): C[0] the barrier, then the MoE countdowns at offsets the builder
+reserves, then one item counter per op (the last len(ops) entries). A fresh array per call also means a thread still spinning out
+of the last barrier can never see the next call's counts.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from .linear import sched_yield
+from .moe_loops import fetch_add
+from .quantize import quantize_row
+
+OP_NORM, OP_QUANT, OP_GEMV, OP_ROPE, OP_CACHE, OP_MLA, OP_ROUTER, OP_TOPK, OP_MOE_UP, OP_MOE_DOWN = range(1, 11)
+PARALLEL_OPS = (OP_GEMV, OP_MLA, OP_ROUTER, OP_MOE_UP, OP_MOE_DOWN)
+N_COLS = 32  # columns of an op row: code, parallel, barrier, up to 29 arguments
+TILE_ROWS = 64  # rows of the decode tile (1 token x 4 row groups of 16)
+
+_i64 = ir.IntType(64)
+
+
+@intrinsic
+def call_tile(typingctx, fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo):
+    """The tile kernel at address fn (simd.tile_address), with simd.tile's arguments."""
+    args = (fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo)
+
+    def codegen(context, builder, signature, vals):
+        v = [context.cast(builder, a, t, types.int64) for a, t in zip(vals, signature.args)]
+        f = builder.inttoptr(v[0], ir.FunctionType(ir.VoidType(), [_i64] * 17).as_pointer())
+        builder.call(f, v[1:])
+        return context.get_dummy_value()
+
+    return types.void(*args), codegen
+
+
+@intrinsic
+def f32_ptr(typingctx, addr):
+    """An address as a float32 pointer (for carray views of weights the program does not own)."""
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, vals):
+        return builder.inttoptr(context.cast(builder, vals[0], signature.args[0], types.int64), ir.FloatType().as_pointer())
+
+    return types.CPointer(types.float32)(addr), codegen
+
+
+@intrinsic
+def cycles(typingctx):
+    """The CPU's cycle counter (llvm.readcyclecounter: rdtsc on x86), for the per-op timeline."""
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_i64, []), "llvm.readcyclecounter")
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _tile(md, e, rg, K, xq, xd, xs, xsf, out):
+    """One 1 x 64 decode tile: rows 16 rg .. 16 rg + 63 of matrix (expert/batch) e times one activation row."""
+    call_tile(md[15], K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
+              md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
+              md[12] + e * md[13] + rg * md[14], md[14], xq, xd, xs, xsf, out, TILE_ROWS)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _qrow(Q, QD, QS, QF, q, d, s, f, row, K):
+    """Addresses of activation row `row` (width K) of the quant buffer at offsets q, d, s, f."""
+    return (Q.ctypes.data + q + row * K, QD.ctypes.data + 4 * (d + row * (K // 32)),
+            QS.ctypes.data + 4 * (s + row * (K // 16)), QF.ctypes.data + 4 * (f + row * (K // 32)))
+
+
+@njit(nogil=True, cache=True)
+def _norm(a, WA, F, eps):
+    src, w, dst, n, rows, stride = a[3], a[4], a[5], a[6], a[7], a[8]
+    wv = carray(f32_ptr(WA[w]), n)
+    for r in range(rows):
+        s = np.float32(0.0)
+        for i in range(n):
+            v = F[src + r * stride + i]
+            s += v * v
+        inv = np.float32(1.0) / np.sqrt(s / np.float32(n) + np.float32(eps))
+        for i in range(n):
+            F[dst + r * stride + i] = F[src + r * stride + i] * inv * wv[i]
+
+
+@njit(nogil=True, cache=True)
+def _quant(a, F, Q, QD, QS, QF):
+    src, stride, rows, K, q, d, s, f = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10]
+    for r in range(rows):
+        x = F[src + r * stride: src + r * stride + K]
+        quantize_row(x, Q[q + r * K: q + (r + 1) * K], QD[d + r * (K // 32): d + (r + 1) * (K // 32)],
+                     QS[s + r * (K // 16): s + (r + 1) * (K // 16)], QF[f + r * (K // 32): f + (r + 1) * (K // 32)])
+
+
+@njit(nogil=True, cache=True)
+def _gemv(a, C, ci, MD, F, Q, QD, QS, QF):
+    mat, B, R, K, q, d, s, f, dst, bstride, acc, IB = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14]
+    md = MD[mat]
+    tmp = np.empty(TILE_ROWS, np.float32)
+    n_rb = (R + TILE_ROWS - 1) // TILE_ROWS
+    n_ib = (n_rb + IB - 1) // IB
+    while True:
+        item = fetch_add(C, ci, 1)
+        if item >= B * n_ib:
+            break
+        b = item // n_ib
+        xq, xd, xs, xsf = _qrow(Q, QD, QS, QF, q, d, s, f, b, K)
+        for rb in range(item % n_ib * IB, min(n_rb, (item % n_ib + 1) * IB)):
+            r0 = rb * TILE_ROWS
+            _tile(md, b, r0 // 16, K, xq, xd, xs, xsf, tmp.ctypes.data)
+            o = dst + b * bstride + r0
+            if acc:
+                for r in range(min(TILE_ROWS, R - r0)):
+                    F[o + r] += tmp[r]
+            else:
+                for r in range(min(TILE_ROWS, R - r0)):
+                    F[o + r] = tmp[r]
+
+
+@njit(nogil=True, cache=True)
+def _rope(a, F):
+    src, sstride, dst, dstride, heads, dim, cs, neox = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10]
+    half = dim // 2
+    for h in range(heads):
+        x, y = src + h * sstride, dst + h * dstride
+        for i in range(half):
+            c, sn = F[cs + i], F[cs + half + i]
+            if neox:
+                x1, x2 = F[x + i], F[x + half + i]
+                F[y + i], F[y + half + i] = x1 * c - x2 * sn, x2 * c + x1 * sn
+            else:
+                x1, x2 = F[x + 2 * i], F[x + 2 * i + 1]
+                F[y + 2 * i], F[y + 2 * i + 1] = x1 * c - x2 * sn, x2 * c + x1 * sn
+
+
+@njit(nogil=True, cache=True, fastmath=True, inline="always")
+def _dot(a, b):
+    """sum a * b over two contiguous float32 vectors of one length (fastmath: vectorized, reassociated)."""
+    acc = np.float32(0.0)
+    for c in range(a.shape[0]):
+        acc += a[c] * b[c]
+    return acc
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _mla(a, C, ci, F, KV, pos, scale):
+    """Absorbed MLA for heads of one chunk: q rows [heads, D] = [q_lat | q_pe] against cache rows [kv_c | k_pe];
+    o_lat[h] = softmax(q . row * scale) @ kv_c. Cache rows outermost: each is read once per chunk."""
+    layer, qo, n_h, lat, oo, so, chunk = a[3], a[4], a[5], a[6], a[7], a[8], a[9]
+    D, cap, S = KV.shape[2], KV.shape[1], pos + 1
+    while True:
+        h0 = fetch_add(C, ci, 1) * chunk
+        if h0 >= n_h:
+            break
+        h1 = min(n_h, h0 + chunk)
+        for t in range(S):
+            row = KV[layer, t]
+            for h in range(h0, h1):
+                F[so + h * cap + t] = _dot(F[qo + h * D: qo + (h + 1) * D], row) * scale
+        for h in range(h0, h1):
+            sc = F[so + h * cap: so + h * cap + S]
+            mx = sc.max()
+            tot = np.float32(0.0)
+            for t in range(S):
+                sc[t] = np.exp(sc[t] - mx)
+                tot += sc[t]
+            inv = np.float32(1.0) / tot
+            o = F[oo + h * lat: oo + (h + 1) * lat]
+            o[:] = 0.0
+            for t in range(S):
+                p = sc[t] * inv
+                row = KV[layer, t]
+                for c in range(lat):
+                    o[c] += p * row[c]
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _router(a, C, ci, WA, F):
+    w, E, H, src, dst, chunk = a[3], a[4], a[5], a[6], a[7], a[8]
+    W = carray(f32_ptr(WA[w]), (E, H))
+    while True:
+        e0 = fetch_add(C, ci, 1) * chunk
+        if e0 >= E:
+            break
+        x = F[src:src + H]
+        for e in range(e0, min(E, e0 + chunk)):
+            F[dst + e] = _dot(W[e], x)
+
+
+@njit(nogil=True, cache=True)
+def _topk(a, WA, F, IX, scale):
+    """ktx.layers.router.route for one token, then the selective-experts cut (ktx.scheduler.select_top)."""
+    lo, E, k, sigmoid, bias, n_group, topk_group, norm, k_sel, ids, wo = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13]
+    probs = np.empty(E, np.float32)
+    choice = np.empty(E, np.float32)
+    if sigmoid:
+        for e in range(E):
+            probs[e] = np.float32(1.0) / (np.float32(1.0) + np.exp(-F[lo + e]))
+    else:
+        mx = F[lo: lo + E].max()
+        tot = np.float32(0.0)
+        for e in range(E):
+            probs[e] = np.exp(F[lo + e] - mx)
+            tot += probs[e]
+        for e in range(E):
+            probs[e] /= tot
+    choice[:] = probs
+    if sigmoid and bias >= 0:
+        bv = carray(f32_ptr(WA[bias]), E)
+        for e in range(E):
+            choice[e] += bv[e]
+    if n_group > 1 and topk_group < n_group:
+        per = E // n_group
+        gs = np.empty(n_group, np.float32)
+        for g in range(n_group):
+            m1, m2 = -np.inf, -np.inf  # the group's two best: top-2 sum (sigmoid) or the best (softmax)
+            for e in range(g * per, (g + 1) * per):
+                v = choice[e]
+                if v > m1:
+                    m1, m2 = v, m1
+                elif v > m2:
+                    m2 = v
+            gs[g] = m1 + m2 if sigmoid else m1
+        keep = np.zeros(n_group, np.bool_)
+        for _ in range(topk_group):
+            best = -1
+            for g in range(n_group):
+                if not keep[g] and (best < 0 or gs[g] > gs[best]):
+                    best = g
+            keep[best] = True
+        for g in range(n_group):
+            if not keep[g]:
+                choice[g * per:(g + 1) * per] = -np.inf
+    sel = np.empty(k, np.int64)
+    wt = np.empty(k, np.float32)
+    taken = np.zeros(E, np.bool_)
+    for j in range(k):
+        best = -1
+        for e in range(E):
+            if not taken[e] and (best < 0 or choice[e] > choice[best]):
+                best = e
+        taken[best] = True
+        sel[j] = best
+        wt[j] = probs[best]
+    if norm:
+        tot = np.float32(0.0)
+        for j in range(k):
+            tot += wt[j]
+        for j in range(k):
+            wt[j] = wt[j] / (tot + np.float32(1e-20))
+    order = np.argsort(-wt, kind="mergesort")  # stable, as select_top
+    for j in range(k_sel):
+        IX[ids + j] = sel[order[j]]
+        F[wo + j] = wt[order[j]] * np.float32(scale)
+
+
+@njit(nogil=True, cache=True)
+def _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX):
+    """Items: (routed expert j, block of 64 rows of I), then blocks of the shared MLP's Is rows. h = silu(g) * u."""
+    mg, mu, k, I, H = a[3], a[4], a[5], a[6], a[7]
+    sg, su, sg0, su0, Is = a[8], a[9], a[10], a[11], a[12]
+    xq_, xd_, xs_, xf_ = a[13], a[14], a[15], a[16]
+    ho, hq, hd, hs, hf = a[17], a[18], a[19], a[20], a[21]
+    shq, shd, shs, shf, ids, cd = a[22], a[23], a[24], a[25], a[26], a[27]
+    n_r = I // TILE_ROWS
+    n_s = Is // TILE_ROWS
+    g = np.empty(TILE_ROWS, np.float32)
+    u = np.empty(TILE_ROWS, np.float32)
+    xq, xd, xs, xf = _qrow(Q, QD, QS, QF, xq_, xd_, xs_, xf_, 0, H)
+    while True:
+        item = fetch_add(C, ci, 1)
+        if item >= k * n_r + n_s:
+            break
+        if item < k * n_r:
+            j, rb = item // n_r, item % n_r
+            e = IX[ids + j]
+            _tile(MD[mg], e, rb * 4, H, xq, xd, xs, xf, g.ctypes.data)
+            _tile(MD[mu], e, rb * 4, H, xq, xd, xs, xf, u.ctypes.data)
+            o, n, K = ho + j * I, n_r, I
+        else:
+            j, rb = k, item - k * n_r
+            _tile(MD[sg], 0, sg0 + rb * 4, H, xq, xd, xs, xf, g.ctypes.data)
+            _tile(MD[su], 0, su0 + rb * 4, H, xq, xd, xs, xf, u.ctypes.data)
+            o, n, K = ho + k * I, n_s, Is
+        for r in range(TILE_ROWS):
+            v = g[r]
+            F[o + rb * TILE_ROWS + r] = v / (np.float32(1.0) + np.exp(-v)) * u[r]
+        if fetch_add(C, cd + j, 1) == n - 1:  # this row's last block: quantize h for the down projection
+            if j < k:
+                quantize_row(F[o:o + K], Q[hq + j * K: hq + (j + 1) * K], QD[hd + j * (K // 32): hd + (j + 1) * (K // 32)],
+                             QS[hs + j * (K // 16): hs + (j + 1) * (K // 16)], QF[hf + j * (K // 32): hf + (j + 1) * (K // 32)])
+            else:
+                quantize_row(F[o:o + K], Q[shq: shq + K], QD[shd: shd + K // 32], QS[shs: shs + K // 16], QF[shf: shf + K // 32])
+
+
+@njit(nogil=True, cache=True)
+def _moe_down(a, C, ci, MD, F, Q, QD, QS, QF, IX):
+    """Items: blocks of 64 rows of H; each sums its rows over the routed experts (weighted) and the shared MLP."""
+    md_, k, I, H, sd, Is = a[3], a[4], a[5], a[6], a[7], a[8]
+    hq, hd, hs, hf, shq, shd, shs, shf, ids, wo, dst = a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16], a[17], a[18], a[19]
+    tmp = np.empty(TILE_ROWS, np.float32)
+    acc = np.empty(TILE_ROWS, np.float32)
+    while True:
+        rb = fetch_add(C, ci, 1)
+        if rb * TILE_ROWS >= H:
+            break
+        acc[:] = 0.0
+        for j in range(k):
+            xq, xd, xs, xf = _qrow(Q, QD, QS, QF, hq, hd, hs, hf, j, I)
+            _tile(MD[md_], IX[ids + j], rb * 4, I, xq, xd, xs, xf, tmp.ctypes.data)
+            w = F[wo + j]
+            for r in range(TILE_ROWS):
+                acc[r] += w * tmp[r]
+        if sd >= 0:
+            xq, xd, xs, xf = _qrow(Q, QD, QS, QF, shq, shd, shs, shf, 0, Is)
+            _tile(MD[sd], 0, rb * 4, Is, xq, xd, xs, xf, tmp.ctypes.data)
+            for r in range(TILE_ROWS):
+                acc[r] += tmp[r]
+        for r in range(TILE_ROWS):
+            F[dst + rb * TILE_ROWS + r] += acc[r]
+
+
+@njit(nogil=True, cache=True)
+def run_program(tid, n_threads, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, C, pos, TS):
+    """Run the op table on thread tid of n_threads (every thread calls this with the same arguments). Thread 0
+    writes the cycle counter after each op (and its barrier) into TS[1 + i], and before the first into TS[0]."""
+    if tid == 0:
+        TS[0] = cycles()
+    passed = 0
+    c0 = C.shape[0] - ops.shape[0]  # op i's item counter is C[c0 + i]
+    for i in range(ops.shape[0]):
+        a = ops[i]
+        code = a[0]
+        ci = c0 + i
+        if a[1] or tid == 0:
+            if code == OP_NORM:
+                _norm(a, WA, F, opf[i, 0])
+            elif code == OP_QUANT:
+                _quant(a, F, Q, QD, QS, QF)
+            elif code == OP_GEMV:
+                _gemv(a, C, ci, MD, F, Q, QD, QS, QF)
+            elif code == OP_ROPE:
+                _rope(a, F)
+            elif code == OP_CACHE:
+                src, n, layer = a[3], a[4], a[5]
+                KV[layer, pos, :n] = F[src:src + n]
+            elif code == OP_MLA:
+                _mla(a, C, ci, F, KV, pos, np.float32(opf[i, 0]))
+            elif code == OP_ROUTER:
+                _router(a, C, ci, WA, F)
+            elif code == OP_TOPK:
+                _topk(a, WA, F, IX, opf[i, 0])
+            elif code == OP_MOE_UP:
+                _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX)
+            elif code == OP_MOE_DOWN:
+                _moe_down(a, C, ci, MD, F, Q, QD, QS, QF, IX)
+        if a[2]:
+            passed += 1
+            fetch_add(C, 0, 1)
+            while fetch_add(C, 0, 0) < passed * n_threads:  # atomic read
+                sched_yield()
+        if tid == 0:
+            TS[1 + i] = cycles()

@@ -1,0 +1,187 @@
+"""Build and run a compiled decode step (ktx.kernels_cpu.decode_loops): the op table, its arenas, its threads.
+
+A model that can decode through a program writes its step once with the methods below (`norm`, `quant`,
+`gemv`, ...), each of which appends one op and returns nothing; buffers are element offsets handed out by
+`f32` and `qbuf`. `finish()` marks which ops need a barrier after them and allocates the arenas; `run(kv, pos)`
+executes the table on the calling thread plus n - 1 pool workers (the pool's last worker sits out, as in
+kernels_cpu/linear.py, so n threads run on n cores).
+
+Which matrices a program can take: the quantized CPU kernels' repacked layouts (`QuantLinear`, `MoEExperts`
+on a vector path), since the decode tile is called through its address; float weights (norms, router, bias)
+are read in place through their addresses, so the arrays are kept alive here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ktx.kernels_cpu.decode_loops import (N_COLS, OP_CACHE, OP_GEMV, OP_MLA, OP_MOE_DOWN, OP_MOE_UP, OP_NORM, OP_QUANT,
+                                          OP_ROPE, OP_ROUTER, OP_TOPK, PARALLEL_OPS, TILE_ROWS, run_program)
+from ktx.kernels_cpu.simd import tile_address, variant
+
+
+class DecodeProgram:
+    def __init__(self, pool):
+        self.pool, self.n_threads = pool, pool.n_threads
+        self._ops: list[list[int]] = []
+        self._opf: list[float] = []
+        self._labels: list[str] = []  # per op: "<section> <kind>", for `profile`
+        self.section = ""  # set by the builder: attention, moe, mlp, head ...
+        self._mats: dict[int, int] = {}  # id(kernel matrix) -> MD row
+        self._md: list[np.ndarray] = []
+        self._weights: list[np.ndarray] = []  # float32 arrays the program reads by address (kept alive here)
+        self._wids: dict[int, int] = {}
+        self.sizes = {"F": 0, "Q": 0, "QD": 0, "QS": 0, "QF": 0, "IX": 0, "C": 1}
+
+    # -- buffers ------------------------------------------------------------------------------------
+    def _take(self, arena: str, n: int) -> int:
+        off = self.sizes[arena]
+        self.sizes[arena] += n
+        return off
+
+    def f32(self, n: int) -> int:
+        return self._take("F", -(-n // 16) * 16)  # 64-byte steps
+
+    def qbuf(self, rows: int, K: int) -> tuple[int, int, int, int]:
+        """An int8 activation buffer of `rows` rows of width K (K a multiple of 32): offsets (q, d, s, sf)."""
+        if K % 32:
+            raise ValueError(f"quantized activation width {K} is not a multiple of 32")
+        return (self._take("Q", rows * K), self._take("QD", rows * K // 32), self._take("QS", rows * K // 16),
+                self._take("QF", rows * K // 32))
+
+    def ids(self, n: int) -> int:
+        return self._take("IX", n)
+
+    def weight(self, w) -> int:
+        """Index of a float32 weight read in place (torch tensor or numpy array, made contiguous once)."""
+        a = np.ascontiguousarray(w.numpy() if hasattr(w, "numpy") else w, dtype=np.float32)
+        key = id(w)
+        if key not in self._wids:
+            self._wids[key] = len(self._weights)
+            self._weights.append(a)
+        return self._wids[key]
+
+    def matrix(self, obj, md: np.ndarray, layout: str, isa: str) -> int:
+        """MD row of a repacked matrix (QuantLinear or one of MoEExperts' gate/up/down): md + its decode tile."""
+        if id(obj) not in self._mats:
+            row = np.zeros(16, np.int64)
+            row[:15] = md
+            row[15] = tile_address(variant(layout, isa, 1, TILE_ROWS // 16))
+            self._mats[id(obj)] = len(self._md)
+            self._md.append(row)
+        return self._mats[id(obj)]
+
+    # -- ops ----------------------------------------------------------------------------------------
+    def _op(self, code: int, *args: int, f: float = 0.0) -> None:
+        if len(args) > N_COLS - 3:
+            raise ValueError("too many op arguments")
+        self._ops.append([code, int(code in PARALLEL_OPS), 0, *map(int, args)])
+        self._opf.append(f)
+        self._labels.append(f"{self.section} {_KINDS[code]}".strip())
+
+    def norm(self, src, w, dst, n, eps, rows=1, stride=0):
+        self._op(OP_NORM, src, self.weight(w), dst, n, rows, stride, f=eps)
+
+    def quant(self, src, K, q, rows=1, stride=None):
+        self._op(OP_QUANT, src, K if stride is None else stride, rows, K, *q)
+
+    def gemv(self, lin, q, dst, bstride=0, acc=False):
+        """dst (+)= W x for a QuantLinear (batched: B matrices, input row b, output at dst + b * bstride)."""
+        mat = self.matrix(lin, lin.md, _layout(lin.qtype), lin.path)
+        n_rb = -(-lin.rows // TILE_ROWS)
+        IB = lin._item_blocks(1, lin.cols, n_rb, TILE_ROWS // 16)
+        self._op(OP_GEMV, mat, lin.B, lin.rows, lin.cols, *q, dst, bstride, int(acc), IB)
+
+    def rope(self, src, sstride, dst, dstride, heads, dim, cos_sin, neox=False):
+        self._op(OP_ROPE, src, sstride, dst, dstride, heads, dim, cos_sin, int(neox))
+
+    def cache(self, src, n, layer):
+        self._op(OP_CACHE, src, n, layer)
+
+    def mla(self, layer, q, n_heads, kv_lora, o, scores, scale):
+        chunk = -(-n_heads // self.n_threads)  # one chunk per thread: each reads the cache once
+        self._op(OP_MLA, layer, q, n_heads, kv_lora, o, scores, chunk, f=scale)
+
+    def router(self, w, E, H, src, dst):
+        self._op(OP_ROUTER, self.weight(w), E, H, src, dst, max(1, E // (4 * self.n_threads)))
+
+    def topk(self, logits, E, k, sigmoid, bias, n_group, topk_group, norm, k_sel, ids, w, scale):
+        b = -1 if bias is None else self.weight(bias)
+        self._op(OP_TOPK, logits, E, k, int(sigmoid), b, n_group, topk_group, int(norm), k_sel, ids, w, f=scale)
+
+    def moe(self, experts, k, ids, w, x_q, dst, H, shared=None):
+        """dst += sum_j w_j expert_{ids_j}(x) + shared(x). experts: MoEExperts (or None, k = 0: a dense MLP given as
+        `shared`); shared: (gate QuantLinear, gate row offset, up QuantLinear, up row offset, down QuantLinear, Is)."""
+        I = experts.I if experts is not None else 0
+        if experts is not None:
+            mg, mu, md = (self.matrix(m, m.md, m.layout.name, experts.path) for m in experts.mats)
+        else:
+            mg = mu = md = 0
+        if shared is not None:
+            g, g0, u, u0, d, Is = shared
+            sg, su, sd = (self.gemv_matrix(m) for m in (g, u, d))
+        else:
+            sg = su = 0
+            sd, g0, u0, Is = -1, 0, 0, 0
+        h = self.f32(k * I + Is)
+        hq, shq = self.qbuf(k, I) if k else (0, 0, 0, 0), self.qbuf(1, Is) if Is else (0, 0, 0, 0)
+        cd = self._take("C", k + 1)
+        self._op(OP_MOE_UP, mg, mu, k, I, H, sg, su, g0 // 16, u0 // 16, Is, *x_q, h, *hq, *shq, ids, cd)
+        self._op(OP_MOE_DOWN, md, k, I, H, sd, Is, *hq, *shq, ids, w, dst)
+
+    def gemv_matrix(self, lin) -> int:
+        return self.matrix(lin, lin.md, _layout(lin.qtype), lin.path)
+
+    # -- run ----------------------------------------------------------------------------------------
+    def finish(self) -> "DecodeProgram":
+        ops = np.zeros((len(self._ops), N_COLS), np.int64)
+        for i, row in enumerate(self._ops):
+            ops[i, :len(row)] = row
+        par = ops[:, 1].astype(bool)
+        ops[:, 2] = par | np.append(par[1:], True)  # barrier after a parallel op and before one (and at the end)
+        self.ops, self.opf = ops, np.array(self._opf, np.float64)[:, None].repeat(2, 1)
+        self.MD = np.array(self._md, np.int64).reshape(-1, 16)
+        self.WA = np.array([a.ctypes.data for a in self._weights] or [0], np.int64)
+        s = self.sizes
+        self.F = np.zeros(s["F"], np.float32)
+        self.Q, self.QD = np.zeros(s["Q"], np.int8), np.zeros(s["QD"], np.float32)
+        self.QS, self.QF = np.zeros(s["QS"], np.int32), np.zeros(s["QF"], np.float32)
+        self.IX = np.zeros(max(1, s["IX"]), np.int64)
+        self.TS = np.zeros(len(self._ops) + 1, np.int64)  # cycle counter before the first op and after each
+        self._cycles = np.zeros(len(self._ops), np.int64)  # per op, summed over runs (take_profile)
+        return self
+
+    def run(self, kv: np.ndarray, pos: int) -> None:
+        """One step at position pos (inputs already in F; outputs left there)."""
+        C = np.zeros(self.sizes["C"] + len(self.ops), np.int64)  # barrier, countdowns, one counter per op
+        args = (self.ops, self.opf, self.MD, self.WA, self.F, self.Q, self.QD, self.QS, self.QF, self.IX, kv, C, pos,
+                self.TS)
+        n = self.n_threads
+        if n > 1:
+            self.pool.submit(lambda wid, nw: run_program(wid + 1, n, *args) if wid < n - 1 else None)
+        run_program(0, n, *args)
+        self._cycles += np.diff(self.TS)
+
+    def take_profile(self) -> dict[str, float]:
+        """Share of the time per "<section> <op kind>" over the runs since the last call (thread 0's cycle counter:
+        an op's span includes its barrier, so a serial op's wait for the others is charged to the op before)."""
+        out: dict[str, float] = {}
+        for label, c in zip(self._labels, self._cycles):
+            out[label] = out.get(label, 0.0) + float(c)
+        total = max(sum(out.values()), 1.0)
+        self._cycles[:] = 0
+        return {k: v / total for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+    def describe(self) -> str:
+        return (f"decode: one compiled program per token ({len(self._ops)} ops, {int(self.ops[:, 2].sum())} barriers, "
+                f"{self.n_threads} threads)")
+
+
+_KINDS = {OP_NORM: "norm", OP_QUANT: "quant", OP_GEMV: "gemv", OP_ROPE: "rope", OP_CACHE: "cache", OP_MLA: "mla",
+          OP_ROUTER: "router", OP_TOPK: "topk", OP_MOE_UP: "experts gate/up", OP_MOE_DOWN: "experts down"}
+
+
+def _layout(qtype) -> str:
+    from ktx.kernels_cpu.repack import LAYOUTS
+
+    return LAYOUTS[qtype].name
