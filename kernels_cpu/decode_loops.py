@@ -13,20 +13,25 @@ State lives in flat arenas addressed by element offsets: F float32 (activations,
 (int8 activations with their per-32 scales, per-16 sums and scale x sum: quantize.py's four arrays), IX int64
 (expert ids), WA (addresses of float32 weights: norms, router, bias), MD (one row per quantized matrix: the
 md descriptor of moe_loops plus, in column 15, the address of its 1 x 64 decode tile kernel, simd.tile_address).
-KV is the latent or K/V cache [layers, capacity, width]; pos the position of the token.
+KV is MLA's latent cache or GQA's key cache, VC GQA's value cache, each [layers, capacity, width]; pos the
+position of the token.
 
 Ops (columns of a row of `ops`: code, parallel, barrier, then the arguments named in each function below):
     NORM      RMSNorm of `rows` rows                                        (serial)
     QUANT     int8-quantize rows into a quant buffer                         (serial)
     GEMV      y (+)= W x for a (batched) quantized matrix, items of row blocks (parallel)
     ROPE      rotate pairs (interleaved or NeoX halves) of `heads` vectors     (serial)
-    CACHE     copy a row into KV[layer, pos]                                  (serial)
+    CACHE     copy a row into KV[layer, pos] (or VC)                          (serial)
     MLA       absorbed latent attention over KV[layer, :pos + 1], head chunks  (parallel)
+    GQA       grouped-query attention over KV/VC[layer, window .. pos], head chunks  (parallel)
+    ADD       y += x (x from F, or a float32 weight: a bias)                  (serial)
+    SIGMOID   in place                                                        (serial)
     ROUTER    float32 router logits, row chunks                               (parallel)
     TOPK      sigmoid/softmax, group limit, top-k, renormalise, scale, select (serial)
     MOE_UP    gate/up tiles of the chosen experts and of the shared (or dense) MLP, SiLU * up; the thread
               finishing an expert's last block quantizes its h row (countdown, no barrier)  (parallel)
-    MOE_DOWN  row blocks of H: sum_j w_j down_j h_j + shared down h, added into the residual  (parallel)
+    MOE_DOWN  w_j down_j h_j and shared down h, items of row blocks of one matrix, into per-thread sums (parallel)
+    MOE_SUM   add the per-thread sums into the residual (or store them)       (serial)
 
 Counters C (int64, fresh zeros per call): C[0] the barrier, then the MoE countdowns at offsets the builder
 reserves, then one item counter per op (the last len(ops) entries). A fresh array per call also means a thread still spinning out
@@ -44,8 +49,9 @@ from .linear import sched_yield
 from .moe_loops import fetch_add
 from .quantize import quantize_row
 
-OP_NORM, OP_QUANT, OP_GEMV, OP_ROPE, OP_CACHE, OP_MLA, OP_ROUTER, OP_TOPK, OP_MOE_UP, OP_MOE_DOWN = range(1, 11)
-PARALLEL_OPS = (OP_GEMV, OP_MLA, OP_ROUTER, OP_MOE_UP, OP_MOE_DOWN)
+(OP_NORM, OP_QUANT, OP_GEMV, OP_ROPE, OP_CACHE, OP_MLA, OP_ROUTER, OP_TOPK, OP_MOE_UP, OP_MOE_DOWN, OP_MOE_SUM, OP_ADD,
+ OP_SIGMOID, OP_GQA) = range(1, 15)
+PARALLEL_OPS = (OP_GEMV, OP_MLA, OP_ROUTER, OP_MOE_UP, OP_MOE_DOWN, OP_GQA)
 N_COLS = 32  # columns of an op row: code, parallel, barrier, up to 29 arguments
 TILE_ROWS = 64  # rows of the decode tile (1 token x 4 row groups of 16)
 
@@ -209,6 +215,44 @@ def _mla(a, C, ci, F, KV, pos, scale):
 
 
 @njit(nogil=True, cache=True, fastmath=True)
+def _gqa(a, C, ci, F, K, V, pos, scale):
+    """Query heads of one chunk against cache rows t in [pos + 1 - window, pos] (all when window = 0); head h
+    reads cache head h // (n_h / n_kv). Rows outermost, as in _mla."""
+    layer, qo, n_h, n_kv, d, dv, oo, so, chunk, window = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12]
+    cap, S = K.shape[1], pos + 1
+    t0 = max(0, S - window) if window > 0 else 0
+    group = n_h // n_kv
+    while True:
+        h0 = fetch_add(C, ci, 1) * chunk
+        if h0 >= n_h:
+            break
+        h1 = min(n_h, h0 + chunk)
+        for t in range(t0, S):
+            row = K[layer, t]
+            for h in range(h0, h1):
+                c = h // group * d
+                F[so + h * cap + t] = _dot(F[qo + h * d: qo + (h + 1) * d], row[c:c + d]) * scale
+        for h in range(h0, h1):
+            sc = F[so + h * cap + t0: so + h * cap + S]
+            mx = sc.max()
+            tot = np.float32(0.0)
+            for t in range(S - t0):
+                sc[t] = np.exp(sc[t] - mx)
+                tot += sc[t]
+            sc /= tot
+            F[oo + h * dv: oo + (h + 1) * dv] = 0.0
+        for t in range(t0, S):
+            row = V[layer, t]
+            for h in range(h0, h1):
+                p = F[so + h * cap + t]
+                o = F[oo + h * dv: oo + (h + 1) * dv]
+                c = h // group * dv
+                v = row[c:c + dv]
+                for i in range(dv):
+                    o[i] += p * v[i]
+
+
+@njit(nogil=True, cache=True, fastmath=True)
 def _router(a, C, ci, WA, F):
     w, E, H, src, dst, chunk = a[3], a[4], a[5], a[6], a[7], a[8]
     W = carray(f32_ptr(WA[w]), (E, H))
@@ -290,36 +334,41 @@ def _topk(a, WA, F, IX, scale):
 
 @njit(nogil=True, cache=True)
 def _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX):
-    """Items: (routed expert j, block of 64 rows of I), then blocks of the shared MLP's Is rows. h = silu(g) * u."""
+    """Items: IB consecutive blocks of 64 rows of one routed expert's I, then of the shared MLP's Is (one weight
+    stream per item, which the tile's prefetch of its next row groups follows). h = act(gate x) * up x, act = SiLU
+    or (gelu = 1) GELU-tanh."""
     mg, mu, k, I, H = a[3], a[4], a[5], a[6], a[7]
     sg, su, sg0, su0, Is = a[8], a[9], a[10], a[11], a[12]
     xq_, xd_, xs_, xf_ = a[13], a[14], a[15], a[16]
     ho, hq, hd, hs, hf = a[17], a[18], a[19], a[20], a[21]
-    shq, shd, shs, shf, ids, cd = a[22], a[23], a[24], a[25], a[26], a[27]
-    n_r = I // TILE_ROWS
-    n_s = Is // TILE_ROWS
+    shq, shd, shs, shf, ids, cd, IB, gelu = a[22], a[23], a[24], a[25], a[26], a[27], a[28], a[29]
+    n_r, n_s = I // TILE_ROWS, Is // TILE_ROWS
+    i_r, i_s = (n_r + IB - 1) // IB, (n_s + IB - 1) // IB  # items per routed expert, for the shared MLP
     g = np.empty(TILE_ROWS, np.float32)
     u = np.empty(TILE_ROWS, np.float32)
     xq, xd, xs, xf = _qrow(Q, QD, QS, QF, xq_, xd_, xs_, xf_, 0, H)
     while True:
         item = fetch_add(C, ci, 1)
-        if item >= k * n_r + n_s:
+        if item >= k * i_r + i_s:
             break
-        if item < k * n_r:
-            j, rb = item // n_r, item % n_r
-            e = IX[ids + j]
-            _tile(MD[mg], e, rb * 4, H, xq, xd, xs, xf, g.ctypes.data)
-            _tile(MD[mu], e, rb * 4, H, xq, xd, xs, xf, u.ctypes.data)
-            o, n, K = ho + j * I, n_r, I
+        if item < k * i_r:
+            j, b0 = item // i_r, item % i_r * IB
+            e, mdg, mdu, r0g, r0u, o, n, K = IX[ids + j], MD[mg], MD[mu], 0, 0, ho + j * I, n_r, I
         else:
-            j, rb = k, item - k * n_r
-            _tile(MD[sg], 0, sg0 + rb * 4, H, xq, xd, xs, xf, g.ctypes.data)
-            _tile(MD[su], 0, su0 + rb * 4, H, xq, xd, xs, xf, u.ctypes.data)
-            o, n, K = ho + k * I, n_s, Is
-        for r in range(TILE_ROWS):
-            v = g[r]
-            F[o + rb * TILE_ROWS + r] = v / (np.float32(1.0) + np.exp(-v)) * u[r]
-        if fetch_add(C, cd + j, 1) == n - 1:  # this row's last block: quantize h for the down projection
+            j, b0 = k, (item - k * i_r) * IB
+            e, mdg, mdu, r0g, r0u, o, n, K = 0, MD[sg], MD[su], sg0, su0, ho + k * I, n_s, Is
+        b1 = min(n, b0 + IB)
+        for rb in range(b0, b1):
+            _tile(mdg, e, r0g + rb * 4, H, xq, xd, xs, xf, g.ctypes.data)
+            _tile(mdu, e, r0u + rb * 4, H, xq, xd, xs, xf, u.ctypes.data)
+            for r in range(TILE_ROWS):
+                v = g[r]
+                if gelu:  # tanh approximation, as torch's gelu(approximate="tanh")
+                    act = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)))
+                else:
+                    act = v / (np.float32(1.0) + np.exp(-v))
+                F[o + rb * TILE_ROWS + r] = act * u[r]
+        if fetch_add(C, cd + j, b1 - b0) == n - (b1 - b0):  # this row's last blocks: quantize h for the down projection
             if j < k:
                 quantize_row(F[o:o + K], Q[hq + j * K: hq + (j + 1) * K], QD[hd + j * (K // 32): hd + (j + 1) * (K // 32)],
                              QS[hs + j * (K // 16): hs + (j + 1) * (K // 16)], QF[hf + j * (K // 32): hf + (j + 1) * (K // 32)])
@@ -328,34 +377,49 @@ def _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX):
 
 
 @njit(nogil=True, cache=True)
-def _moe_down(a, C, ci, MD, F, Q, QD, QS, QF, IX):
-    """Items: blocks of 64 rows of H; each sums its rows over the routed experts (weighted) and the shared MLP."""
+def _moe_down(a, C, ci, tid, MD, F, Q, QD, QS, QF, IX):
+    """Items: IB consecutive blocks of 64 rows of H of one routed expert's down (weighted), then of the shared
+    MLP's (times F[sw], sw >= 0); each thread adds into its own partial sum part[tid] (summed by MOE_SUM)."""
     md_, k, I, H, sd, Is = a[3], a[4], a[5], a[6], a[7], a[8]
-    hq, hd, hs, hf, shq, shd, shs, shf, ids, wo, dst = a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16], a[17], a[18], a[19]
+    hq, hd, hs, hf, shq, shd, shs, shf, ids, wo, part, IB, sw = (a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16],
+                                                                 a[17], a[18], a[19], a[20], a[21])
+    n_h = H // TILE_ROWS
+    i_h = (n_h + IB - 1) // IB
+    n_items = k * i_h + (i_h if sd >= 0 else 0)
     tmp = np.empty(TILE_ROWS, np.float32)
-    acc = np.empty(TILE_ROWS, np.float32)
+    dst = part + tid * H
     while True:
-        rb = fetch_add(C, ci, 1)
-        if rb * TILE_ROWS >= H:
+        item = fetch_add(C, ci, 1)
+        if item >= n_items:
             break
-        acc[:] = 0.0
-        for j in range(k):
+        j, b0 = item // i_h, item % i_h * IB
+        if j < k:
             xq, xd, xs, xf = _qrow(Q, QD, QS, QF, hq, hd, hs, hf, j, I)
-            _tile(MD[md_], IX[ids + j], rb * 4, I, xq, xd, xs, xf, tmp.ctypes.data)
-            w = F[wo + j]
-            for r in range(TILE_ROWS):
-                acc[r] += w * tmp[r]
-        if sd >= 0:
+            m, e, K, w = MD[md_], IX[ids + j], I, F[wo + j]
+        else:
             xq, xd, xs, xf = _qrow(Q, QD, QS, QF, shq, shd, shs, shf, 0, Is)
-            _tile(MD[sd], 0, rb * 4, Is, xq, xd, xs, xf, tmp.ctypes.data)
+            m, e, K, w = MD[sd], 0, Is, F[sw] if sw >= 0 else np.float32(1.0)  # qwen2moe: a sigmoid gate
+        for rb in range(b0, min(n_h, b0 + IB)):
+            _tile(m, e, rb * 4, K, xq, xd, xs, xf, tmp.ctypes.data)
+            o = dst + rb * TILE_ROWS
             for r in range(TILE_ROWS):
-                acc[r] += tmp[r]
-        for r in range(TILE_ROWS):
-            F[dst + rb * TILE_ROWS + r] += acc[r]
+                F[o + r] += w * tmp[r]
 
 
 @njit(nogil=True, cache=True)
-def run_program(tid, n_threads, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, C, pos, TS):
+def _moe_sum(a, F, n_threads):
+    """dst (+)= sum over threads of part[t]; the partial sums are zeroed for the next layer."""
+    part, H, dst, acc = a[3], a[4], a[5], a[6]
+    if not acc:
+        F[dst:dst + H] = 0.0
+    for t in range(n_threads):
+        for r in range(H):
+            F[dst + r] += F[part + t * H + r]
+            F[part + t * H + r] = 0.0
+
+
+@njit(nogil=True, cache=True)
+def run_program(tid, n_threads, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, VC, C, pos, TS):
     """Run the op table on thread tid of n_threads (every thread calls this with the same arguments). Thread 0
     writes the cycle counter after each op (and its barrier) into TS[1 + i], and before the first into TS[0]."""
     if tid == 0:
@@ -377,7 +441,21 @@ def run_program(tid, n_threads, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, C, p
                 _rope(a, F)
             elif code == OP_CACHE:
                 src, n, layer = a[3], a[4], a[5]
-                KV[layer, pos, :n] = F[src:src + n]
+                if a[6]:
+                    VC[layer, pos, :n] = F[src:src + n]
+                else:
+                    KV[layer, pos, :n] = F[src:src + n]
+            elif code == OP_GQA:
+                _gqa(a, C, ci, F, KV, VC, pos, np.float32(opf[i, 0]))
+            elif code == OP_ADD:
+                src, dst, n = a[3], a[4], a[5]
+                if a[6]:
+                    F[dst:dst + n] += carray(f32_ptr(WA[src]), n)
+                else:
+                    F[dst:dst + n] += F[src:src + n]
+            elif code == OP_SIGMOID:
+                for j in range(a[3], a[3] + a[4]):
+                    F[j] = np.float32(1.0) / (np.float32(1.0) + np.exp(-F[j]))
             elif code == OP_MLA:
                 _mla(a, C, ci, F, KV, pos, np.float32(opf[i, 0]))
             elif code == OP_ROUTER:
@@ -387,7 +465,9 @@ def run_program(tid, n_threads, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, C, p
             elif code == OP_MOE_UP:
                 _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX)
             elif code == OP_MOE_DOWN:
-                _moe_down(a, C, ci, MD, F, Q, QD, QS, QF, IX)
+                _moe_down(a, C, ci, tid, MD, F, Q, QD, QS, QF, IX)
+            elif code == OP_MOE_SUM:
+                _moe_sum(a, F, n_threads)
         if a[2]:
             passed += 1
             fetch_add(C, 0, 1)

@@ -216,8 +216,8 @@ def _warm_up(net) -> None:
         cache = net.new_cache(16)
         net.forward(torch.full((8,), 1, dtype=torch.int64), cache, last_only=True)
         net.forward(torch.tensor([1]), cache, last_only=True)
-        if getattr(net, "_programs", None):
-            net._programs.clear()  # built for the scratch cache's capacity: the engine's cache gets its own
+        if hasattr(net, "programs"):
+            net.programs().clear()  # built for the scratch cache's capacity: the engine's cache gets its own
         net.scheduler.new_step()  # the warm-up is not part of any timeline
     if time.perf_counter() - t > 2:
         print(f"ktx: kernels ready in {time.perf_counter() - t:.0f} s (cached for the next runs)", file=sys.stderr)
@@ -302,7 +302,7 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
     path name. weight_cache_bytes: RAM for dequantized non-expert weights (default: a quarter of free RAM).
     device: where attention, the KV cache and the dense layers run: None = "cuda" when torch sees a GPU, else
     "cpu" (the routed experts run on the CPU either way).
-    decode_program: decode each token through one compiled program (DeepSeek on the CPU kernels; the load
+    decode_program: decode each token through one compiled program (on the CPU kernels; the load
     prints whether it runs and why not); False keeps the per-op path (for comparisons).
     """
     log = (lambda msg: print(f"ktx: {msg}", file=sys.stderr)) if verbose else (lambda msg: None)

@@ -178,7 +178,7 @@ def _timeline(model) -> dict | None:
 
 def _program_profile(model) -> dict | None:
     """Where the compiled decode steps since the last call spent their time (None when decode ran per op)."""
-    progs = [p for p in getattr(model.net, "_programs", {}).values() if p is not None]
+    progs = [p for p in (model.net.programs().values() if hasattr(model.net, "programs") else []) if p is not None]
     return progs[0].take_profile() if progs else None
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ktx.kernels_cpu.decode_loops import (N_COLS, OP_CACHE, OP_GEMV, OP_MLA, OP_MOE_DOWN, OP_MOE_UP, OP_NORM, OP_QUANT,
-                                          OP_ROPE, OP_ROUTER, OP_TOPK, PARALLEL_OPS, TILE_ROWS, run_program)
+from ktx.kernels_cpu.decode_loops import (N_COLS, OP_ADD, OP_CACHE, OP_GEMV, OP_GQA, OP_MLA, OP_MOE_DOWN, OP_MOE_SUM,
+                                          OP_MOE_UP, OP_NORM, OP_QUANT, OP_ROPE, OP_ROUTER, OP_SIGMOID, OP_TOPK,
+                                          PARALLEL_OPS, TILE_ROWS, run_program)
 from ktx.kernels_cpu.simd import tile_address, variant
 
 
@@ -27,6 +28,7 @@ class DecodeProgram:
         self._opf: list[float] = []
         self._labels: list[str] = []  # per op: "<section> <kind>", for `profile`
         self.section = ""  # set by the builder: attention, moe, mlp, head ...
+        self._tables: list = []  # rope tables filled per step
         self._mats: dict[int, int] = {}  # id(kernel matrix) -> MD row
         self._md: list[np.ndarray] = []
         self._weights: list[np.ndarray] = []  # float32 arrays the program reads by address (kept alive here)
@@ -95,8 +97,23 @@ class DecodeProgram:
     def rope(self, src, sstride, dst, dstride, heads, dim, cos_sin, neox=False):
         self._op(OP_ROPE, src, sstride, dst, dstride, heads, dim, cos_sin, int(neox))
 
-    def cache(self, src, n, layer):
-        self._op(OP_CACHE, src, n, layer)
+    def cache(self, src, n, layer, values=False):
+        """KV[layer, pos, :n] = src (values: the value cache VC)."""
+        self._op(OP_CACHE, src, n, layer, int(values))
+
+    def gqa(self, layer, q, n_heads, n_kv, d, dv, o, scores, window, scale):
+        chunk = -(-n_heads // self.n_threads)
+        self._op(OP_GQA, layer, q, n_heads, n_kv, d, dv, o, scores, chunk, window, f=scale)
+
+    def add(self, src, dst, n, weight=None):
+        """dst += src (an F offset), or += a float32 weight (a bias) when `weight` is given."""
+        if weight is not None:
+            self._op(OP_ADD, self.weight(weight), dst, n, 1)
+        else:
+            self._op(OP_ADD, src, dst, n, 0)
+
+    def sigmoid(self, off, n):
+        self._op(OP_SIGMOID, off, n)
 
     def mla(self, layer, q, n_heads, kv_lora, o, scores, scale):
         chunk = -(-n_heads // self.n_threads)  # one chunk per thread: each reads the cache once
@@ -109,10 +126,13 @@ class DecodeProgram:
         b = -1 if bias is None else self.weight(bias)
         self._op(OP_TOPK, logits, E, k, int(sigmoid), b, n_group, topk_group, int(norm), k_sel, ids, w, f=scale)
 
-    def moe(self, experts, k, ids, w, x_q, dst, H, shared=None):
-        """dst += sum_j w_j expert_{ids_j}(x) + shared(x). experts: MoEExperts (or None, k = 0: a dense MLP given as
-        `shared`); shared: (gate QuantLinear, gate row offset, up QuantLinear, up row offset, down QuantLinear, Is)."""
+    def moe(self, experts, k, ids, w, x_q, dst, H, shared=None, gelu=False, shared_w=-1, acc=True):
+        """dst (+)= sum_j w_j expert_{ids_j}(x) + shared(x). experts: MoEExperts (or None, k = 0: a dense MLP given as
+        `shared`); shared: (gate QuantLinear, gate row offset, up QuantLinear, up row offset, down QuantLinear, Is),
+        scaled by F[shared_w] when shared_w >= 0; gelu: GELU-tanh instead of SiLU; acc: add into dst, else store."""
         I = experts.I if experts is not None else 0
+        if I % TILE_ROWS or H % TILE_ROWS or (shared is not None and shared[5] % TILE_ROWS):
+            raise Unsupported(f"MLP sizes (hidden {H}, expert {I}, shared/dense {shared and shared[5]}) not multiples of {TILE_ROWS}")
         if experts is not None:
             mg, mu, md = (self.matrix(m, m.md, m.layout.name, experts.path) for m in experts.mats)
         else:
@@ -126,8 +146,17 @@ class DecodeProgram:
         h = self.f32(k * I + Is)
         hq, shq = self.qbuf(k, I) if k else (0, 0, 0, 0), self.qbuf(1, Is) if Is else (0, 0, 0, 0)
         cd = self._take("C", k + 1)
-        self._op(OP_MOE_UP, mg, mu, k, I, H, sg, su, g0 // 16, u0 // 16, Is, *x_q, h, *hq, *shq, ids, cd)
-        self._op(OP_MOE_DOWN, md, k, I, H, sd, Is, *hq, *shq, ids, w, dst)
+        part = self.f32(self.n_threads * H)
+        n_up = k * (I // TILE_ROWS) + Is // TILE_ROWS  # row blocks of gate (and up)
+        n_down = (k + (Is > 0)) * (H // TILE_ROWS)
+        self._op(OP_MOE_UP, mg, mu, k, I, H, sg, su, g0 // 16, u0 // 16, Is, *x_q, h, *hq, *shq, ids, cd, self._ib(n_up, k + 1),
+                 int(gelu))
+        self._op(OP_MOE_DOWN, md, k, I, H, sd, Is, *hq, *shq, ids, w, part, self._ib(n_down, k + 1), shared_w)
+        self._op(OP_MOE_SUM, part, H, dst, int(acc))
+
+    def _ib(self, n_blocks: int, n_mats: int) -> int:
+        """Row blocks per MoE item: long weight streams (up to MOE_ITEM_BLOCKS), yet ITEMS_PER_THREAD items per thread."""
+        return max(1, min(MOE_ITEM_BLOCKS, n_blocks // (ITEMS_PER_THREAD * self.n_threads)))
 
     def gemv_matrix(self, lin) -> int:
         return self.matrix(lin, lin.md, _layout(lin.qtype), lin.path)
@@ -151,11 +180,32 @@ class DecodeProgram:
         self._cycles = np.zeros(len(self._ops), np.int64)  # per op, summed over runs (take_profile)
         return self
 
-    def run(self, kv: np.ndarray, pos: int) -> None:
+    def rope_table(self, inv_freq, scale: float = 1.0, factor: float = 1.0) -> int:
+        """F offset of [cos | sin] (rope_dim / 2 each) at each step's position / factor, times scale (ktx.layers.rope)."""
+        off = self.f32(2 * len(inv_freq))
+        self._tables.append((off, np.asarray(inv_freq, np.float32), np.float32(scale), np.float32(factor)))
+        return off
+
+    def io(self, x: int, logits: int, vocab: int) -> None:
+        """Where step() writes the token's embedding and reads the logits."""
+        self.x, self.logits, self.vocab = x, logits, vocab
+
+    def step(self, x0: np.ndarray, kv: np.ndarray, vc: np.ndarray, pos: int) -> np.ndarray:
+        """One token: embedding x0 [H] at position pos, caches kv (and vc) [layers, capacity, width] -> logits
+        [vocab] (a copy)."""
+        F = self.F
+        F[self.x:self.x + x0.shape[0]] = x0
+        for off, inv_freq, scale, factor in self._tables:  # float32 angles, as Rope.cos_sin
+            ang = (np.float32(pos) / factor if factor != 1 else np.float32(pos)) * inv_freq
+            F[off:off + len(ang)], F[off + len(ang):off + 2 * len(ang)] = np.cos(ang) * scale, np.sin(ang) * scale
+        self.run(kv, vc, pos)
+        return F[self.logits:self.logits + self.vocab].copy()
+
+    def run(self, kv: np.ndarray, vc: np.ndarray, pos: int) -> None:
         """One step at position pos (inputs already in F; outputs left there)."""
         C = np.zeros(self.sizes["C"] + len(self.ops), np.int64)  # barrier, countdowns, one counter per op
-        args = (self.ops, self.opf, self.MD, self.WA, self.F, self.Q, self.QD, self.QS, self.QF, self.IX, kv, C, pos,
-                self.TS)
+        args = (self.ops, self.opf, self.MD, self.WA, self.F, self.Q, self.QD, self.QS, self.QF, self.IX, kv, vc, C,
+                pos, self.TS)
         n = self.n_threads
         if n > 1:
             self.pool.submit(lambda wid, nw: run_program(wid + 1, n, *args) if wid < n - 1 else None)
@@ -177,7 +227,47 @@ class DecodeProgram:
                 f"{self.n_threads} threads)")
 
 
-_KINDS = {OP_NORM: "norm", OP_QUANT: "quant", OP_GEMV: "gemv", OP_ROPE: "rope", OP_CACHE: "cache", OP_MLA: "mla",
+def quant_linear(net, name):
+    """The QuantLinear of a dense weight (Unsupported when it runs on the float path)."""
+    op = net.lin._op(name)
+    if op is None:
+        raise Unsupported(f"{name} is not on the quantized kernels")
+    return op
+
+
+class Unsupported(Exception):
+    """A model part the program cannot take (its builder then returns None and the reason)."""
+
+
+def linear_group(net, P: DecodeProgram, names: list[str], q, dst: int) -> None:
+    """W x for weights applied to one input, outputs consecutive at dst: one stacked matrix when QuantLinears
+    stacked them, else one GEMV each."""
+    hit = net.lin.fused.get(tuple(names))
+    if hit is not None:
+        P.gemv(hit[0], q, dst)
+        return
+    for n in names:
+        op = quant_linear(net, n)
+        P.gemv(op, q, dst)
+        dst += op.rows
+
+
+def mlp_parts(net, p: str, kind: str):
+    """(gate, gate row offset, up, up row offset, down, I) of a dense or shared MLP, stacked gate+up or not."""
+    names = [f"{p}ffn_gate{kind}.weight", f"{p}ffn_up{kind}.weight"]
+    down = quant_linear(net, f"{p}ffn_down{kind}.weight")
+    hit = net.lin.fused.get(tuple(names))
+    if hit is not None:
+        op, rows = hit
+        return op, 0, op, rows[0], down, rows[0]
+    g, u = quant_linear(net, names[0]), quant_linear(net, names[1])
+    return g, 0, u, 0, down, g.rows
+
+
+MOE_ITEM_BLOCKS = 4  # 4 x 64 rows: a 300 KB stream of a 7168-wide Q4_K expert matrix
+ITEMS_PER_THREAD = 8
+
+_KINDS = {OP_MOE_SUM: "experts sum", OP_GQA: "gqa", OP_ADD: "add", OP_SIGMOID: "sigmoid", OP_NORM: "norm", OP_QUANT: "quant", OP_GEMV: "gemv", OP_ROPE: "rope", OP_CACHE: "cache", OP_MLA: "mla",
           OP_ROUTER: "router", OP_TOPK: "topk", OP_MOE_UP: "experts gate/up", OP_MOE_DOWN: "experts down"}
 
 
@@ -185,3 +275,41 @@ def _layout(qtype) -> str:
     from ktx.kernels_cpu.repack import LAYOUTS
 
     return LAYOUTS[qtype].name
+
+
+class ProgramDecoding:
+    """For a model class that can decode a token through a compiled program. The class names its builder module
+    (`_program_builder`: build(net, cache_rows) -> (DecodeProgram | None, why not)) and `_cache_arrays(cache)`
+    (the arrays the program's KV and VC are); ktx.load sets `decode_program`. `program_note` says which path
+    decodes (and why, when it is the per-op one)."""
+
+    decode_program = False
+    program_note = ""
+    _program_builder = ""
+
+    def programs(self) -> dict:
+        return self.__dict__.setdefault("_programs", {})  # cache rows -> DecodeProgram, or None (cannot run)
+
+    def program(self, rows: int):
+        progs = self.programs()
+        if rows not in progs:
+            import importlib
+
+            prog, why = importlib.import_module(self._program_builder).build(self, rows)
+            progs[rows] = prog
+            self.program_note = prog.describe() if prog is not None else f"decode: per-op path ({why})"
+        return progs[rows]
+
+    def programmed_step(self, tokens, cache):
+        """logits [1, vocab] of one token through the program, advancing the cache; None: use the per-op path."""
+        if tokens.shape[0] != 1 or not self.decode_program or self.routing_counts is not None:
+            return None
+        kv, vc = self._cache_arrays(cache)
+        prog = self.program(kv.shape[1])
+        if prog is None:
+            return None
+        import torch
+
+        logits = prog.step(self.embed(tokens)[0].numpy(), kv, vc, cache.length)
+        cache.length += 1
+        return torch.from_numpy(logits)[None]

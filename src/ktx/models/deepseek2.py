@@ -32,6 +32,7 @@ from ktx.layers.linear import FloatLinears
 from ktx.layers.mla import LatentCache, expanded_is_cheaper, mla_expanded
 from ktx.layers.moe import TorchExperts, moe_step
 from ktx.layers.ops import TorchOps, TritonOps, torch_threads_for
+from ktx.layers.program import ProgramDecoding
 from ktx.layers.rope import Rope
 from ktx.layers.weights import WeightStore
 from ktx.models.deepseek2_config import GATING_SIGMOID, Deepseek2Config
@@ -39,9 +40,10 @@ from ktx.quants import dequantize
 from ktx.scheduler import Scheduler
 
 
-class Deepseek2:
+class Deepseek2(ProgramDecoding):
     arch = "deepseek2"
     config_class = Deepseek2Config
+    _program_builder = "ktx.models.deepseek2_program"  # decode steps on the CPU kernels (ktx.layers.program)
 
     def __init__(self, gguf: GGUFModel, store: WeightStore, cfg: Deepseek2Config | None = None, experts_factory=None,
                  linears=None):
@@ -58,9 +60,6 @@ class Deepseek2:
         self.routing_counts: dict[int, np.ndarray] | None = None  # set to {} to record a routing profile
         self.ops, self.device, self.kv_dtype = TorchOps(), torch.device("cpu"), torch.float32
         self._on_device: dict[str, torch.Tensor] = {}  # small float32 weights (norms, router) copied to the device
-        self.decode_program = False  # True: decode through deepseek2_program where it can run (set by ktx.load)
-        self._programs: dict[int, object] = {}  # cache capacity -> built program, or None (cannot run)
-        self.program_note = ""
 
     def use_device(self, device: str | torch.device, triton: bool = True, kv_dtype: torch.dtype = torch.float32) -> None:
         """Run on `device` (call before `new_cache`; the Linears given at construction must live there too).
@@ -88,6 +87,10 @@ class Deepseek2:
         missing = [n for n in need if not g.has(n)]
         if missing:
             raise KtxError(f"{g.path}: {len(missing)} tensors missing for a deepseek2 model (first: {missing[0]}); the file is incomplete or from an unsupported converter.")
+
+    def _cache_arrays(self, cache: LatentCache):
+        rows = cache.rows.numpy()  # [L, capacity rounded up to whole pages, kv_lora + rope]
+        return rows, rows  # MLA has no separate value cache
 
     def new_cache(self, capacity: int) -> LatentCache:
         return LatentCache(self.cfg.n_layers, capacity, self.cfg.kv_lora_rank, self.cfg.qk_rope, self.kv_dtype, self.device)
@@ -175,28 +178,13 @@ class Deepseek2:
         with torch_threads_for(tokens.shape[0]):
             return self._forward(tokens, cache, last_only)
 
-    def program(self, capacity: int):
-        """The compiled decode step for caches of `capacity` rows (built on first use), or None where it cannot run
-        (`program_note` says why, or which program runs)."""
-        if capacity not in self._programs:
-            from ktx.models import deepseek2_program
-
-            prog, why = deepseek2_program.build(self, capacity)
-            self._programs[capacity] = prog
-            self.program_note = prog.describe() if prog is not None else f"decode: per-op path ({why})"
-        return self._programs[capacity]
-
     def _forward(self, tokens: torch.Tensor, cache: LatentCache, last_only: bool) -> torch.Tensor:
         cfg, T = self.cfg, tokens.shape[0]
         if cache.length + T > cache.capacity:
             raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; raise --cache-len or start a new conversation.")
-        rows = cache.rows.shape[1]  # the capacity rounded up to whole pages
-        if T == 1 and self.decode_program and self.routing_counts is None and self.program(rows) is not None:
-            from ktx.models.deepseek2_program import step
-
-            logits = step(self._programs[rows], self.embed(tokens)[0].numpy(), cache.rows.numpy(), cache.length)
-            cache.length += 1
-            return torch.from_numpy(logits)[None]
+        logits = self.programmed_step(tokens, cache)
+        if logits is not None:
+            return logits
         pos = torch.arange(cache.length, cache.length + T, device=self.device)
         norm = self.ops.rms_norm
         x = self.embed(tokens)  # [T, H]

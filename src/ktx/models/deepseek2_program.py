@@ -19,10 +19,8 @@ with a combined attn_kv_b); those decode through Deepseek2.forward as before.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ktx.layers.linear import QuantLinears
-from ktx.layers.program import DecodeProgram
+from ktx.layers.program import DecodeProgram, Unsupported, linear_group, mlp_parts, quant_linear
 from ktx.models.deepseek2_config import GATING_SIGMOID
 
 
@@ -43,49 +41,13 @@ def why_not(net) -> str:
     return ""
 
 
-def _lin(net, name):
-    op = net.lin._op(name)
-    if op is None:
-        raise _Unsupported(f"{name} is not on the quantized kernels")
-    return op
-
-
-class _Unsupported(Exception):
-    pass
-
-
-def _group(net, P: DecodeProgram, names: list[str], q, dst: int) -> None:
-    """W x for weights applied to one input, outputs consecutive at dst: one stacked matrix when QuantLinears
-    stacked them, else one GEMV each."""
-    hit = net.lin.fused.get(tuple(names))
-    if hit is not None:
-        P.gemv(hit[0], q, dst)
-        return
-    for n in names:
-        op = _lin(net, n)
-        P.gemv(op, q, dst)
-        dst += op.rows
-
-
-def _mlp_parts(net, p: str, kind: str):
-    """(gate, gate row offset, up, up row offset, down, I) of a dense or shared MLP, stacked gate+up or not."""
-    names = [f"{p}ffn_gate{kind}.weight", f"{p}ffn_up{kind}.weight"]
-    down = _lin(net, f"{p}ffn_down{kind}.weight")
-    hit = net.lin.fused.get(tuple(names))
-    if hit is not None:
-        op, rows = hit
-        return op, 0, op, rows[0], down, rows[0]
-    g, u = _lin(net, names[0]), _lin(net, names[1])
-    return g, 0, u, 0, down, g.rows
-
-
 def build(net, capacity: int) -> tuple[DecodeProgram | None, str]:
     why = why_not(net)
     if why:
         return None, why
     try:
         return _build(net, capacity), ""
-    except _Unsupported as e:
+    except Unsupported as e:
         return None, str(e)
 
 
@@ -96,8 +58,8 @@ def _build(net, capacity: int) -> DecodeProgram:
     D, eps = lat + rope, cfg.rms_eps
     for name, size in (("hidden", H), ("kv_lora_rank", lat), ("qk_nope", nope)):
         if size % 32:
-            raise _Unsupported(f"{name} {size} is not a multiple of 32")
-    P.x, P.cos_sin = P.f32(H), P.f32(rope)
+            raise Unsupported(f"{name} {size} is not a multiple of 32")
+    x, cos_sin = P.f32(H), P.rope_table(net.rope.inv_freq.cpu().numpy(), net.rope.scale)
     xn, qx = P.f32(H), P.qbuf(1, H)
     q_lora = cfg.q_lora_rank
     first = P.f32(q_lora + n_h * cfg.qk_head + D)  # [q_a | kv] or [q | kv]
@@ -110,61 +72,47 @@ def _build(net, capacity: int) -> DecodeProgram:
     scores = P.f32(n_h * capacity)
     E, k = cfg.n_expert, cfg.n_expert_used
     k_sel = net.scheduler.experts_per_token or k
-    logits, ids, wts = P.f32(max(E, 1)), P.ids(max(k, 1)), P.f32(max(k, 1))
+    router_logits, ids, wts = P.f32(max(E, 1)), P.ids(max(k, 1)), P.f32(max(k, 1))
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         P.section = "attention"
-        P.norm(P.x, w(p + "attn_norm.weight"), xn, H, eps)
+        P.norm(x, w(p + "attn_norm.weight"), xn, H, eps)
         P.quant(xn, H, qx)
         if q_lora:
-            _group(net, P, [p + "attn_q_a.weight", p + "attn_kv_a_mqa.weight"], qx, first)
+            linear_group(net, P, [p + "attn_q_a.weight", p + "attn_kv_a_mqa.weight"], qx, first)
             P.norm(first, w(p + "attn_q_a_norm.weight"), first, q_lora, eps)
             P.quant(first, q_lora, qqa)
-            P.gemv(_lin(net, p + "attn_q_b.weight"), qqa, q)
+            P.gemv(quant_linear(net, p + "attn_q_b.weight"), qqa, q)
         else:
-            _group(net, P, [p + "attn_q.weight", p + "attn_kv_a_mqa.weight"], qx, first)
+            linear_group(net, P, [p + "attn_q.weight", p + "attn_kv_a_mqa.weight"], qx, first)
         P.norm(kv, w(p + "attn_kv_a_norm.weight"), kv, lat, eps)
-        P.rope(kv + lat, 0, kv + lat, 0, 1, rope, P.cos_sin)
+        P.rope(kv + lat, 0, kv + lat, 0, 1, rope, cos_sin)
         P.cache(kv, D, i)
-        P.rope(q + nope, cfg.qk_head, q_full + lat, D, n_h, rope, P.cos_sin)
+        P.rope(q + nope, cfg.qk_head, q_full + lat, D, n_h, rope, cos_sin)
         P.quant(q, nope, q_nope, rows=n_h, stride=cfg.qk_head)
-        P.gemv(_lin(net, p + "attn_k_b.weight"), q_nope, q_full, bstride=D)  # q_lat into each head's row
+        P.gemv(quant_linear(net, p + "attn_k_b.weight"), q_nope, q_full, bstride=D)  # q_lat into each head's row
         P.mla(i, q_full, n_h, lat, o_lat, scores, cfg.softmax_scale)
         P.quant(o_lat, lat, q_lat, rows=n_h)
-        P.gemv(_lin(net, p + "attn_v_b.weight"), q_lat, o, bstride=cfg.v_head)
+        P.gemv(quant_linear(net, p + "attn_v_b.weight"), q_lat, o, bstride=cfg.v_head)
         P.quant(o, n_h * cfg.v_head, q_o)
-        P.gemv(_lin(net, p + "attn_output.weight"), q_o, P.x, acc=True)
+        P.gemv(quant_linear(net, p + "attn_output.weight"), q_o, x, acc=True)
         P.section = "moe" if net.is_moe(i) else "dense mlp"
-        P.norm(P.x, w(p + "ffn_norm.weight"), xn, H, eps)
+        P.norm(x, w(p + "ffn_norm.weight"), xn, H, eps)
         P.quant(xn, H, qx)
         if net.is_moe(i):
-            P.router(w(p + "ffn_gate_inp.weight"), E, H, xn, logits)
+            P.router(w(p + "ffn_gate_inp.weight"), E, H, xn, router_logits)
             bias = w(p + "exp_probs_b.bias") if net.gguf.has(p + "exp_probs_b.bias") else None
-            P.topk(logits, E, k, cfg.gating == GATING_SIGMOID, bias, cfg.n_group, cfg.topk_group,
+            P.topk(router_logits, E, k, cfg.gating == GATING_SIGMOID, bias, cfg.n_group, cfg.topk_group,
                    cfg.expert_weights_norm, k_sel, ids, wts, cfg.expert_weights_scale)
-            shared = _mlp_parts(net, p, "_shexp") if cfg.n_shared else None
-            P.moe(net.experts[i], k_sel, ids, wts, qx, P.x, H, shared)
+            shared = mlp_parts(net, p, "_shexp") if cfg.n_shared else None
+            P.moe(net.experts[i], k_sel, ids, wts, qx, x, H, shared)
         else:
-            P.moe(None, 0, ids, wts, qx, P.x, H, _mlp_parts(net, p, ""))
+            P.moe(None, 0, ids, wts, qx, x, H, mlp_parts(net, p, ""))
     P.section = "lm_head"
-    P.norm(P.x, w("output_norm.weight"), xn, H, eps)
+    P.norm(x, w("output_norm.weight"), xn, H, eps)
     P.quant(xn, H, qx)
     head = "output.weight" if net.gguf.has("output.weight") else "token_embd.weight"
-    P.logits = P.f32(cfg.vocab_size)
-    P.gemv(_lin(net, head), qx, P.logits)
-    P.vocab = cfg.vocab_size
-    P.inv_freq = net.rope.inv_freq.cpu().numpy().astype(np.float32)
-    P.rope_scale = net.rope.scale
+    logits = P.f32(cfg.vocab_size)
+    P.gemv(quant_linear(net, head), qx, logits)
+    P.io(x, logits, cfg.vocab_size)
     return P.finish()
-
-
-def step(P: DecodeProgram, x0: np.ndarray, kv: np.ndarray, pos: int) -> np.ndarray:
-    """One token: x0 [H] embedding at position pos -> logits [vocab] (a copy)."""
-    F = P.F
-    F[P.x:P.x + x0.shape[0]] = x0
-    ang = np.float32(pos) * P.inv_freq  # float32, as Rope.cos_sin
-    half = P.inv_freq.shape[0]
-    F[P.cos_sin:P.cos_sin + half] = np.cos(ang) * P.rope_scale
-    F[P.cos_sin + half:P.cos_sin + 2 * half] = np.sin(ang) * P.rope_scale
-    P.run(kv, pos)
-    return F[P.logits:P.logits + P.vocab].copy()

@@ -32,6 +32,7 @@ from ktx.layers.linear import FloatLinears
 from ktx.layers.moe import TorchExperts, moe_step
 from ktx.layers.norm import rms_norm
 from ktx.layers.ops import torch_threads_for
+from ktx.layers.program import ProgramDecoding
 from ktx.layers.rope import Rope
 from ktx.layers.router import route
 from ktx.layers.weights import WeightStore
@@ -40,9 +41,10 @@ from ktx.quants import dequantize
 from ktx.scheduler import Scheduler
 
 
-class GQATransformer:
+class GQATransformer(ProgramDecoding):
     arch = "gqa"  # the instance's `arch` is the file's: llama, qwen2moe, qwen3moe or gemma3
     config_class = GQAConfig
+    _program_builder = "ktx.models.gqa_program"  # decode steps on the CPU kernels (ktx.layers.program)
 
     def __init__(self, gguf: GGUFModel, store: WeightStore, cfg: GQAConfig | None = None, experts_factory=None,
                  linears=None):
@@ -82,6 +84,10 @@ class GQATransformer:
         if missing:
             raise KtxError(f"{g.path}: {len(missing)} tensors missing for a {cfg.arch} model (first: {missing[0]}); "
                            "the file is incomplete or from an unsupported converter.")
+
+    def _cache_arrays(self, cache: KVCache):
+        L, cap = cache.k.shape[:2]
+        return cache.k.numpy().reshape(L, cap, -1), cache.v.numpy().reshape(L, cap, -1)  # [L, cap, n_kv * d] views
 
     def new_cache(self, capacity: int) -> KVCache:
         cfg = self.cfg
@@ -158,6 +164,9 @@ class GQATransformer:
         if cache.length + T > cache.capacity:
             raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; "
                            "raise --cache-len or start a new conversation.")
+        logits = self.programmed_step(tokens, cache)
+        if logits is not None:
+            return logits
         pos = torch.arange(cache.length, cache.length + T)
         x = self.embed(tokens)  # [T, H]
         for i in range(cfg.n_layers):
