@@ -13,6 +13,8 @@ are read in place through their addresses, so the arrays are kept alive here.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ktx.kernels_cpu.decode_loops import (N_COLS, OP_ADD, OP_CACHE, OP_GEMV, OP_GQA, OP_MLA, OP_MOE_DOWN, OP_MOE_SUM,
@@ -34,6 +36,7 @@ class DecodeProgram:
         self._weights: list[np.ndarray] = []  # float32 arrays the program reads by address (kept alive here)
         self._wids: dict[int, int] = {}
         self.sizes = {"F": 0, "Q": 0, "QD": 0, "QS": 0, "QF": 0, "IX": 0, "C": 1}
+        self._lock = threading.Lock()  # one step at a time: the arenas are the program's state
 
     # -- buffers ------------------------------------------------------------------------------------
     def _take(self, arena: str, n: int) -> int:
@@ -194,12 +197,13 @@ class DecodeProgram:
         """One token: embedding x0 [H] at position pos, caches kv (and vc) [layers, capacity, width] -> logits
         [vocab] (a copy)."""
         F = self.F
-        F[self.x:self.x + x0.shape[0]] = x0
-        for off, inv_freq, scale, factor in self._tables:  # float32 angles, as Rope.cos_sin
-            ang = (np.float32(pos) / factor if factor != 1 else np.float32(pos)) * inv_freq
-            F[off:off + len(ang)], F[off + len(ang):off + 2 * len(ang)] = np.cos(ang) * scale, np.sin(ang) * scale
-        self.run(kv, vc, pos)
-        return F[self.logits:self.logits + self.vocab].copy()
+        with self._lock:
+            F[self.x:self.x + x0.shape[0]] = x0
+            for off, inv_freq, scale, factor in self._tables:  # float32 angles, as Rope.cos_sin
+                ang = (np.float32(pos) / factor if factor != 1 else np.float32(pos)) * inv_freq
+                F[off:off + len(ang)], F[off + len(ang):off + 2 * len(ang)] = np.cos(ang) * scale, np.sin(ang) * scale
+            self.run(kv, vc, pos)
+            return F[self.logits:self.logits + self.vocab].copy()
 
     def run(self, kv: np.ndarray, vc: np.ndarray, pos: int) -> None:
         """One step at position pos (inputs already in F; outputs left there)."""
