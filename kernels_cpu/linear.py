@@ -103,7 +103,7 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
     n_rb = (R + rb_rows - 1) // rb_rows
     n_ib = (n_rb + IB - 1) // IB
     tmp = np.empty((NT, rb_rows), np.float32)
-    wbuf = np.empty(rb_rows * (K if V >= 10000 else 0), np.uint8)  # wide variants (moe.py): widened row groups
+    wbuf = np.empty(rb_rows * (K if V // 10000 % 10 else 0), np.uint8)  # wide variants (moe.py): widened row groups
     mdw = np.empty(15, np.int64)
     while True:
         item = fetch_add(counter, 0, 1)

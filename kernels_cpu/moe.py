@@ -24,7 +24,10 @@ Decode (every expert has one token) uses a 1-token x 64-row tile that streams we
 4-token x 32-row register tile. For 5/6-bit codes, a prefill averaging >= WIDE_MIN_TOKENS per expert first widens
 each item's row groups to bytes (simd.widen, per-worker scratch of NR x 16 K bytes) and runs the byte-plane tile:
 the unpack is paid once per item instead of once per token tile (Q6_K: +5-15% GOPS at 64-256 tokens per expert;
-for 4-bit codes, whose unpack is one op, it measured no better, so they are read packed). The repacked weights
+for 4-bit codes, whose unpack is one op, it measured no better, so they are read packed). K-quant prefill tiles
+(Q4_K, and Q5_K/Q6_K when widened: per256_ok) take activations quantized per 256 instead of per 32
+(quantize.quantize_row256, as llama.cpp's Q8_K) and skip a float multiply per group (simd.py); x goes per 256
+when both gate and up take it, h when down does. Decode keeps per-32 activations and its tiles. The repacked weights
 live in RAM, or, with cache_dir, in .npy files written expert by expert (bounded RAM) and memory-mapped on later
 loads.
 """
@@ -53,6 +56,15 @@ DECODE_TILE = (1, 4)  # (tokens, row groups of 16)
 PREFILL_TILE = (4, 2)  # 8x32, 6x32 and 8x16 measured within +-5% of it (bench/RESULTS.md); it pads fewest tokens
 WIDE_MIN_TOKENS = 16  # prefill of 5/6-bit codes: widen each item's row groups once when tiles reuse them this often
 _FIELDS = ("codes", "d", "sc", "dmin", "m")
+
+
+def per256_ok(lay, wide: bool) -> bool:
+    """Whether a prefill tile of this layout runs the per-256 variant (simd.py) on per-256 activations
+    (quantize.quantize_row256): K-quants (integer sc per group, d per 256), read as nibbles (4 bits) or widened
+    bytes. Single core, weights in L2 (GOPS per core of a 4x32 tile, peak ~463): Q4_K 297-300 -> 316-318, Q6_K
+    widened 292-294 -> 334-350, Q5_K widened 320 -> 309-336; Q6_K read packed lost (238 -> 205-210: the unpack
+    and the second accumulator set spill registers), so it keeps the per-32 tile."""
+    return bool(lay.sc and lay.S == 256 and (lay.bits == 4 or wide))
 
 
 def best_isa() -> str:
@@ -160,7 +172,8 @@ class MoEExperts:
         else:
             prefill = f"{self.path} ({self.amx_label})"
         return (f"{label[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
-                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} tiles ({names}, repacked, int8 acts per 32); "
+                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} tiles ({names}, repacked, int8 acts per 32, "
+                f"per 256 for K-quant prefill); "
                 f"prefill: {prefill}")
 
     # ---- API ----
@@ -199,16 +212,19 @@ class MoEExperts:
         g = np.zeros((P, I), np.float32)
         u = np.zeros((P, I), np.float32)
         y = np.zeros((T, H), np.float32)
-        quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf)
         wide = bool(nt > 1 and routed >= WIDE_MIN_TOKENS * len(exp_e))
-        Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and m.layout.bits in (5, 6)) for m in self.mats)
+        s256 = [nt > 1 and per256_ok(m.layout, wide) for m in self.mats]
+        x256 = s256[0] and s256[1]  # x feeds gate and up: per-256 activations only if both tiles take them
+        Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and m.layout.bits in (5, 6), s)
+                      for m, s in zip(self.mats, (x256, x256, s256[2])))
+        quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf, x256)
         c_a, c_b = np.zeros(1, np.int64), np.zeros(1, np.int64)
         remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
         barrier = threading.Barrier(pool.n_threads)
         mg, mu, md = self.mats
         fn_g, fn_u, fn_d = (self._tile_kernel(m.layout.G) if exp_amx.any() else 0 for m in self.mats)
         args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
-                  exp_amx, fn_g, fn_u)
+                  exp_amx, fn_g, fn_u, s256[2])
         args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b, exp_amx, fn_d)
         run_a = self._entry(phase_gate_up, args_a, 2)
         run_b = self._entry(phase_down, args_b, 1)

@@ -25,7 +25,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .amx_loops import LAY, amx_tile, b_operand, widen_codes
-from .quantize import quantize_row
+from .quantize import quantize_row, quantize_row256
 from .simd import tile
 
 
@@ -57,7 +57,7 @@ def _mat_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo):
 def _widened(V, md, e, rg, K, buf, mdw):
     """md itself, or (wide variants) mdw after widening the tile's NR row groups of (e, rg) into buf
     [NR, K/4, 64]: mdw is md with the codes triple pointing into buf (e stride 0, row-group stride 16 K)."""
-    if V < 10000:
+    if V // 10000 % 10 == 0:
         return md
     NR = V % 10
     base = np.int64(buf.ctypes.data)
@@ -118,16 +118,30 @@ def plan_slots(ids, w, E, nt_one, nt_many, amx_min, amx_tile):
 
 
 @njit(nogil=True, cache=True)
-def quantize_slots(x, slot_tok, lo, hi, xq, xd, xs, xsf):
-    """Quantized copy of x[slot_tok[s]] into slot rows s in [lo, hi) (padding slots stay zero)."""
+def quantize_slots(x, slot_tok, lo, hi, xq, xd, xs, xsf, per256):
+    """Quantized copy of x[slot_tok[s]] into slot rows s in [lo, hi) (padding slots stay zero), per 32 or
+    (per256) per 256. A token routed to k experts is quantized once and its rows copied to its other slots."""
+    first = np.full(x.shape[0], -1, np.int64)  # slot that holds each token's quantized row
     for s in range(lo, hi):
-        if slot_tok[s] >= 0:
-            quantize_row(x[slot_tok[s]], xq[s], xd[s], xs[s], xsf[s])
+        t = slot_tok[s]
+        if t < 0:
+            continue
+        f = first[t]
+        if f >= 0:
+            xq[s] = xq[f]
+            xd[s] = xd[f]
+            xs[s] = xs[f]
+            xsf[s] = xsf[f]
+        elif per256:
+            quantize_row256(x[t], xq[s], xd[s], xs[s], xsf[s])
+        else:
+            quantize_row(x[t], xq[s], xd[s], xs[s], xsf[s])
+        first[t] = s
 
 
 @njit(nogil=True, cache=True)
 def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf,
-                  g, u, hq, hd, hs, hsf, counter, remaining, exp_amx, fn_g, fn_u):
+                  g, u, hq, hd, hs, hsf, counter, remaining, exp_amx, fn_g, fn_u, h256):
     literally(Vg)
     literally(Vu)
     NT = Vg // 10 % 10
@@ -139,8 +153,8 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
     cbuf = np.empty((Ka // 16, 16, 16), np.int32)
     wg, wu = np.empty(16 * Ka, np.uint8), np.empty(16 * Ka, np.uint8)
     # wide variants: the vector tile's row groups widened once per item into these
-    vg = np.empty(NR * 16 * (H if Vg >= 10000 else 0), np.uint8)
-    vu = np.empty(NR * 16 * (H if Vu >= 10000 else 0), np.uint8)
+    vg = np.empty(NR * 16 * (H if Vg // 10000 % 10 else 0), np.uint8)
+    vu = np.empty(NR * 16 * (H if Vu // 10000 % 10 else 0), np.uint8)
     mdw_g, mdw_u = np.empty(15, np.int64), np.empty(15, np.int64)
     while True:
         item = fetch_add(counter, 0, 1)
@@ -166,7 +180,10 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                 g[s, i] = a / (np.float32(1.0) + np.exp(-a)) * u[s, i]
         if fetch_add(remaining, j, -1) == 1:  # last block of this expert: its h is complete
             for s in range(s0, s0 + n):
-                quantize_row(g[s], hq[s], hd[s], hs[s], hsf[s])
+                if h256:  # the down tiles are per-256 variants (moe.py)
+                    quantize_row256(g[s], hq[s], hd[s], hs[s], hsf[s])
+                else:
+                    quantize_row(g[s], hq[s], hd[s], hs[s], hsf[s])
 
 
 @njit(nogil=True, cache=True)
@@ -179,7 +196,7 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
     Ka = I if fn_d else 0
     cbuf = np.empty((Ka // 16, 16, 16), np.int32)
     wd = np.empty(16 * Ka, np.uint8)
-    vd = np.empty(NR * 16 * (I if Vd >= 10000 else 0), np.uint8)
+    vd = np.empty(NR * 16 * (I if Vd // 10000 % 10 else 0), np.uint8)
     mdw = np.empty(15, np.int64)
     while True:
         item = fetch_add(counter, 0, 1)

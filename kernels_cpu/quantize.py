@@ -9,6 +9,9 @@ For one row x[K] (K a multiple of 32), block b = x[32 b : 32 b + 32]:
 
 Error bound: |x[k] - dx[b] xq[k]| <= dx[b] / 2, so a dot with weights w changes by at most
 sum_b dx[b] / 2 * sum_{k in b} |w[k]|  (quant_error_bound below; the tests derive their tolerance from it).
+
+quantize_row256 writes the same arrays with one dx per 256 (repeated over its 8 blocks): for K-quant prefill
+only, where the tiles fold it with the weights' per-256 d (simd.py); its bound is quant_error_bound256.
 """
 from __future__ import annotations
 
@@ -45,3 +48,39 @@ def quant_error_bound(x: np.ndarray, w_abs: np.ndarray) -> np.ndarray:
     """Worst-case |W x - W dequant(quant(x))| per output row: x [K], w_abs = |W| [R, K] -> [R]."""
     dx = np.abs(x.reshape(-1, 32)).max(axis=1) / 127.0  # [K/32]
     return 0.5 * (w_abs.reshape(w_abs.shape[0], -1, 32).sum(axis=2) @ dx)
+
+
+@njit(nogil=True, cache=True)
+def quantize_row256(x, xq, xd, xs, xsf):
+    """The arrays of quantize_row, but one scale per superblock of 256 (K a multiple of 256): xd[b] repeats
+    the superblock's dx = max |x| / 127 over its 8 blocks, so every consumer of the per-32 format reads it as
+    is, and K-quant tiles (simd.py's per-256 variants) can sum sc * int dot over a superblock before scaling.
+    llama.cpp quantizes activations the same way (Q8_K) for its K-quant dots. Error bound: dx[b] / 2 per
+    element as for quantize_row, with the superblock's dx (quant_error_bound256)."""
+    for sb in range(x.shape[0] // 256):
+        amax = np.float32(0.0)
+        for k in range(256 * sb, 256 * sb + 256):
+            amax = max(amax, abs(x[k]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        for b in range(8 * sb, 8 * sb + 8):
+            s0 = 0
+            s1 = 0
+            for i in range(32):
+                q = np.int32(np.rint(x[32 * b + i] * inv))
+                q = min(127, max(-127, q))
+                xq[32 * b + i] = q
+                if i < 16:
+                    s0 += q
+                else:
+                    s1 += q
+            xd[b] = d
+            xs[2 * b] = s0
+            xs[2 * b + 1] = s1
+            xsf[b] = d * np.float32(s0 + s1)
+
+
+def quant_error_bound256(x: np.ndarray, w_abs: np.ndarray) -> np.ndarray:
+    """quant_error_bound for quantize_row256: x [K], w_abs = |W| [R, K] -> [R]."""
+    dx = np.abs(x.reshape(-1, 256)).max(axis=1) / 127.0  # [K/256]
+    return 0.5 * (w_abs.reshape(w_abs.shape[0], -1, 256).sum(axis=2) @ dx)

@@ -24,9 +24,10 @@ measured no better than none. Prefetches never fault, so the last tile's run pas
 
 After each group of G = 16|32 weights the int32 lanes become float and are scaled (d * sc, per row, from the
 layout; dx per token): NT x NR float accumulators stay in registers across the whole K loop.
-The variant number V = 10000 wide + 1000 layout + 100 isa + 10 NT + NR is a compile-time literal (wide: the
-codes were widened to bytes beforehand, `widen`, and are read as a byte plane), so one generated
-function exists per variant and Numba caches it.
+The variant number V = 100000 s256 + 10000 wide + 1000 layout + 100 isa + 10 NT + NR is a compile-time literal
+(wide: the codes were widened to bytes beforehand, `widen`, and are read as a byte plane; s256: K-quant prefill
+on activations with one scale per 256, see _emit), so one generated function exists per variant and Numba
+caches it.
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ f16, f32 = ir.HalfType(), ir.FloatType()
 V64B, V16I, V16F, V16H = ir.VectorType(i8, 64), ir.VectorType(i32, 16), ir.VectorType(f32, 16), ir.VectorType(f16, 16)
 
 
-def variant(layout: str, isa: str, nt: int, nr: int, wide: bool = False) -> int:
-    return 10000 * wide + 1000 * LAYOUT_IDS[layout] + 100 * ISA_IDS[isa] + 10 * nt + nr
+def variant(layout: str, isa: str, nt: int, nr: int, wide: bool = False, s256: bool = False) -> int:
+    return 100000 * s256 + 10000 * wide + 1000 * LAYOUT_IDS[layout] + 100 * ISA_IDS[isa] + 10 * nt + nr
 
 
 def _fn(b, name, ret, args):
@@ -122,35 +123,14 @@ def _operand(b, base, lay, j, wide=False):
     return b.or_(q, b.and_(h, _vconst(((1 << hb) - 1) << 4)))
 
 
-def _emit(b, V, a):
-    """The tile kernel body; `a` holds the i64 arguments by name (addresses and sizes)."""
-    lay, isa, nt, nr = _LAYOUT_BY_ID[V // 1000 % 10], V // 100 % 10, V // 10 % 10, V % 10
-    wide = V >= 10000  # codes already widened to bytes (moe_loops: prefill of packed layouts)
-    bits = 8 if wide else lay.bits
-    signed_trick = isa == ISA_IDS["avx2"] and lay.zero == 128
-    zero = 0 if signed_trick else lay.zero
-    G, S = lay.G, lay.S
+def _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g):
+    """The NT x NR int32 dot vectors of scale group g (G k): started at -zero * (sum of xq over the group),
+    the code offset for free, then G/4 steps of one operand per row group and one broadcast per token."""
+    G = lay.G
     K = a["K"]
-    n_groups = b.sdiv(K, ir.Constant(i64, G))
-    k32, k16 = b.sdiv(K, ir.Constant(i64, 32)), b.sdiv(K, ir.Constant(i64, 16))
-    fma = _fn(b, "llvm.fma.v16f32", V16F, [V16F, V16F, V16F])
     c = lambda v: ir.Constant(i64, v)  # noqa: E731
-
-    entry = b.block
-    loop = b.append_basic_block("tile_g")
-    done = b.append_basic_block("tile_done")
-    b.branch(loop)
-    b.position_at_end(loop)
-    g = b.phi(i64)
-    g.add_incoming(c(0), entry)
-    accs = [[b.phi(V16F) for _ in range(nr)] for _ in range(nt)]
-    for row in accs:
-        for p in row:
-            p.add_incoming(ir.Constant(V16F, [0.0] * 16), entry)
-
     gk = b.mul(g, c(G))  # first k of this group
-    g32 = b.sdiv(gk, c(32))
-    # integer accumulators start at -zero * (sum of xq over the group): the code offset for free
+    k16 = b.sdiv(K, c(16))
     xsum = []
     for t in range(nt):
         if zero:
@@ -185,40 +165,109 @@ def _emit(b, V, a):
                     iacc[t][r] = _dot4_avx2(b, iacc[t][r], ws[r], xb, signed_trick)
                 else:
                     iacc[t][r] = _dot4_portable(b, iacc[t][r], ws[r], xb)
+    return iacc
 
-    # per row group: s = d * sc (exact in f32), and the minimum vector dmin * m
+
+def _group_scales(b, a, lay, nr, g, with_d):
+    """Per row group r: the scale vector of group g (d * sc, or sc alone without with_d; exact in f32) and the
+    minimum vector dmin * m (K-quants; else None)."""
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+    gk = b.mul(g, c(lay.G))
     scales, mins = [], []
     for r in range(nr):
-        doff = b.add(b.mul(c(r), a["ds"]), b.mul(b.sdiv(gk, c(S)), c(32)))
-        s = b.fpext(b.load(_ptr(b, a["d"], doff, V16H), align=2), V16F)
+        s = None
+        if with_d:
+            doff = b.add(b.mul(c(r), a["ds"]), b.mul(b.sdiv(gk, c(lay.S)), c(32)))
+            s = b.fpext(b.load(_ptr(b, a["d"], doff, V16H), align=2), V16F)
         if lay.sc:
             scv = b.load(_ptr(b, a["sc"], b.add(b.mul(c(r), a["ss"]), b.mul(g, c(16))), ir.VectorType(i8, 16)), align=1)
             scf = b.sitofp(scv, V16F) if lay.sc == "i8" else b.uitofp(scv, V16F)
-            s = b.fmul(s, scf)
+            s = b.fmul(s, scf) if s is not None else scf
         scales.append(s)
         if lay.mins:
             dm = b.fpext(b.load(_ptr(b, a["dmin"], b.add(b.mul(c(r), a["dms"]), b.mul(b.sdiv(gk, c(256)), c(32))), V16H),
                                 align=2), V16F)
-            mv = b.load(_ptr(b, a["m"], b.add(b.mul(c(r), a["ms"]), b.mul(g32, c(16))), ir.VectorType(i8, 16)), align=1)
+            mv = b.load(_ptr(b, a["m"], b.add(b.mul(c(r), a["ms"]), b.mul(b.sdiv(gk, c(32)), c(16))),
+                                ir.VectorType(i8, 16)), align=1)
             mins.append(b.fmul(dm, b.uitofp(mv, V16F)))
-    nxt = [[None] * nr for _ in range(nt)]
-    for t in range(nt):
-        xi = b.mul(b.add(b.mul(c(t), k32), g32), c(4))
-        dx = _splat(b, b.load(_ptr(b, a["xd"], xi, f32), align=4), V16F)
-        nxsf = _splat(b, b.fneg(b.load(_ptr(b, a["xsf"], xi, f32), align=4)), V16F) if lay.mins else None
-        for r in range(nr):
-            acc = b.call(fma, [b.sitofp(iacc[t][r], V16F), b.fmul(scales[r], dx), accs[t][r]])
-            if lay.mins:
-                acc = b.call(fma, [mins[r], nxsf, acc])
-            nxt[t][r] = acc
+        else:
+            mins.append(None)
+    return scales, mins
 
-    g1 = b.add(g, c(1))
+
+def _token_scalar(b, a, name, t, k32_index):
+    """Splat of xd / xsf (float per 32) of token t (relative to the tile) at block k32_index."""
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+    xi = b.mul(b.add(b.mul(c(t), b.sdiv(a["K"], c(32))), k32_index), c(4))
+    return b.load(_ptr(b, a[name], xi, f32), align=4)
+
+
+def _emit(b, V, a):
+    """The tile kernel body; `a` holds the i64 arguments by name (addresses and sizes).
+
+    Per-256 variants (V >= 100000, K-quant prefill with activations from quantize.quantize_row256, whose
+    scale dx is the same for the 256 k of a superblock, like the weights' d): the loop runs per superblock and
+    each group only does facc += float(iacc) * sc; acc += facc * (d * dx) once per superblock. That drops the
+    per-group d * dx product, one of the three float ops per 8 (Q4_K) or 4 (Q6_K) vpdpbusd that share
+    Zen 4's vector pipes with them."""
+    s256 = V // 100000 % 10
+    V = V % 100000
+    lay, isa, nt, nr = _LAYOUT_BY_ID[V // 1000 % 10], V // 100 % 10, V // 10 % 10, V % 10
+    wide = V >= 10000  # codes already widened to bytes (moe_loops: prefill of packed layouts)
+    bits = 8 if wide else lay.bits
+    signed_trick = isa == ISA_IDS["avx2"] and lay.zero == 128
+    zero = 0 if signed_trick else lay.zero
+    G = lay.G
+    gpi = 256 // G if s256 else 1  # groups per loop iteration
+    n_iter = b.sdiv(a["K"], ir.Constant(i64, G * gpi))
+    fma = _fn(b, "llvm.fma.v16f32", V16F, [V16F, V16F, V16F])
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+
+    entry = b.block
+    loop = b.append_basic_block("tile_g")
+    done = b.append_basic_block("tile_done")
+    b.branch(loop)
+    b.position_at_end(loop)
+    it = b.phi(i64)
+    it.add_incoming(c(0), entry)
+    accs = [[b.phi(V16F) for _ in range(nr)] for _ in range(nt)]
+    for row in accs:
+        for p in row:
+            p.add_incoming(ir.Constant(V16F, [0.0] * 16), entry)
+
+    nxt = [list(row) for row in accs]
+    facc = [[None] * nr for _ in range(nt)]
+    for gi in range(gpi):
+        g = b.add(b.mul(it, c(gpi)), c(gi))
+        iacc = _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g)
+        scales, mins = _group_scales(b, a, lay, nr, g, with_d=not s256)
+        g32 = b.sdiv(b.mul(g, c(G)), c(32))
+        for t in range(nt):
+            dx = None if s256 else _splat(b, _token_scalar(b, a, "xd", t, g32), V16F)
+            nxsf = _splat(b, b.fneg(_token_scalar(b, a, "xsf", t, g32)), V16F) if lay.mins else None
+            for r in range(nr):
+                fi = b.sitofp(iacc[t][r], V16F)
+                if s256:
+                    facc[t][r] = b.fmul(fi, scales[r]) if gi == 0 else b.call(fma, [fi, scales[r], facc[t][r]])
+                else:
+                    nxt[t][r] = b.call(fma, [fi, b.fmul(scales[r], dx), nxt[t][r]])
+                if lay.mins:
+                    nxt[t][r] = b.call(fma, [mins[r], nxsf, nxt[t][r]])
+    if s256:  # once per superblock: d (per 256 rows' vector) times the token's dx (same over the superblock)
+        ds = [b.fpext(b.load(_ptr(b, a["d"], b.add(b.mul(c(r), a["ds"]), b.mul(it, c(32))), V16H), align=2), V16F)
+              for r in range(nr)]
+        for t in range(nt):
+            dx = _splat(b, _token_scalar(b, a, "xd", t, b.mul(it, c(8))), V16F)
+            for r in range(nr):
+                nxt[t][r] = b.call(fma, [facc[t][r], b.fmul(ds[r], dx), nxt[t][r]])
+
+    it1 = b.add(it, c(1))
     tail = b.block
-    g.add_incoming(g1, tail)
+    it.add_incoming(it1, tail)
     for t in range(nt):
         for r in range(nr):
             accs[t][r].add_incoming(nxt[t][r], tail)
-    b.cbranch(b.icmp_signed("<", g1, n_groups), loop, done)
+    b.cbranch(b.icmp_signed("<", it1, n_iter), loop, done)
 
     b.position_at_end(done)
     for t in range(nt):

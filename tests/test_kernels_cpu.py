@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features
 from ktx.kernels_cpu.cpu_features import cpuinfo_flags
+from ktx.kernels_cpu.quantize import quantize_row256
 from ktx.kernels_cpu.repack import LAYOUTS, decode_blocks, dequantize_fields, interleave
 from ktx.errors import KtxError
 
@@ -59,9 +60,10 @@ def deq(raw, qt):  # [R, row_bytes] -> float64 [R, K], independent of the code u
     return dequantize(raw, qt).astype(np.float64)
 
 
-def q8_emulate(x):
-    """int8 per 32 as documented in quantize.py, written independently: float32 amax/127, round(x * (1/d))."""
-    b = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+def q8_emulate(x, block=32):
+    """int8 per block (32, or 256 for quantize_row256) as documented in quantize.py, written independently:
+    float32 amax/127, round(x * (1/d))."""
+    b = x.astype(np.float32).reshape(x.shape[0], -1, block)
     d = np.abs(b).max(axis=2, keepdims=True) / np.float32(127)
     inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0)).astype(np.float32)
     q = np.clip(np.rint(b * inv), -127, 127)
@@ -80,38 +82,39 @@ def _routed(ids):
                 yield t, j, ids[t, j]
 
 
-def reference(x, ids, w, Ws, quantize_acts):
-    """float64 y [T, H]; with quantize_acts, x and h go through q8_emulate first."""
+def reference(x, ids, w, Ws, quantize_acts, blocks=(32, 32)):
+    """float64 y [T, H]; with quantize_acts, x and h go through q8_emulate first (blocks: x's and h's)."""
     y = np.zeros(x.shape, np.float64)
     for t, j, e in _routed(ids):
         Wg, Wu, Wd = Ws[e]
         xt = x[t:t + 1].astype(np.float64)
         if quantize_acts:
-            xt = q8_emulate(xt)
+            xt = q8_emulate(xt, blocks[0])
         h = silu(xt @ Wg.T) * (xt @ Wu.T)
         if quantize_acts:
-            h = q8_emulate(h)
+            h = q8_emulate(h, blocks[1])
         y[t] += w[t, j] * (h @ Wd.T)[0]
     return y
 
 
-def _bound(x, ids, w, Ws):
-    """Worst case |y_kernel - y_exact| from int8 activations, per element of y.
+def _bound(x, ids, w, Ws, blocks=(32, 32)):
+    """Worst case |y_kernel - y_exact| from int8 activations, per element of y (blocks: x's and h's, 32|256).
 
     x -> xq: |dx| <= d/2 per element, so |d g_i| <= bg_i = sum_b d_b/2 sum_{k in b} |Wg[i,k]| (same for u).
     h = silu(g) u with |silu'| <= 1.1: |dh_i| <= 1.1 bg_i (|u_i| + bu_i) + (|silu(g_i)| + 1.1 bg_i) bu_i;
-    h is then quantized per 32: + (max_b |h| + max_b dh) / 254. Down sums |Wd| times that; y sums |w| times.
+    h is then quantized per block: + (max_b |h| + max_b dh) / 254. Down sums |Wd| times that; y sums |w| times.
     A relative 1e-5 of sum |w||Wd||h| covers float32 accumulation."""
+    bx, bh = blocks
     y = np.zeros(x.shape, np.float64)
     for t, j, e in _routed(ids):
         Wg, Wu, Wd = Ws[e]
         xt = x[t].astype(np.float64)
-        dx = np.repeat(np.abs(xt.reshape(-1, 32)).max(axis=1) / 127 / 2, 32)
+        dx = np.repeat(np.abs(xt.reshape(-1, bx)).max(axis=1) / 127 / 2, bx)
         bg, bu = np.abs(Wg) @ dx, np.abs(Wu) @ dx
         g, u = Wg @ xt, Wu @ xt
         dh = 1.1 * bg * (np.abs(u) + bu) + (np.abs(silu(g)) + 1.1 * bg) * bu
         h = silu(g) * u
-        hq = np.repeat((np.abs(h).reshape(-1, 32).max(axis=1) + dh.reshape(-1, 32).max(axis=1)) / 254, 32)
+        hq = np.repeat((np.abs(h).reshape(-1, bh).max(axis=1) + dh.reshape(-1, bh).max(axis=1)) / 254, bh)
         y[t] += abs(w[t, j]) * (np.abs(Wd) @ (dh + hq) + 1e-5 * (np.abs(Wd) @ np.abs(h)))
     return y
 
@@ -180,6 +183,20 @@ def test_repacked_arrays_dequantize_exactly_and_size(qt):
     assert nbytes / (R * K) == pytest.approx(ts / bs + kquant_scales)
 
 
+def act_blocks(ids, t_gu, t_down):
+    """Activation blocks (x's, h's) as moe.py documents them: per 32, except in a prefill (some expert has two
+    tokens) whose weights are K-quants read as nibbles (Q4_K) or widened to bytes (Q5_K/Q6_K with >= 16 tokens
+    per used expert): per 256 (quantize_row256)."""
+    routed = ids[ids >= 0]
+    counts = np.bincount(routed) if routed.size else np.zeros(1, np.int64)
+    prefill = counts.max() > 1
+    wide = prefill and routed.size >= 16 * np.count_nonzero(counts)
+
+    def per256(t):
+        return prefill and (t == QT.Q4_K or (t in (QT.Q5_K, QT.Q6_K) and wide))
+    return (256 if per256(t_gu) else 32), (256 if per256(t_down) else 32)
+
+
 CASES = [(p, QT.Q4_K, QT.Q4_K) for p in PATHS] + [(p, QT.Q8_0, QT.Q8_0) for p in PATHS] + \
         [(p, QT.Q4_K, QT.Q6_K) for p in PATHS] + \
         [(PATHS[-1], t, t) for t in (QT.Q4_0, QT.Q5_0, QT.Q5_K, QT.Q6_K)] + \
@@ -209,10 +226,11 @@ def test_moe_forward_matches_reference(pool, path, t_gu, t_down, data):
     if ex.path == "reference":  # float weights: no activation quantization at all
         np.testing.assert_allclose(y, exact, rtol=1e-4, atol=1e-4 * (np.abs(exact).max() + 1e-30))
         return
-    emulated = reference(x, ids, w, Ws, quantize_acts=True)
+    blocks = act_blocks(ids, t_gu, t_down)
+    emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=blocks)
     scale = np.abs(emulated).max() + 1e-30
     assert np.abs(y - emulated).max() <= 2e-3 * scale, "kernel differs from the int8-activation reference"
-    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws) + 1e-6 * scale), "error above the int8 bound"
+    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, blocks) + 1e-6 * scale), "error above the int8 bound"
 
 
 def test_submit_returns_before_wait_and_paths_reject_missing_isa(pool):
@@ -258,10 +276,37 @@ def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down):
     w = rng.random((T, 2)).astype(np.float32)
     ex = MoEExperts((g, t_gu), (u, t_gu), (d, t_down), hidden=H, inter=I, pool=pool, path=PATHS[-1])
     y = ex.forward(x, ids, w)
-    assert any(V >= 10000 for key in ex._entries for V in key[1:]), "the wide variants did not run"
+    assert any(V // 10000 % 10 for key in ex._entries for V in key[1:]), "the wide variants did not run"
     Ws = {e: (deq(g[e], t_gu), deq(u[e], t_gu), deq(d[e], t_down)) for e in range(E)}
-    emulated = reference(x, ids, w, Ws, quantize_acts=True)
+    emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=act_blocks(ids, t_gu, t_down))
     scale = np.abs(emulated).max()
     assert np.abs(y - emulated).max() <= 2e-3 * scale
     exact = reference(x, ids, w, Ws, quantize_acts=False)
-    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws) + 1e-6 * scale)
+    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, act_blocks(ids, t_gu, t_down)) + 1e-6 * scale)
+
+
+def test_quantize_row256_matches_numpy_per_256():
+    """quantize_row256 against q8_emulate(block=256); xs/xsf as the per-32 format defines them; one loud
+    superblock must not change the next one's scale."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(768).astype(np.float32)
+    x[:256] *= 50
+    xq, xd = np.zeros(768, np.int8), np.zeros(24, np.float32)
+    xs, xsf = np.zeros(48, np.int32), np.zeros(24, np.float32)
+    quantize_row256(x, xq, xd, xs, xsf)
+    np.testing.assert_array_equal(xq.astype(np.float32) * np.repeat(xd, 32), q8_emulate(x[None], 256)[0])
+    assert np.all(xd.reshape(3, 8) == xd.reshape(3, 8)[:, :1]) and xd[8] < xd[0] / 10
+    np.testing.assert_array_equal(xs, xq.reshape(48, 16).sum(axis=1))
+    np.testing.assert_allclose(xsf, xd * xq.reshape(24, 32).sum(axis=1), rtol=1e-6)
+
+
+def test_kquant_prefill_runs_per256_tiles_and_decode_does_not(pool):
+    """Which tiles run: per-256 variants (V >= 100000) in a Q4_K prefill, none in a decode step."""
+    rng = np.random.default_rng(6)
+    g, u, d = (rand_raw(rng, QT.Q4_K, 4, 256, 256) for _ in range(3))
+    ex = MoEExperts((g, QT.Q4_K), (u, QT.Q4_K), (d, QT.Q4_K), hidden=256, inter=256, pool=pool, path=PATHS[-1])
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    ex.forward(x[:1], np.array([[0, 1]], np.int32), np.ones((1, 2), np.float32))
+    assert not any(V >= 100000 for key in ex._entries for V in key[1:])
+    ex.forward(x, np.tile(np.array([[0, 1]], np.int32), (8, 1)), np.ones((8, 2), np.float32))
+    assert sum(V >= 100000 for key in ex._entries for V in key[1:3]) == 3  # gate, up and down
