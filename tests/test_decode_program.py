@@ -227,3 +227,16 @@ def test_gqa_decode_steps_match_float_reference(tmp_path, name):
         same.append(a.argmax() == b.argmax())
     # int8 activations: 0.5-1.1% of the largest logit here (measured); a wrong op gives several times that
     assert max(errs) < 0.03 and np.mean(same) >= 0.7, (errs, same)
+
+
+def test_models_the_program_cannot_take_decode_per_op_and_say_why(tmp_path, capsys):
+    """Float dense weights, or experts split into NUMA shards: the load names the per-op path and the reason."""
+    from ktx.synthetic import PRESETS, write_synthetic
+
+    path = write_synthetic(PRESETS["dsv3-tiny"], tmp_path / "dsv3-tiny.gguf")
+    for kw, why in ((dict(experts="reference"), "dense weights on the float path"),
+                    (dict(threads=2, numa_shards=2), "NUMA shards")):
+        m = ktx.load(path, cache_len=32, **kw)
+        assert why in capsys.readouterr().err
+        assert m.net.program(m.engine.cache.rows.shape[1]) is None and why in m.net.program_note
+        assert len(m.generate("hello", max_new_tokens=3)) > 0  # and it still decodes

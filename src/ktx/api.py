@@ -342,8 +342,9 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
         net.decode_program = decode_program and device == "cpu"
     if pools or device != "cpu":
         _warm_up(net)
-    if getattr(net, "program_note", ""):
-        print(f"ktx: {net.program_note}", file=sys.stderr)
     model = Model(gguf, net, tokenizer, cache_len)
+    if getattr(net, "decode_program", False):  # built now for the engine's cache, not inside the first token
+        net.program(net._cache_arrays(model.engine.cache)[0].shape[1])
+        print(f"ktx: {net.program_note}", file=sys.stderr)
     model.device_path = path_line
     return model
