@@ -7,8 +7,11 @@ Both call the model's forward on `Model.engine`'s cache directly, so sampling, t
 are not part of the numbers (as in llama-bench).
 
 Decode reads every weight it uses once per token, so its speed is bounded by memory bandwidth:
-  bytes touched per token = non-expert weights (one row of token_embd) + n_expert_used / n_expert of the
-                            routed-expert weights (`*_exps` tensors)
+  bytes touched per token = non-expert weights, each once (token_embd: one row, the embedding is a lookup;
+                            all of it when there is no `output` tensor, since the tied head reads it all)
+                            + n_expert_used / n_expert of the routed-expert weights (`*_exps` tensors),
+                            n_expert and n_expert_used from `{general.architecture}.expert_count` and
+                            `.expert_used_count` (deepseek2, qwen3moe, qwen2moe, llama/Mixtral; none: dense)
   achieved GB/s           = bytes touched per token x tok/s
   roofline                = achieved GB/s / DRAM read bandwidth, measured in the same run by a
                             multi-threaded Numba sum over `bandwidth_bytes` of memory
@@ -100,14 +103,16 @@ class BenchReport:
 
 def touched_bytes_per_token(gguf) -> int:
     """Bytes of weights one decode step reads (see the module docstring)."""
-    cfg_e = int(gguf.get("deepseek2.expert_count", 0) or 0)
-    used = int(gguf.get("deepseek2.expert_used_count", 0) or 0)
+    arch = gguf.get("general.architecture")
+    n_expert = int(gguf.get(f"{arch}.expert_count", 0) or 0)
+    used = int(gguf.get(f"{arch}.expert_used_count", 0) or 0)
+    tied = "output.weight" not in gguf.tensors
     total = 0
     for t in gguf.tensors.values():
-        if "_exps." in t.name and cfg_e:
-            total += t.n_bytes * used // cfg_e
-        elif t.name == "token_embd.weight" and "output.weight" in gguf.tensors:
-            total += t.n_bytes // t.shape[0]  # one row: the embedding is a lookup
+        if "_exps." in t.name and n_expert:
+            total += t.n_bytes * used // n_expert
+        elif t.name == "token_embd.weight" and not tied:
+            total += t.n_bytes // t.shape[0]  # one row
         else:
             total += t.n_bytes
     return total
