@@ -182,51 +182,45 @@ def _dot(a, b):
     return acc
 
 
-@njit(nogil=True, cache=True, fastmath=True, inline="always")
-def _scores4(Qm, h, row, c0, n, out, t, cap, scale):
-    """out[(h + i) * cap + t] = Qm[h + i, c0 : c0 + n] . row * scale for i < 4: four independent sums per pass
-    over the cache row (the row is loaded once for four heads, and the four chains hide the FMA latency)."""
-    q0, q1, q2, q3 = Qm[h, c0:c0 + n], Qm[h + 1, c0:c0 + n], Qm[h + 2, c0:c0 + n], Qm[h + 3, c0:c0 + n]
-    a0 = a1 = a2 = a3 = np.float32(0.0)
-    for c in range(n):
-        r = row[c]
-        a0 += q0[c] * r
-        a1 += q1[c] * r
-        a2 += q2[c] * r
-        a3 += q3[c] * r
-    out[h * cap + t] = a0 * scale
-    out[(h + 1) * cap + t] = a1 * scale
-    out[(h + 2) * cap + t] = a2 * scale
-    out[(h + 3) * cap + t] = a3 * scale
+def _call_codegen(context, builder, signature, vals):
+    v = [context.cast(builder, a, t, types.int64) for a, t in zip(vals, signature.args)]
+    f = builder.inttoptr(v[0], ir.FunctionType(ir.VoidType(), [_i64] * (len(v) - 1)).as_pointer())
+    builder.call(f, v[1:])
+    return context.get_dummy_value()
 
 
-@njit(nogil=True, cache=True, fastmath=True, inline="always")
-def _axpy4(Om, h, P, t, cap, row, n):
-    """Om[h + i, :n] += P[(h + i) * cap + t] * row[:n] for i < 4 (one load of the row for four heads)."""
-    p0, p1, p2, p3 = P[h * cap + t], P[(h + 1) * cap + t], P[(h + 2) * cap + t], P[(h + 3) * cap + t]
-    o0, o1, o2, o3 = Om[h], Om[h + 1], Om[h + 2], Om[h + 3]
-    for c in range(n):
-        r = row[c]
-        o0[c] += p0 * r
-        o1[c] += p1 * r
-        o2[c] += p2 * r
-        o3[c] += p3 * r
+@intrinsic
+def call5(typingctx, fn, a, b, c, d, e):
+    """fn(a, b, c, d, e) through the address fn: attn_simd.scores4."""
+    return types.void(fn, a, b, c, d, e), _call_codegen
+
+
+@intrinsic
+def call8(typingctx, fn, a, b, c, d, e, f, g, h):
+    """fn(a, ..., h) through the address fn: attn_simd.pv4."""
+    return types.void(fn, a, b, c, d, e, f, g, h), _call_codegen
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def _attend(Qm, Om, P, cap, K, V, layer, h0, h1, t0, S, qc, kc, vc, d, dv, scale):
-    """Heads h0..h1 of Qm [n_h, .] (query h at columns qc(h) = qc[h] .. + d) against cache rows t0..S-1 of K and V
-    (head h's key at kc[h] .. + d of a row, its value at vc[h] .. + dv) -> Om [n_h, dv]; P: scores [n_h, cap].
-    Rows outermost (each read once per call); heads in blocks of four that share a key/value head offset."""
+def _attend(Qm, Om, P, cap, K, V, layer, h0, h1, t0, S, kc, vc, d, dv, scale, fs, fp):
+    """Heads h0..h1 of Qm [n_h, d] against cache rows t0..S-1 of K and V (head h's key at columns kc[h] .. + d of
+    a row, its value at vc[h] .. + dv) -> Om [n_h, dv]; P: scores [n_h, cap]. Heads in blocks of four that read
+    one cache head go through the attn_simd kernels at fs (scores, rows outermost: each row loaded once per
+    block) and fp (values, eight rows at a time into register accumulators); the rest through plain loops."""
+    simd_k, simd_v = d % 16 == 0, dv % 16 == 0
+    out = np.empty(4, np.float32)
+    Wv = V.shape[2]
     for t in range(t0, S):
         row = K[layer, t]
         h = h0
         while h < h1:
-            if h + 4 <= h1 and kc[h] == kc[h + 3] and qc[h + 3] == qc[h]:
-                _scores4(Qm, h, row[kc[h]:kc[h] + d], qc[h], d, P, t, cap, scale)
+            if simd_k and h + 4 <= h1 and kc[h] == kc[h + 3]:
+                call5(fs, Qm.ctypes.data + h * d * 4, d * 4, row.ctypes.data + kc[h] * 4, d, out.ctypes.data)
+                for i in range(4):
+                    P[(h + i) * cap + t] = out[i] * scale
                 h += 4
             else:
-                P[h * cap + t] = _dot(Qm[h, qc[h]:qc[h] + d], row[kc[h]:kc[h] + d]) * scale
+                P[h * cap + t] = _dot(Qm[h], row[kc[h]:kc[h] + d]) * scale
                 h += 1
     for h in range(h0, h1):
         sc = P[h * cap + t0: h * cap + S]
@@ -234,18 +228,20 @@ def _attend(Qm, Om, P, cap, K, V, layer, h0, h1, t0, S, qc, kc, vc, d, dv, scale
         sc[:] = np.exp(sc)
         sc /= sc.sum()
         Om[h, :] = 0.0
-    for t in range(t0, S):
-        row = V[layer, t]
+    for tb in range(t0, S, 8):
+        nt = min(8, S - tb)
         h = h0
         while h < h1:
-            if h + 4 <= h1 and vc[h] == vc[h + 3]:
-                _axpy4(Om, h, P, t, cap, row[vc[h]:vc[h] + dv], dv)
+            if simd_v and h + 4 <= h1 and vc[h] == vc[h + 3]:
+                call8(fp, Om.ctypes.data + h * dv * 4, dv * 4, P.ctypes.data + (h * cap + tb) * 4, cap * 4,
+                      V.ctypes.data + ((layer * V.shape[1] + tb) * Wv + vc[h]) * 4, Wv * 4, nt, dv)
                 h += 4
             else:
-                p = P[h * cap + t]
-                v = row[vc[h]:vc[h] + dv]
-                for c in range(dv):
-                    Om[h, c] += p * v[c]
+                for t in range(tb, tb + nt):
+                    p = P[h * cap + t]
+                    v = V[layer, t, vc[h]:vc[h] + dv]
+                    for c in range(dv):
+                        Om[h, c] += p * v[c]
                 h += 1
 
 
@@ -253,7 +249,7 @@ def _attend(Qm, Om, P, cap, K, V, layer, h0, h1, t0, S, qc, kc, vc, d, dv, scale
 def _mla(a, C, ci, F, KV, pos, scale):
     """Absorbed MLA for heads of one chunk: q rows [heads, D] = [q_lat | q_pe] against cache rows [kv_c | k_pe];
     o_lat[h] = softmax(q . row * scale) @ kv_c. Every head reads the whole row (key) and its kv_c part (value)."""
-    layer, qo, n_h, lat, oo, so, chunk = a[3], a[4], a[5], a[6], a[7], a[8], a[9]
+    layer, qo, n_h, lat, oo, so, chunk, fs, fp = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11]
     D, cap = KV.shape[2], KV.shape[1]
     Qm = F[qo:qo + n_h * D].reshape((n_h, D))
     Om = F[oo:oo + n_h * lat].reshape((n_h, lat))
@@ -263,7 +259,7 @@ def _mla(a, C, ci, F, KV, pos, scale):
         if h0 >= n_h:
             break
         _attend(Qm, Om, F[so:so + n_h * cap], cap, KV, KV, layer, h0, min(n_h, h0 + chunk), 0, pos + 1, zero, zero,
-                zero, D, lat, scale)
+                D, lat, scale, fs, fp)
 
 
 @njit(nogil=True, cache=True)
@@ -271,6 +267,7 @@ def _gqa(a, C, ci, F, K, V, pos, scale):
     """Query heads of one chunk against cache rows t in [pos + 1 - window, pos] (all when window = 0); head h
     reads cache head h // (n_h / n_kv)."""
     layer, qo, n_h, n_kv, d, dv, oo, so, chunk, window = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12]
+    fs, fp = a[13], a[14]
     cap, S = K.shape[1], pos + 1
     t0 = max(0, S - window) if window > 0 else 0
     group = n_h // n_kv
@@ -281,8 +278,8 @@ def _gqa(a, C, ci, F, K, V, pos, scale):
         h0 = fetch_add(C, ci, 1) * chunk
         if h0 >= n_h:
             break
-        _attend(Qm, Om, F[so:so + n_h * cap], cap, K, V, layer, h0, min(n_h, h0 + chunk), t0, S, np.zeros(n_h, np.int64),
-                kc, vc, d, dv, scale)
+        _attend(Qm, Om, F[so:so + n_h * cap], cap, K, V, layer, h0, min(n_h, h0 + chunk), t0, S, kc, vc, d, dv, scale,
+                fs, fp)
 
 
 @njit(nogil=True, cache=True, fastmath=True)

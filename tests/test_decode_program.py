@@ -148,7 +148,8 @@ def test_topk_op_matches_router(pool, data):
 @settings(max_examples=10, deadline=None)
 @given(data=st.data())
 def test_mla_op_matches_torch(pool, data):
-    n_h, lat, rope = data.draw(st.sampled_from([1, 3, 16]), "heads"), 64 * data.draw(st.integers(1, 3), "lat/64"), 32
+    n_h = data.draw(st.sampled_from([1, 3, 4, 16, 18]), "heads")  # blocks of 4 heads on the SIMD kernels, the rest not
+    lat, rope = data.draw(st.sampled_from([48, 64, 192]), "lat"), data.draw(st.sampled_from([32, 24]), "rope")
     cap, L = 64, 2
     pos = data.draw(st.integers(0, cap - 1), "pos")
     layer = data.draw(st.integers(0, L - 1), "layer")
@@ -165,6 +166,32 @@ def test_mla_op_matches_torch(pool, data):
     want = mla_latent(t(q[None, :, :lat]), t(q[None, :, lat:]), t(kv[layer, :pos + 1, :lat]), t(kv[layer, :pos + 1, lat:]),
                       0.07, pos)[0].numpy()
     np.testing.assert_allclose(P.F[o:o + n_h * lat].reshape(n_h, lat), want, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_gqa_op_matches_torch(pool, data):
+    from ktx.layers.attention import gqa_attend
+
+    n_kv = data.draw(st.sampled_from([1, 2, 3]), "kv heads")
+    n_h = n_kv * data.draw(st.sampled_from([1, 2, 4, 5]), "group")
+    d, dv = data.draw(st.sampled_from([(64, 64), (32, 48), (40, 40)]), "dims")
+    cap, L = 48, 2
+    pos, layer = data.draw(st.integers(0, cap - 1), "pos"), data.draw(st.integers(0, L - 1), "layer")
+    window = data.draw(st.sampled_from([0, 1, 5, 64]), "window")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), "seed"))
+    K = rng.standard_normal((L, cap, n_kv, d)).astype(np.float32)
+    V = rng.standard_normal((L, cap, n_kv, dv)).astype(np.float32)
+    q = rng.standard_normal((n_h, d)).astype(np.float32)
+    P = DecodeProgram(pool)
+    qo, o, sc = P.f32(n_h * d), P.f32(n_h * dv), P.f32(n_h * cap)
+    P.gqa(layer, qo, n_h, n_kv, d, dv, o, sc, window, d ** -0.5)
+    P.finish()
+    P.F[qo:qo + q.size] = q.ravel()
+    _run(P, K.reshape(L, cap, -1), pos, V.reshape(L, cap, -1))
+    t = torch.from_numpy
+    want = gqa_attend(t(q[None]), t(K[layer, :pos + 1]), t(V[layer, :pos + 1]), d ** -0.5, pos, window)[0].numpy()
+    np.testing.assert_allclose(P.F[o:o + n_h * dv].reshape(n_h, dv), want, rtol=1e-4, atol=1e-5)
 
 
 def test_decode_steps_match_float_reference(tmp_path):

@@ -20,6 +20,7 @@ import numpy as np
 from ktx.kernels_cpu.decode_loops import (N_COLS, OP_ADD, OP_CACHE, OP_GEMV, OP_GQA, OP_MLA, OP_MOE_DOWN, OP_MOE_SUM,
                                           OP_MOE_UP, OP_NORM, OP_QUANT, OP_ROPE, OP_ROUTER, OP_SIGMOID, OP_TOPK,
                                           PARALLEL_OPS, TILE_ROWS, run_program)
+from ktx.kernels_cpu.attn_simd import kernel_addresses
 from ktx.kernels_cpu.simd import tile_address, variant
 
 
@@ -106,7 +107,7 @@ class DecodeProgram:
 
     def gqa(self, layer, q, n_heads, n_kv, d, dv, o, scores, window, scale):
         chunk = -(-n_heads // self.n_threads)
-        self._op(OP_GQA, layer, q, n_heads, n_kv, d, dv, o, scores, chunk, window, f=scale)
+        self._op(OP_GQA, layer, q, n_heads, n_kv, d, dv, o, scores, chunk, window, *kernel_addresses(), f=scale)
 
     def add(self, src, dst, n, weight=None):
         """dst += src (an F offset), or += a float32 weight (a bias) when `weight` is given."""
@@ -120,7 +121,7 @@ class DecodeProgram:
 
     def mla(self, layer, q, n_heads, kv_lora, o, scores, scale):
         chunk = -(-n_heads // self.n_threads)  # one chunk per thread: each reads the cache once
-        self._op(OP_MLA, layer, q, n_heads, kv_lora, o, scores, chunk, f=scale)
+        self._op(OP_MLA, layer, q, n_heads, kv_lora, o, scores, chunk, *kernel_addresses(), f=scale)
 
     def router(self, w, E, H, src, dst):
         self._op(OP_ROUTER, self.weight(w), E, H, src, dst, max(1, E // (4 * self.n_threads)))
