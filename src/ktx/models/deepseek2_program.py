@@ -20,20 +20,19 @@ with a combined attn_kv_b); those decode through Deepseek2.forward as before.
 from __future__ import annotations
 
 from ktx.layers.linear import QuantLinears
-from ktx.layers.program import DecodeProgram, Unsupported, linear_group, mlp_parts, quant_linear
+from ktx.layers.program import (DecodeProgram, Unsupported, experts_why_not, linear_group, mlp_parts, model_pools,
+                                quant_linear)
 from ktx.models.deepseek2_config import GATING_SIGMOID
 
 
 def why_not(net) -> str:
     """'' when the program can run this model's decode, else the reason."""
-    from ktx.kernels_cpu import MoEExperts
-
     if net.device.type != "cpu":
         return "the model runs on a GPU"
     if not isinstance(net.lin, QuantLinears):
         return "dense weights on the float path"
-    if any(not isinstance(e, MoEExperts) or e.path == "reference" for e in net.experts.values()):
-        return "routed experts not on the quantized CPU kernels (reference path or NUMA shards)"
+    if experts_why_not(net):
+        return experts_why_not(net)
     if any(m is not None and m.any() for m in net.scheduler.gpu_mask.values()):
         return "hot experts on a GPU"
     if not net.gguf.has("blk.0.attn_k_b.weight"):
@@ -53,7 +52,7 @@ def build(net, capacity: int) -> tuple[DecodeProgram | None, str]:
 
 def _build(net, capacity: int) -> DecodeProgram:
     cfg, w = net.cfg, net._w
-    P = DecodeProgram(net.lin.pool)
+    P = DecodeProgram(model_pools(net))
     H, n_h, lat, rope, nope = cfg.hidden, cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope, cfg.qk_nope
     D, eps = lat + rope, cfg.rms_eps
     for name, size in (("hidden", H), ("kv_lora_rank", lat), ("qk_nope", nope)):

@@ -14,16 +14,15 @@ program (ktx.layers.program), for the CPU path: GQATransformer.forward for one t
 from __future__ import annotations
 
 from ktx.layers.linear import QuantLinears
-from ktx.layers.program import DecodeProgram, Unsupported, linear_group, mlp_parts, quant_linear
+from ktx.layers.program import (DecodeProgram, Unsupported, experts_why_not, linear_group, mlp_parts, model_pools,
+                                quant_linear)
 
 
 def why_not(net) -> str:
-    from ktx.kernels_cpu import MoEExperts
-
     if not isinstance(net.lin, QuantLinears):
         return "dense weights on the float path"
-    if any(not isinstance(e, MoEExperts) or e.path == "reference" for e in net.experts.values()):
-        return "routed experts not on the quantized CPU kernels (reference path or NUMA shards)"
+    if experts_why_not(net):
+        return experts_why_not(net)
     if any(m is not None and m.any() for m in net.scheduler.gpu_mask.values()):
         return "hot experts on a GPU"
     return ""
@@ -41,7 +40,7 @@ def build(net, rows: int) -> tuple[DecodeProgram | None, str]:
 
 def _build(net, cap: int) -> DecodeProgram:
     cfg, w, has = net.cfg, net._w, net.gguf.has
-    P = DecodeProgram(net.lin.pool)
+    P = DecodeProgram(model_pools(net))
     H, n_h, n_kv, d, dv, eps = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.v_head_dim, cfg.rms_eps
     for name, size in (("hidden", H), ("heads x value dim", n_h * dv)):
         if size % 32:
