@@ -2,9 +2,10 @@
 
 A model that can decode through a program writes its step once with the methods below (`norm`, `quant`,
 `gemv`, ...), each of which appends one op and returns nothing; buffers are element offsets handed out by
-`f32` and `qbuf`. `finish()` marks which ops need a barrier after them and allocates the arenas; `run(kv, pos)`
-executes the table on the calling thread plus n - 1 pool workers (the pool's last worker sits out, as in
-kernels_cpu/linear.py, so n threads run on n cores).
+`f32` and `qbuf`. `finish()` marks which ops need a barrier after them and allocates the arenas; `step(x0, kv,
+vc, pos)` runs the table on the calling thread plus the pools' workers (pools[0]'s last worker sits out, as in
+kernels_cpu/linear.py, so n threads run on n cores). With one pool per NUMA node, each expert shard's ops are
+run by its own node's threads (decode_loops.run_program).
 
 Which matrices a program can take: the quantized CPU kernels' repacked layouts (`QuantLinear`, `MoEExperts`
 on a vector path), since the decode tile is called through its address; float weights (norms, router, bias)
@@ -63,13 +64,12 @@ class DecodeProgram:
         return self._take("IX", n)
 
     def weight(self, w) -> int:
-        """Index of a float32 weight read in place (torch tensor or numpy array, made contiguous once)."""
-        a = np.ascontiguousarray(w.numpy() if hasattr(w, "numpy") else w, dtype=np.float32)
-        key = id(w)
-        if key not in self._wids:
-            self._wids[key] = len(self._weights)
-            self._weights.append(a)
-        return self._wids[key]
+        """Index of a float32 weight read in place (torch tensor or numpy array, made contiguous once). `w` is kept
+        alive with its array, so no later object can reuse its id."""
+        if id(w) not in self._wids:
+            self._wids[id(w)] = len(self._weights)
+            self._weights.append((w, np.ascontiguousarray(w.numpy() if hasattr(w, "numpy") else w, dtype=np.float32)))
+        return self._wids[id(w)]
 
     def matrix(self, obj, md: np.ndarray, layout: str, isa: str) -> int:
         """MD row of a repacked matrix (QuantLinear or one of MoEExperts' gate/up/down): md + its decode tile."""
@@ -98,10 +98,9 @@ class DecodeProgram:
 
     def gemv(self, lin, q, dst, bstride=0, acc=False):
         """dst (+)= W x for a QuantLinear (batched: B matrices, input row b, output at dst + b * bstride)."""
-        mat = self.matrix(lin, lin.md, _layout(lin.qtype), lin.path)
         n_rb = -(-lin.rows // TILE_ROWS)
         IB = lin._item_blocks(1, lin.cols, n_rb, TILE_ROWS // 16)
-        self._op(OP_GEMV, mat, lin.B, lin.rows, lin.cols, *q, dst, bstride, int(acc), IB)
+        self._op(OP_GEMV, self.gemv_matrix(lin), lin.B, lin.rows, lin.cols, *q, dst, bstride, int(acc), IB)
 
     def rope(self, src, sstride, dst, dstride, heads, dim, cos_sin, neox=False):
         self._op(OP_ROPE, src, sstride, dst, dstride, heads, dim, cos_sin, int(neox))
@@ -180,8 +179,8 @@ class DecodeProgram:
         n_up = k * (I // TILE_ROWS) + Is // TILE_ROWS  # row blocks of gate (and up)
         n_down = (k + (Is > 0)) * (H // TILE_ROWS)
         self._op(OP_MOE_UP, mg, mu, k, I, H, sg, su, g0 // 16, u0 // 16, Is, *x_q, h, *hq, *shq, ids, cd,
-                 self._ib(n_up, k + 1), int(gelu), node, chain=chain)
-        return md, k, I, Is, sd, hq, shq, self._ib(n_down, k + 1), node
+                 self._ib(n_up), int(gelu), node, chain=chain)
+        return md, k, I, Is, sd, hq, shq, self._ib(n_down), node
 
     def _node(self, pool) -> int:
         for j, p in enumerate(self.pools):
@@ -189,11 +188,12 @@ class DecodeProgram:
                 return j
         raise Unsupported("an expert shard runs on a pool the program was not given")
 
-    def _ib(self, n_blocks: int, n_mats: int) -> int:
+    def _ib(self, n_blocks: int) -> int:
         """Row blocks per MoE item: long weight streams (up to MOE_ITEM_BLOCKS), yet ITEMS_PER_THREAD items per thread."""
         return max(1, min(MOE_ITEM_BLOCKS, n_blocks // (ITEMS_PER_THREAD * self.n_threads)))
 
     def gemv_matrix(self, lin) -> int:
+        """MD row of a QuantLinear."""
         return self.matrix(lin, lin.md, _layout(lin.qtype), lin.path)
 
     # -- run ----------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ class DecodeProgram:
         ops[:, 2] = (par | np.append(par[1:], True)) & ~np.array(self._chain, bool)
         self.ops, self.opf = ops, np.array(self._opf, np.float64)[:, None].repeat(2, 1)
         self.MD = np.array(self._md, np.int64).reshape(-1, 16)
-        self.WA = np.array([a.ctypes.data for a in self._weights] or [0], np.int64)
+        self.WA = np.array([a.ctypes.data for _, a in self._weights] or [0], np.int64)
         s = self.sizes
         self.F = np.zeros(s["F"], np.float32)
         self.Q, self.QD = np.zeros(s["Q"], np.int8), np.zeros(s["QD"], np.float32)
@@ -328,8 +328,9 @@ def mlp_parts(net, p: str, kind: str):
 MOE_ITEM_BLOCKS = 4  # 4 x 64 rows: a 300 KB stream of a 7168-wide Q4_K expert matrix
 ITEMS_PER_THREAD = 8
 
-_KINDS = {OP_MOE_SUM: "experts sum", OP_GQA: "gqa", OP_ADD: "add", OP_SIGMOID: "sigmoid", OP_NORM: "norm", OP_QUANT: "quant", OP_GEMV: "gemv", OP_ROPE: "rope", OP_CACHE: "cache", OP_MLA: "mla",
-          OP_ROUTER: "router", OP_TOPK: "topk", OP_MOE_UP: "experts gate/up", OP_MOE_DOWN: "experts down"}
+_KINDS = {OP_NORM: "norm", OP_QUANT: "quant", OP_GEMV: "gemv", OP_ROPE: "rope", OP_CACHE: "cache", OP_MLA: "mla",
+          OP_GQA: "gqa", OP_ROUTER: "router", OP_TOPK: "topk", OP_MOE_UP: "experts gate/up", OP_MOE_DOWN: "experts down",
+          OP_MOE_SUM: "experts sum", OP_ADD: "add", OP_SIGMOID: "sigmoid"}
 
 
 def _layout(qtype) -> str:
