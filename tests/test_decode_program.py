@@ -194,19 +194,19 @@ def test_gqa_op_matches_torch(pool, data):
     np.testing.assert_allclose(P.F[o:o + n_h * dv].reshape(n_h, dv), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("shards", [None, 2])
-def test_decode_steps_match_float_reference(tmp_path, shards):
+@pytest.mark.parametrize("shards,path", [(None, "auto"), (2, "auto"), (None, "avx2")])
+def test_decode_steps_match_float_reference(tmp_path, shards, path):
     """DeepSeek-V3-shaped model (MLA, dense lead layer, sigmoid group-limited routing, shared expert), with every
-    expert split into two NUMA shards (two pools, forced on this one-node machine) or not: decode steps through
-    the program vs the float reference model on the same tokens."""
+    expert split into two NUMA shards (two pools, forced on this one-node machine) or not, on the best kernels or
+    the AVX2 ones: decode steps through the program vs the float reference model on the same tokens."""
     import dataclasses
 
     from ktx.synthetic import PRESETS, write_synthetic
 
     preset = dataclasses.replace(PRESETS["dsv3-tiny"], moe_ffn=512)  # two Q4_K blocks along I: one per shard
-    path = write_synthetic(preset, tmp_path / "dsv3-tiny.gguf")
+    kernels, path = path, write_synthetic(preset, tmp_path / "dsv3-tiny.gguf")
     ref = ktx.load(path, cache_len=64, experts="reference")
-    m = ktx.load(path, cache_len=64, threads=2, numa_shards=shards)
+    m = ktx.load(path, cache_len=64, threads=2, numa_shards=shards, experts=kernels)
     if shards:
         assert len(m.net.program(m.engine.cache.rows.shape[1]).pools) == shards
     assert m.net.program(m.engine.cache.rows.shape[1]) is not None, m.net.program_note
