@@ -21,7 +21,8 @@ One call: the caller's thread and n - 1 pool workers run `linear_loop`:
              contiguous run and the decode tile's prefetch of the next block (simd.py) is for its own next
              tile: MLA's attn_k_b [16, 512, 128] Q8_0 went from ~10.5 to ~18.5 GB/s with both (2 threads).
 
-Prefill of 5/6-bit codes with T >= WIDE_MIN_TOKENS widens each block's row groups to bytes first (moe.py).
+Prefill of 5/6-bit codes with T >= WIDE_MIN_TOKENS widens each block's row groups to bytes first (moe.py), and
+K-quant prefill quantizes activations per 256 for the per-256 tiles (moe.per256_ok, quantize.quantize_row256).
 Activation rows are laid out [B, Tp, K] with Tp = T rounded up to the token tile NT; tiles that would write
 past T or R go through a scratch tile. Decode (T == 1) uses the 1 x 64 tile that streams every weight byte
 once; prefill the 4 x 32 register tile.
@@ -49,10 +50,10 @@ from numba.extending import intrinsic
 
 from ktx.errors import KtxError
 
-from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path  # (tokens, row groups of 16) per tile
+from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path, per256_ok  # (tokens, row groups of 16) per tile
 from .moe_loops import _mat_tile, _widened, fetch_add
 from .pool import WorkerPool
-from .quantize import quantize_row
+from .quantize import quantize_row, quantize_row256
 from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, decode_blocks, field_shapes, interleave
 from .simd import variant
 
@@ -94,7 +95,10 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
             break
         for i in range(c * QCHUNK, min(n_rows, (c + 1) * QCHUNK)):
             j = i // T * Tp + i % T
-            quantize_row(x[i], xq[j], xd[j], xs[j], xsf[j])
+            if V // 100000 % 10:  # per-256 tile variant (K-quant prefill, moe.per256_ok)
+                quantize_row256(x[i], xq[j], xd[j], xs[j], xsf[j])
+            else:
+                quantize_row(x[i], xq[j], xd[j], xs[j], xsf[j])
         fetch_add(counter, 2, 1)
     while fetch_add(counter, 2, 0) < n_chunks:  # atomic read: wait until every chunk is quantized
         sched_yield()
@@ -190,7 +194,8 @@ class QuantLinear:
         if self.path == "reference":
             return f"reference gguf-py dequantize + numpy float32 matmul ({self.qtype.name})"
         return (f"{_LABEL[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
-                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} ({self.qtype.name}, repacked, int8 acts per 32)")
+                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} ({self.qtype.name}, repacked, int8 acts per 32, per 256 for "
+                f"K-quant prefill)")
 
     def _repack(self):
         lay, K = LAYOUTS[self.qtype], self.cols
@@ -226,7 +231,8 @@ class QuantLinear:
             return y
         nt, nr = DECODE_TILE if T == 1 else PREFILL_TILE
         lay = LAYOUTS[self.qtype]
-        V = variant(lay.name, self.path, nt, nr, T >= WIDE_MIN_TOKENS and lay.bits in (5, 6))
+        wide = T >= WIDE_MIN_TOKENS and lay.bits in (5, 6)
+        V = variant(lay.name, self.path, nt, nr, wide, nt > 1 and per256_ok(lay, wide))
         Tp = -(-T // nt) * nt
         K = self.cols
         x2 = np.ascontiguousarray(x).reshape(self.B * T, K)

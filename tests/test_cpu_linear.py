@@ -1,8 +1,9 @@
 """ktx.kernels_cpu.QuantLinear against gguf.quants.dequantize and float64 numpy.
 
 Two-sided like test_kernels_cpu.py: tight against a float64 matmul on activations quantized the documented
-way (int8 per 32, `q8_emulate`), so any layout, padding or indexing bug fails; and against the exact float64
-matmul within `quant_error_bound`, the error int8 activations are allowed to cause.
+way (int8 per 32, per 256 for K-quant prefill: `q8_emulate`, `act_block`), so any layout, padding or
+indexing bug fails; and against the exact float64 matmul within `quant_error_bound` (`quant_error_bound256`),
+the error int8 activations are allowed to cause.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from test_kernels_cpu import PATHS, deq, q8_emulate, rand_raw
 import ktx.kernels_cpu.linear as linear
 from ktx.errors import KtxError
 from ktx.kernels_cpu import QuantLinear, WorkerPool
-from ktx.kernels_cpu.quantize import quant_error_bound
+from ktx.kernels_cpu.quantize import quant_error_bound, quant_error_bound256
 from ktx.kernels_cpu.repack import LAYOUTS
 
 BLOCK = {QT.Q8_0: 32, QT.Q4_0: 32, QT.Q5_0: 32, QT.Q4_K: 256, QT.Q5_K: 256, QT.Q6_K: 256}
@@ -30,16 +31,24 @@ def pool():
         yield p
 
 
-def check(y, x, Ws):
-    """y [B, T, R] from the kernel vs float64 references; x [B, T, K], Ws B x [R, K] float64."""
+def act_block(qt, T):
+    """Activation block as linear.py documents it: per 256 for K-quant prefill read as nibbles (Q4_K, T >= 2)
+    or widened (Q5_K/Q6_K, T >= 16), else per 32."""
+    return 256 if (qt == QT.Q4_K and T >= 2) or (qt in (QT.Q5_K, QT.Q6_K) and T >= 16) else 32
+
+
+def check(y, x, Ws, block=32):
+    """y [B, T, R] from the kernel vs float64 references; x [B, T, K], Ws B x [R, K] float64; block: the
+    activations' quantization block (act_block)."""
     for b, W in enumerate(Ws):
         xb = x[b].astype(np.float64)
-        emulated = q8_emulate(xb) @ W.T  # [T, R]
+        emulated = q8_emulate(xb, block) @ W.T  # [T, R]
         exact = xb @ W.T
         slack = 1e-5 * (np.abs(xb) @ np.abs(W).T) + 1e-30  # float32 accumulation over K
         assert np.all(np.abs(y[b] - emulated) <= slack + 1e-6 * np.abs(emulated).max()), \
             f"matrix {b}: kernel differs from the int8-activation reference"
-        bound = np.stack([quant_error_bound(xt, np.abs(W)) for xt in xb])  # [T, R]
+        err_bound = quant_error_bound256 if block == 256 else quant_error_bound
+        bound = np.stack([err_bound(xt, np.abs(W)) for xt in xb])  # [T, R]
         assert np.all(np.abs(y[b] - exact) <= bound + slack), f"matrix {b}: error above the int8 bound"
 
 
@@ -64,7 +73,7 @@ def test_matches_dequantized_matmul(pool, path, qt, data):
     finally:
         linear.INLINE_MACS = saved
     assert y.dtype == np.float32 and y.shape == ((B, T, rows) if B else (T, rows))
-    check(y if B else y[None], x, [deq(r, qt) for r in raw])
+    check(y if B else y[None], x, [deq(r, qt) for r in raw], act_block(qt, T))
 
 
 def test_repeated_calls_pool_and_inline_agree(pool):
@@ -84,7 +93,7 @@ def test_repeated_calls_pool_and_inline_agree(pool):
         linear.INLINE_MACS = saved
     for a, b in zip(pooled, inline):
         np.testing.assert_array_equal(a, b)
-    check(pooled[5][None], xs[5][None], [deq(raw, QT.Q4_K)])
+    check(pooled[5][None], xs[5][None], [deq(raw, QT.Q4_K)], act_block(QT.Q4_K, 40))
 
 
 @pytest.mark.parametrize("qt,B,R,K", [(QT.Q8_0, 16, 500, 128), (QT.Q6_K, None, 3000, 256)])
