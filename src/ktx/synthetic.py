@@ -27,8 +27,8 @@ tensors and ffn_gate_inp alone). The recipe gives more bits to the layers i with
 `use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2` (integer division): there every
 ffn_down tensor becomes Q6_K (deepseek2: the dense ffn_down, ffn_down_exps and ffn_down_shexp;
 qwen3moe: ffn_down_exps, the layer read from the tensor name since the model has experts), and for
-qwen3moe the attn_v tensor too (deepseek2 has no attn_v; its recipe's n_expert == 8 bumps of attn_v/k and
-attn_output do not apply to 128 experts). A row whose length is not a multiple of 256 falls back like
+qwen3moe the attn_v tensor too (deepseek2 has no attn_v). The recipe's bumps for n_expert == 8
+(Mixtral: attn_v, attn_k to Q8_0, attn_output to Q5_K) apply to neither family. A row whose length is not a multiple of 256 falls back like
 llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0), which is why attn_k_b (rows of `nope` = 128) is Q5_0;
 the qwen3 presets keep every row a multiple of 256, so nothing falls back there.
 
@@ -124,7 +124,7 @@ PRESETS = {
     # for tests: ~4 MB; hidden and expert FFN multiples of 256 so the CPU expert kernels and the program run
     "qwen3-tiny": Qwen3Preset(vocab=2048, hidden=256, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=64, ffn=512,
                               n_expert=16, n_expert_used=4, moe_ffn=256, bpe_vocab=1200, context_length=4096),
-    # Qwen3-30B-A3B's layers and vocabulary at full size, 7 of its 48 layers: ~2.8 GiB Q4_K_M
+    # Qwen3-30B-A3B's layers and vocabulary at full size, 7 of its 48 layers: 2.84 GiB Q4_K_M (8 would be 3.2)
     "qwen3-bench": Qwen3Preset(vocab=151936, hidden=2048, n_layers=7, n_heads=32, n_kv_heads=4, head_dim=128, ffn=6144,
                                n_expert=128, n_expert_used=8, moe_ffn=768, bpe_vocab=1200),
 }
