@@ -195,8 +195,9 @@ def _counts(opt: str, text: str) -> list[int]:
 @app.command()
 def bench(
     model: Optional[Path] = ModelOpt,
-    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark a synthetic DeepSeek-V3-shaped Q4_K_M model "
-                                            "with random weights (dsv3-tiny, dsv3-bench); written once and cached under ~/.cache/ktx (KTX_CACHE)."),
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Benchmark a synthetic Q4_K_M model with random weights: "
+                                            "DeepSeek-V3-shaped (dsv3-tiny, dsv3-bench) or Qwen3-MoE-shaped (qwen3-tiny, qwen3-bench); "
+                                            "written once and cached under ~/.cache/ktx (KTX_CACHE)."),
     n_prompt: str = typer.Option("512", "-p", "--n-prompt", help="Prompt lengths to prefill, comma-separated (0 = no prefill test)."),
     n_gen: str = typer.Option("128", "-n", "--n-gen", help="Tokens to decode, comma-separated (0 = no decode test)."),
     depth: str = typer.Option("0", "-d", "--depth", help="Context depths: tokens already in the KV cache before each test, comma-separated."),
@@ -220,7 +221,7 @@ def bench(
     if output not in ("md", "json"):
         raise KtxError(f"--output {output!r}: choose md or json")
     if (model is None) == (synthetic is None):
-        raise KtxError("give exactly one of --model PATH.gguf or --synthetic NAME (dsv3-tiny, dsv3-bench)")
+        raise KtxError("give exactly one of --model PATH.gguf or --synthetic NAME (dsv3-tiny, dsv3-bench, qwen3-tiny, qwen3-bench)")
     name = None
     if synthetic is not None:
         from ktx.synthetic import synthetic_model
