@@ -24,7 +24,8 @@ Decode (every expert has one token) uses a 1-token x 64-row tile that streams we
 4-token x 32-row register tile. For 5/6-bit codes, a prefill averaging >= WIDE_MIN_TOKENS per expert first widens
 each item's row groups to bytes (simd.widen, per-worker scratch of NR x 16 K bytes) and runs the byte-plane tile:
 the unpack is paid once per item instead of once per token tile (Q6_K: +5-15% GOPS at 64-256 tokens per expert;
-for 4-bit codes, whose unpack is one op, it measured no better, so they are read packed). K-quant prefill tiles
+for 4-bit codes, whose unpack is one op, it measured no better with the per-32 tiles, so Q4_0 is read packed; Q4_K
+on the per-256 tiles below is widened too: +1-2% at 64 tokens per expert, +3-8% at 256, alternating runs). K-quant prefill tiles
 (Q4_K, and Q5_K/Q6_K when widened: per256_ok) take activations quantized per 256 instead of per 32
 (quantize.quantize_row256, as llama.cpp's Q8_K) and skip a float multiply per group (simd.py); x goes per 256
 when both gate and up take it, h when down does. Decode keeps per-32 activations and its tiles. The repacked weights
@@ -215,7 +216,7 @@ class MoEExperts:
         wide = bool(nt > 1 and routed >= WIDE_MIN_TOKENS * len(exp_e))
         s256 = [nt > 1 and per256_ok(m.layout, wide) for m in self.mats]
         x256 = s256[0] and s256[1]  # x feeds gate and up: per-256 activations only if both tiles take them
-        Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and m.layout.bits in (5, 6), s)
+        Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and (m.layout.bits in (5, 6) or s), s)
                       for m, s in zip(self.mats, (x256, x256, s256[2])))
         quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf, x256)
         c_a, c_b = np.zeros(1, np.int64), np.zeros(1, np.int64)

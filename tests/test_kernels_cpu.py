@@ -185,8 +185,8 @@ def test_repacked_arrays_dequantize_exactly_and_size(qt):
 
 def act_blocks(ids, t_gu, t_down):
     """Activation blocks (x's, h's) as moe.py documents them: per 32, except in a prefill (some expert has two
-    tokens) whose weights are K-quants read as nibbles (Q4_K) or widened to bytes (Q5_K/Q6_K with >= 16 tokens
-    per used expert): per 256 (quantize_row256)."""
+    tokens) whose weights are K-quants on per-256 tiles: Q4_K (packed, or widened at >= 16 tokens per used
+    expert), Q5_K/Q6_K widened (>= 16 tokens per used expert): per 256 (quantize_row256)."""
     routed = ids[ids >= 0]
     counts = np.bincount(routed) if routed.size else np.zeros(1, np.int64)
     prefill = counts.max() > 1
@@ -264,10 +264,12 @@ def test_disk_cache_roundtrip(pool, tmp_path):
     np.testing.assert_array_equal(ex2.forward(x, ids, w), y1)
 
 
-@pytest.mark.parametrize("t_gu,t_down", [(QT.Q6_K, QT.Q5_0), (QT.Q5_K, QT.Q6_K)], ids=["Q6_K-Q5_0", "Q5_K-Q6_K"])
+@pytest.mark.parametrize("t_gu,t_down", [(QT.Q6_K, QT.Q5_0), (QT.Q5_K, QT.Q6_K), (QT.Q4_K, QT.Q6_K)],
+                         ids=["Q6_K-Q5_0", "Q5_K-Q6_K", "Q4_K-Q6_K"])
 def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down):
-    """A prefill with >= WIDE_MIN_TOKENS per expert widens 5/6-bit codes to bytes per work item and runs the
-    byte-plane tile (wide variants); held to the same two references as the packed path."""
+    """A prefill with >= WIDE_MIN_TOKENS per expert widens 5/6-bit codes (and Q4_K's, on per-256 tiles) to bytes
+    per work item and runs the byte-plane tile (wide variants); held to the same two references as the packed
+    path."""
     rng = np.random.default_rng(int(t_gu) * 31 + int(t_down))
     H, I, E, T = 256, 512, 3, 40
     g, u, d = rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_down, E, H, I)
