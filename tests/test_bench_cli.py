@@ -122,3 +122,15 @@ def test_bench_usage_errors(cache):
     assert res.returncode == 1 and "dsv3-tiny" in res.stderr
     res = _ktx("bench", "--synthetic", "dsv3-tiny", "-p", "1x", cache=cache)
     assert res.returncode == 1 and "-p" in res.stderr
+
+
+def test_expert_paths_listed_once_with_their_type_triples():
+    from types import SimpleNamespace as E
+
+    from ktx.bench import _expert_paths
+
+    tail = "; prefill: vnni (amx unavailable: CPU lacks AMX-TILE)"
+    layers = [E(kernel_path=f"vnni gemv 1x64 tiles ({t}, repacked){tail}") for t in ("Q4_K/Q4_K/Q6_K", "Q4_K/Q4_K/Q4_K")] * 3
+    assert _expert_paths(layers) == [f"vnni gemv 1x64 tiles (Q4_K/Q4_K/Q4_K | Q4_K/Q4_K/Q6_K, repacked){tail}"]
+    ref = E(kernel_path="reference numpy dequant + float matmul (F16/F16/F16)")
+    assert _expert_paths([ref, ref]) == [ref.kernel_path]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -181,6 +182,18 @@ def _timeline(model) -> dict | None:
     return sched.new_step().summary() if sched is not None else None
 
 
+def _expert_paths(experts) -> list[str]:
+    """Each experts kernel path once: paths that differ only in their layer's weight types ("(Q4_K/Q4_K/Q6_K, ...")
+    become one line listing the type triples, so the rest (the AMX verdict, say) is not repeated per triple."""
+    types = re.compile(r"\(([A-Z0-9_]+/[A-Z0-9_]+/[A-Z0-9_]+), ")
+    merged: dict[str, list[str]] = {}
+    for path in sorted({e.kernel_path for e in experts}):
+        m = types.search(path)
+        key = types.sub("(@TYPES@, ", path, count=1) if m else path
+        merged.setdefault(key, []).append(m.group(1) if m else "")
+    return [key.replace("@TYPES@", " | ".join(ts)) for key, ts in merged.items()]
+
+
 def _program_profile(model) -> dict | None:
     """Where the compiled decode steps since the last call spent their time (None when decode ran per op)."""
     progs = [p for p in (model.net.programs().values() if hasattr(model.net, "programs") else []) if p is not None]
@@ -216,7 +229,7 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
     report = BenchReport(
         model=model_name or Path(gguf.path).name.removesuffix(".gguf"), path=str(gguf.path), size_bytes=gguf.n_bytes,
         n_params=sum(t.n_elements for t in gguf.tensors.values()), bytes_per_token=touched_bytes_per_token(gguf),
-        threads=threads, experts=experts, kernel_paths=sorted({e.kernel_path for e in model.net.experts.values()}) + [model.net.lin.describe()]
+        threads=threads, experts=experts, kernel_paths=_expert_paths(model.net.experts.values()) + [model.net.lin.describe()]
         + ([model.net.program_note] if getattr(model.net, "program_note", "") else []),
         dram_gbps=None, device_path=model.device_path,
     )
