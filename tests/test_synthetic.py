@@ -137,6 +137,8 @@ def test_touched_bytes_per_token_matches_reader(tiny, tmp_path):
     w.close()
     assert touched_bytes_per_token(GGUFModel(path)) == reader_touched_bytes(gguf.GGUFReader(path)) == \
         4 * (64 * 32 + 32 * 32 + 2 * (16 * 32 + 32 * 16) + 32)
+    # --experts-per-token 1: one expert's gate and down per token
+    assert touched_bytes_per_token(GGUFModel(path), 1) == 4 * (64 * 32 + 32 * 32 + 1 * (16 * 32 + 32 * 16) + 32)
 
 
 def test_bench_cli_json(tiny, cache):

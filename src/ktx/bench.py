@@ -102,11 +102,12 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def touched_bytes_per_token(gguf) -> int:
-    """Bytes of weights one decode step reads (see the module docstring)."""
+def touched_bytes_per_token(gguf, experts_per_token: int | None = None) -> int:
+    """Bytes of weights one decode step reads (see the module docstring); experts_per_token: --experts-per-token."""
     arch = gguf.get("general.architecture")
     n_expert = int(gguf.get(f"{arch}.expert_count", 0) or 0)
     used = int(gguf.get(f"{arch}.expert_used_count", 0) or 0)
+    used = min(used, experts_per_token) if experts_per_token else used
     tied = "output.weight" not in gguf.tensors
     total = 0
     for t in gguf.tensors.values():
@@ -228,7 +229,7 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
     gguf = model.gguf
     report = BenchReport(
         model=model_name or Path(gguf.path).name.removesuffix(".gguf"), path=str(gguf.path), size_bytes=gguf.n_bytes,
-        n_params=sum(t.n_elements for t in gguf.tensors.values()), bytes_per_token=touched_bytes_per_token(gguf),
+        n_params=sum(t.n_elements for t in gguf.tensors.values()), bytes_per_token=touched_bytes_per_token(gguf, load_kwargs.get("experts_per_token")),
         threads=threads, experts=experts, kernel_paths=_expert_paths(model.net.experts.values()) + [model.net.lin.describe()]
         + ([model.net.program_note] if getattr(model.net, "program_note", "") else []),
         dram_gbps=None, device_path=model.device_path,
