@@ -113,6 +113,13 @@ def test_bench_json(tiny, cache):
     assert pp["tps"] > 0 and len(tg["samples_tps"]) == 1
     assert tg["gbps"] == pytest.approx(out["bytes_per_token"] * tg["tps"] / 1e9)
     assert tg["roofline"] == pytest.approx(tg["gbps"] / out["dram_gbps"])
+    # decode ran as the compiled program: where its time went, in shares of the step
+    assert any(p.startswith("decode: one compiled program") for p in out["kernel_paths"])
+    assert sum(tg["profile"].values()) == pytest.approx(1.0) and "lm_head gemv" in tg["profile"]
+    res = _ktx("bench", "--synthetic", "dsv3-tiny", "-p", "0", "-n", "2", "-r", "1", "-o", "json", "--per-op-decode",
+               cache=cache)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["results"][0]["profile"] is None
 
 
 def test_bench_usage_errors(cache):

@@ -212,6 +212,9 @@ def bench(
     experts_per_token: Optional[int] = ExpertsPerTokenOpt,
     numa_shards: Optional[int] = NumaOpt,
     device: Optional[str] = DeviceOpt,
+    decode_program: bool = typer.Option(True, "--decode-program/--per-op-decode",
+                                        help="Decode each token as one compiled program (the default on the CPU), or "
+                                             "op by op from Python (to compare the two)."),
     output: str = typer.Option("md", "--output", "-o", help="md (markdown table) or json."),
 ):
     """Measure prefill (pp) and decode (tg) speed like llama-bench, with the GB/s of weights decode reads and the
@@ -230,6 +233,7 @@ def bench(
     report = run_bench(model, n_prompt=_counts("-p", n_prompt), n_gen=_counts("-n", n_gen), depths=_counts("-d", depth) or [0],
                        reps=reps, threads=cpu_threads, experts=experts, model_name=name,
                        log=lambda msg: _eprint(f"ktx bench: {msg}") if sys.stderr.isatty() else None,
+                       decode_program=decode_program,
                        **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards, device))
     print(report.to_json() if output == "json" else report.to_markdown())
 
