@@ -28,7 +28,8 @@ for 4-bit codes, whose unpack is one op, it measured no better with the per-32 t
 on the per-256 tiles below is widened too: +1-2% at 64 tokens per expert, +3-8% at 256, alternating runs). K-quant prefill tiles
 (Q4_K, and Q5_K/Q6_K when widened: per256_ok) take activations quantized per 256 instead of per 32
 (quantize.quantize_row256, as llama.cpp's Q8_K) and skip a float multiply per group (simd.py); x goes per 256
-when both gate and up take it, h when down does. Decode keeps per-32 activations and its tiles. The repacked weights
+when both gate and up take it, h when down does; a batch with AMX experts stays per 32 throughout. Decode keeps
+per-32 activations and its tiles. The repacked weights
 live in RAM, or, with cache_dir, in .npy files written expert by expert (bounded RAM) and memory-mapped on later
 loads.
 """
@@ -214,7 +215,8 @@ class MoEExperts:
         u = np.zeros((P, I), np.float32)
         y = np.zeros((T, H), np.float32)
         wide = bool(nt > 1 and routed >= WIDE_MIN_TOKENS * len(exp_e))
-        s256 = [nt > 1 and per256_ok(m.layout, wide) for m in self.mats]
+        vec_only = not exp_amx.any()  # AMX tiles keep per-32 activations (nothing to gain there, only error)
+        s256 = [nt > 1 and vec_only and per256_ok(m.layout, wide) for m in self.mats]
         x256 = s256[0] and s256[1]  # x feeds gate and up: per-256 activations only if both tiles take them
         Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and (m.layout.bits in (5, 6) or s), s)
                       for m, s in zip(self.mats, (x256, x256, s256[2])))
