@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from .simd import V16F, _c64, _ptr, f32, i64
+from .simd import V16F, _c64, _ptr, f32, i64, jit_host
 
 _FMA = "llvm.fma.v16f32"
 
@@ -118,18 +118,9 @@ _ENGINE = []
 def kernel_addresses() -> tuple[int, int]:
     """(scores4, pv4) native addresses, compiled on first use and kept for the process."""
     if not _ENGINE:
-        import llvmlite.binding as llvm
-
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
         mod = ir.Module(name="ktx_attn")
         _scores4(mod)
         _pv4(mod)
-        tm = llvm.Target.from_default_triple().create_target_machine(
-            cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3, codemodel="jitdefault")
-        parsed = llvm.parse_assembly(str(mod))
-        parsed.verify()
-        engine = llvm.create_mcjit_compiler(parsed, tm)
-        engine.finalize_object()
+        engine = jit_host(mod)
         _ENGINE.append((engine, engine.get_function_address("ktx_scores4"), engine.get_function_address("ktx_pv4")))
     return _ENGINE[0][1], _ENGINE[0][2]

@@ -295,6 +295,16 @@ def _router(a, C, ci, WA, F):
             F[dst + e] = _dot(W[e], x)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _best(v, taken):
+    """Index of the largest v[i] not yet taken (the lowest index among equals)."""
+    best = -1
+    for i in range(v.shape[0]):
+        if not taken[i] and (best < 0 or v[i] > v[best]):
+            best = i
+    return best
+
+
 @njit(nogil=True, cache=True)
 def _topk(a, WA, F, IX, scale):
     """ktx.layers.router.route for one token, then the selective-experts cut (ktx.scheduler.select_top)."""
@@ -331,11 +341,7 @@ def _topk(a, WA, F, IX, scale):
             gs[g] = m1 + m2 if sigmoid else m1
         keep = np.zeros(n_group, np.bool_)
         for _ in range(topk_group):
-            best = -1
-            for g in range(n_group):
-                if not keep[g] and (best < 0 or gs[g] > gs[best]):
-                    best = g
-            keep[best] = True
+            keep[_best(gs, keep)] = True
         for g in range(n_group):
             if not keep[g]:
                 choice[g * per:(g + 1) * per] = -np.inf
@@ -343,10 +349,7 @@ def _topk(a, WA, F, IX, scale):
     wt = np.empty(k, np.float32)
     taken = np.zeros(E, np.bool_)
     for j in range(k):
-        best = -1
-        for e in range(E):
-            if not taken[e] and (best < 0 or choice[e] > choice[best]):
-                best = e
+        best = _best(choice, taken)
         taken[best] = True
         sel[j] = best
         wt[j] = probs[best]

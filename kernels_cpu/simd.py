@@ -331,27 +331,34 @@ def widen(typingctx, bits, K, src, dst):
 _JIT = {}  # V -> (MCJIT engine that owns the machine code, address)
 
 
+def jit_host(mod: ir.Module):
+    """An llvmlite MCJIT engine holding `mod` compiled for this CPU (llvmlite's host name and features, as Numba
+    compiles); the engine owns the machine code, so keep it as long as any address taken from it."""
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    tm = llvm.Target.from_default_triple().create_target_machine(
+        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3, codemodel="jitdefault")
+    parsed = llvm.parse_assembly(str(mod))
+    parsed.verify()
+    engine = llvm.create_mcjit_compiler(parsed, tm)
+    engine.finalize_object()
+    return engine
+
+
 def tile_address(V: int) -> int:
     """Address of a standalone native function `void tile_V(i64 K, codes, cs, ..., out, ldo)` with the body of
     `tile(V, ...)`: for code that picks the kernel at run time (decode_loops.py holds one address per matrix)
-    instead of inlining one copy of each variant. Compiled with llvmlite for the host CPU, once per variant per
-    process (~0.1 s); callers choose V from CPUID, as for the inlined kernels."""
+    instead of inlining one copy of each variant. Compiled once per variant per process (~0.1 s); callers choose
+    V from CPUID, as for the inlined kernels."""
     hit = _JIT.get(V)
     if hit is None:
-        import llvmlite.binding as llvm
-
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
         mod = ir.Module(name=f"ktx_tile_{V}")
         fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * len(_ARGS)), name=f"ktx_tile_{V}")
         b = ir.IRBuilder(fn.append_basic_block("entry"))
         _emit(b, V, dict(zip(_ARGS, fn.args)))
         b.ret_void()
-        tm = llvm.Target.from_default_triple().create_target_machine(
-            cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3, codemodel="jitdefault")
-        parsed = llvm.parse_assembly(str(mod))
-        parsed.verify()
-        engine = llvm.create_mcjit_compiler(parsed, tm)
-        engine.finalize_object()
+        engine = jit_host(mod)
         hit = _JIT[V] = (engine, engine.get_function_address(f"ktx_tile_{V}"))
     return hit[1]

@@ -278,14 +278,32 @@ def model_pools(net) -> list:
     return pools
 
 
-def experts_why_not(net) -> str:
-    """'' when every MoE layer's experts run on the quantized kernels' vector path (sharded or not), else why not."""
+def why_not(net) -> str:
+    """'' when a model's weights are all where a program can run them, else the reason (its builder may add more)."""
     from ktx.kernels_cpu import MoEExperts
+    from ktx.layers.linear import QuantLinears
 
+    if getattr(net, "device", None) is not None and net.device.type != "cpu":
+        return "the model runs on a GPU"
+    if not isinstance(net.lin, QuantLinears):
+        return "dense weights on the float path"
     for ex in net.experts.values():
         if any(not isinstance(s, MoEExperts) or s.path == "reference" for s in getattr(ex, "shards", [ex])):
             return "routed experts not on the quantized CPU kernels (reference path)"
+    if any(m is not None and m.any() for m in net.scheduler.gpu_mask.values()):
+        return "hot experts on a GPU"
     return ""
+
+
+def build_with(make, net, rows: int, why: str = "") -> tuple[DecodeProgram | None, str]:
+    """(make(net, rows), '') or (None, why not): `why`, the model-independent reasons, or an Unsupported part."""
+    why = why or why_not(net)
+    if why:
+        return None, why
+    try:
+        return make(net, rows), ""
+    except Unsupported as e:
+        return None, str(e)
 
 
 def quant_linear(net, name):

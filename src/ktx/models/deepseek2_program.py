@@ -19,35 +19,15 @@ with a combined attn_kv_b); those decode through Deepseek2.forward as before.
 
 from __future__ import annotations
 
-from ktx.layers.linear import QuantLinears
-from ktx.layers.program import (DecodeProgram, Unsupported, experts_why_not, linear_group, mlp_parts, model_pools,
+from ktx.layers.program import (DecodeProgram, Unsupported, build_with, linear_group, mlp_parts, model_pools,
                                 quant_linear)
 from ktx.models.deepseek2_config import GATING_SIGMOID
 
 
-def why_not(net) -> str:
-    """'' when the program can run this model's decode, else the reason."""
-    if net.device.type != "cpu":
-        return "the model runs on a GPU"
-    if not isinstance(net.lin, QuantLinears):
-        return "dense weights on the float path"
-    if experts_why_not(net):
-        return experts_why_not(net)
-    if any(m is not None and m.any() for m in net.scheduler.gpu_mask.values()):
-        return "hot experts on a GPU"
-    if not net.gguf.has("blk.0.attn_k_b.weight"):
-        return "old-style attn_kv_b tensors"
-    return ""
-
-
 def build(net, capacity: int) -> tuple[DecodeProgram | None, str]:
-    why = why_not(net)
-    if why:
-        return None, why
-    try:
-        return _build(net, capacity), ""
-    except Unsupported as e:
-        return None, str(e)
+    """The program for caches of `capacity` rows, or (None, why not)."""
+    old = "" if net.gguf.has("blk.0.attn_k_b.weight") else "old-style attn_kv_b tensors"
+    return build_with(_build, net, capacity, old)
 
 
 def _build(net, capacity: int) -> DecodeProgram:

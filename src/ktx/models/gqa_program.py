@@ -13,29 +13,13 @@ program (ktx.layers.program), for the CPU path: GQATransformer.forward for one t
 
 from __future__ import annotations
 
-from ktx.layers.linear import QuantLinears
-from ktx.layers.program import (DecodeProgram, Unsupported, experts_why_not, linear_group, mlp_parts, model_pools,
+from ktx.layers.program import (DecodeProgram, Unsupported, build_with, linear_group, mlp_parts, model_pools,
                                 quant_linear)
 
 
-def why_not(net) -> str:
-    if not isinstance(net.lin, QuantLinears):
-        return "dense weights on the float path"
-    if experts_why_not(net):
-        return experts_why_not(net)
-    if any(m is not None and m.any() for m in net.scheduler.gpu_mask.values()):
-        return "hot experts on a GPU"
-    return ""
-
-
 def build(net, rows: int) -> tuple[DecodeProgram | None, str]:
-    why = why_not(net)
-    if why:
-        return None, why
-    try:
-        return _build(net, rows), ""
-    except Unsupported as e:
-        return None, str(e)
+    """The program for caches of `rows` rows, or (None, why not)."""
+    return build_with(_build, net, rows)
 
 
 def _build(net, cap: int) -> DecodeProgram:
