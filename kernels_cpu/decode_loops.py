@@ -58,18 +58,18 @@ TILE_ROWS = 64  # rows of the decode tile (1 token x 4 row groups of 16)
 _i64 = ir.IntType(64)
 
 
+def _call_codegen(context, builder, signature, vals):
+    """Call the function at address vals[0] with the other values as i64 arguments (ints and addresses)."""
+    v = [context.cast(builder, a, t, types.int64) for a, t in zip(vals, signature.args)]
+    f = builder.inttoptr(v[0], ir.FunctionType(ir.VoidType(), [_i64] * (len(v) - 1)).as_pointer())
+    builder.call(f, v[1:])
+    return context.get_dummy_value()
+
+
 @intrinsic
 def call_tile(typingctx, fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo):
     """The tile kernel at address fn (simd.tile_address), with simd.tile's arguments."""
-    args = (fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo)
-
-    def codegen(context, builder, signature, vals):
-        v = [context.cast(builder, a, t, types.int64) for a, t in zip(vals, signature.args)]
-        f = builder.inttoptr(v[0], ir.FunctionType(ir.VoidType(), [_i64] * 17).as_pointer())
-        builder.call(f, v[1:])
-        return context.get_dummy_value()
-
-    return types.void(*args), codegen
+    return types.void(fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo), _call_codegen
 
 
 @intrinsic
@@ -180,13 +180,6 @@ def _dot(a, b):
     for c in range(a.shape[0]):
         acc += a[c] * b[c]
     return acc
-
-
-def _call_codegen(context, builder, signature, vals):
-    v = [context.cast(builder, a, t, types.int64) for a, t in zip(vals, signature.args)]
-    f = builder.inttoptr(v[0], ir.FunctionType(ir.VoidType(), [_i64] * (len(v) - 1)).as_pointer())
-    builder.call(f, v[1:])
-    return context.get_dummy_value()
 
 
 @intrinsic

@@ -23,25 +23,36 @@ from numba import njit
 def quantize_row(x, xq, xd, xs, xsf):
     """x float32 [K] -> xq int8 [K], xd float32 [K/32], xs int32 [K/16], xsf float32 [K/32]."""
     for b in range(x.shape[0] // 32):
-        amax = np.float32(0.0)
-        for k in range(32 * b, 32 * b + 32):
-            amax = max(amax, abs(x[k]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-        s0 = 0
-        s1 = 0
-        for i in range(32):
-            q = np.int32(np.rint(x[32 * b + i] * inv))
-            q = min(127, max(-127, q))
-            xq[32 * b + i] = q
-            if i < 16:
-                s0 += q
-            else:
-                s1 += q
-        xd[b] = d
-        xs[2 * b] = s0
-        xs[2 * b + 1] = s1
-        xsf[b] = d * np.float32(s0 + s1)
+        _block(x, b, _scale(x, 32 * b, 32 * b + 32), xq, xd, xs, xsf)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _scale(x, lo, hi):
+    """dx = max |x[lo:hi]| / 127, the scale of the int8 codes of those elements."""
+    amax = np.float32(0.0)
+    for k in range(lo, hi):
+        amax = max(amax, abs(x[k]))
+    return amax / np.float32(127.0)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block(x, b, d, xq, xd, xs, xsf):
+    """Block b (32 elements) of x as int8 codes at scale d, with its two 16-sums and d * sum."""
+    inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+    s0 = 0
+    s1 = 0
+    for i in range(32):
+        q = np.int32(np.rint(x[32 * b + i] * inv))
+        q = min(127, max(-127, q))
+        xq[32 * b + i] = q
+        if i < 16:
+            s0 += q
+        else:
+            s1 += q
+    xd[b] = d
+    xs[2 * b] = s0
+    xs[2 * b + 1] = s1
+    xsf[b] = d * np.float32(s0 + s1)
 
 
 def quant_error_bound(x: np.ndarray, w_abs: np.ndarray) -> np.ndarray:
@@ -58,26 +69,9 @@ def quantize_row256(x, xq, xd, xs, xsf):
     llama.cpp quantizes activations the same way (Q8_K) for its K-quant dots. Error bound: dx[b] / 2 per
     element as for quantize_row, with the superblock's dx (quant_error_bound256)."""
     for sb in range(x.shape[0] // 256):
-        amax = np.float32(0.0)
-        for k in range(256 * sb, 256 * sb + 256):
-            amax = max(amax, abs(x[k]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        d = _scale(x, 256 * sb, 256 * sb + 256)
         for b in range(8 * sb, 8 * sb + 8):
-            s0 = 0
-            s1 = 0
-            for i in range(32):
-                q = np.int32(np.rint(x[32 * b + i] * inv))
-                q = min(127, max(-127, q))
-                xq[32 * b + i] = q
-                if i < 16:
-                    s0 += q
-                else:
-                    s1 += q
-            xd[b] = d
-            xs[2 * b] = s0
-            xs[2 * b + 1] = s1
-            xsf[b] = d * np.float32(s0 + s1)
+            _block(x, b, d, xq, xd, xs, xsf)
 
 
 def quant_error_bound256(x: np.ndarray, w_abs: np.ndarray) -> np.ndarray:
