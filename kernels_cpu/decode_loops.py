@@ -34,8 +34,13 @@ Ops (columns of a row of `ops`: code, parallel, barrier, then the arguments name
     MOE_SUM   add the per-thread sums into the residual (or store them)       (serial)
 
 Counters C (int64, fresh zeros per call): C[0] the barrier, then the MoE countdowns at offsets the builder
-reserves, then one item counter per op (the last len(ops) entries). A fresh array per call also means a thread still spinning out
-of the last barrier can never see the next call's counts.
+reserves, then one item counter per op (the last len(ops) entries). A fresh array per call also means a thread
+still spinning out of the last barrier can never see the next call's counts.
+
+Threads: with one pool per NUMA node, an MoE op may name a node; only that node's threads run it (each expert
+shard is read where its memory is), and the builder leaves out the barriers between the ops of one phase so a
+thread done with its own shard moves on. Attention goes through attn_simd's vector kernels (by address, like
+the tiles) for blocks of four heads that share a cache head.
 """
 from __future__ import annotations
 
