@@ -123,6 +123,31 @@ def _operand(b, base, lay, j, wide=False):
     return b.or_(q, b.and_(h, _vconst(((1 << hb) - 1) << 4)))
 
 
+def _prefetch(b, ptr):
+    """llvm.prefetch of one line for reading, locality 1 (into L2)."""
+    pf = _fn(b, "llvm.prefetch.p0", ir.VoidType(), [i8.as_pointer(), i32, i32, i32])
+    b.call(pf, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i32, 1)])
+
+
+def _prefetch_next_scales(b, a, lay, nr, g):
+    """Decode: the next tile's scale lines for group g too (d, and K-quants' sc, dmin, m): separate arrays, so
+    streams of their own beside the codes' that the hardware prefetcher follows less well. Q4_K decode from DRAM
+    (12 x [4096, 7168], 2 threads, alternating in one process): 29.2 -> 31.5 and 28.5 -> 30.4 GB/s in two runs,
+    equal in a third; Q6_K and Q8_0 unchanged; dsv3-bench decode (K = 2048, 1536) 21.24 -> 21.07 ms/token."""
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+    gk = b.mul(g, c(lay.G))
+    for r in range(nr):
+        rr = c(nr + r)
+        addrs = [b.add(b.add(a["d"], b.mul(rr, a["ds"])), b.mul(b.sdiv(gk, c(lay.S)), c(32)))]
+        if lay.sc:
+            addrs.append(b.add(b.add(a["sc"], b.mul(rr, a["ss"])), b.mul(g, c(16))))
+        if lay.mins:
+            addrs.append(b.add(b.add(a["dmin"], b.mul(rr, a["dms"])), b.mul(b.sdiv(gk, c(256)), c(32))))
+            addrs.append(b.add(b.add(a["m"], b.mul(rr, a["ms"])), b.mul(b.sdiv(gk, c(32)), c(16))))
+        for addr in addrs:
+            _prefetch(b, _ptr(b, addr, 0, i8))
+
+
 def _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g):
     """The NT x NR int32 dot vectors of scale group g (G k): started at -zero * (sum of xq over the group),
     the code offset for free, then G/4 steps of one operand per row group and one broadcast per token."""
@@ -144,12 +169,11 @@ def _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g):
     iacc = [[xsum[t] for _ in range(nr)] for t in range(nt)]
     gcodes = b.mul(gk, c(2 * bits))  # bytes of codes per k per row group (16 rows): 2 * bits
     if nt == 1:  # decode: the next tile's row groups, same offset, into L2 (see the module docstring)
-        pf = _fn(b, "llvm.prefetch.p0", ir.VoidType(), [i8.as_pointer(), i32, i32, i32])
         for r in range(nr):
             nxt_base = b.add(b.add(a["codes"], b.mul(c(nr + r), a["cs"])), gcodes)
             for line in range(0, G * 2 * bits, 64):  # every cache line of this group's codes
-                rw, locality, data = ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i32, 1)
-                b.call(pf, [_ptr(b, nxt_base, c(line), i8), rw, locality, data])
+                _prefetch(b, _ptr(b, nxt_base, c(line), i8))
+        _prefetch_next_scales(b, a, lay, nr, g)
     for j in range(G // 4):
         ws = []
         for r in range(nr):
