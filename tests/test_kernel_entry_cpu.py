@@ -80,3 +80,29 @@ def test_slot_plan_matches_a_numpy_sort(T, k, n_exp, amx, seed):
         assert slot_tok[s0:s0 + n].tolist() == (pairs // k).tolist()
         assert slot_w[s0:s0 + n].tolist() == w.reshape(-1)[pairs].tolist()
         assert (slot_tok[s0 + n:s0 + padded[i]] == -1).all() and (slot_w[s0 + n:s0 + padded[i]] == 0).all()
+
+
+def test_numba_cache_folder_follows_the_kernel_sources(tmp_path):
+    """ktx keys Numba's cache by a hash of kernels_cpu's sources (under KTX_CACHE), in either import order; a
+    NUMBA_CACHE_DIR the user set is left alone."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ktx.kernels_cpu
+
+    src = Path(ktx.kernels_cpu.__file__).parent
+    digest = hashlib.sha256()
+    for f in sorted(src.glob("*.py")):
+        digest.update(f.name.encode() + f.read_bytes())
+    want = str(tmp_path / "numba" / digest.hexdigest()[:16])
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"} | {"KTX_CACHE": str(tmp_path)}
+    show = "import numba.core.config as c; print(c.CACHE_DIR)"
+    for first in ("import ktx", "import numba; import ktx"):
+        out = subprocess.run([sys.executable, "-c", f"{first}; {show}"], env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == want, (first, out.stdout, out.stderr)
+    out = subprocess.run([sys.executable, "-c", f"import ktx; {show}"], env=env | {"NUMBA_CACHE_DIR": str(tmp_path / "mine")},
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == str(tmp_path / "mine")
