@@ -31,7 +31,7 @@ Ops (columns of a row of `ops`: code, parallel, barrier, then the arguments name
     MOE_UP    gate/up tiles of the chosen experts and of the shared (or dense) MLP, SiLU * up; the thread
               finishing an expert's last block quantizes its h row (countdown, no barrier)  (parallel)
     MOE_DOWN  w_j down_j h_j and shared down h, items of row blocks of one matrix, into per-thread sums (parallel)
-    MOE_SUM   add the per-thread sums into the residual (or store them)       (serial)
+    MOE_SUM   add the per-thread sums into the residual (or store them), column items  (parallel)
 
 Counters C (int64, fresh zeros per call): C[0] the barrier, then the MoE countdowns at offsets the builder
 reserves, then one item counter per op (the last len(ops) entries). A fresh array per call also means a thread
@@ -56,7 +56,7 @@ from .quantize import quantize_row
 
 (OP_NORM, OP_QUANT, OP_GEMV, OP_ROPE, OP_CACHE, OP_MLA, OP_ROUTER, OP_TOPK, OP_MOE_UP, OP_MOE_DOWN, OP_MOE_SUM, OP_ADD,
  OP_SIGMOID, OP_GQA) = range(1, 15)
-PARALLEL_OPS = (OP_GEMV, OP_MLA, OP_ROUTER, OP_MOE_UP, OP_MOE_DOWN, OP_GQA)
+PARALLEL_OPS = (OP_GEMV, OP_MLA, OP_ROUTER, OP_MOE_UP, OP_MOE_DOWN, OP_GQA, OP_MOE_SUM)
 N_COLS = 32  # columns of an op row: code, parallel, barrier, up to 29 arguments
 TILE_ROWS = 64  # rows of the decode tile (1 token x 4 row groups of 16)
 
@@ -438,15 +438,22 @@ def _moe_down(a, C, ci, tid, MD, F, Q, QD, QS, QF, IX):
 
 
 @njit(nogil=True, cache=True)
-def _moe_sum(a, F, n_threads):
-    """dst (+)= sum over threads of part[t]; the partial sums are zeroed for the next layer."""
+def _moe_sum(a, C, ci, F, n_threads):
+    """dst (+)= sum over threads of part[t], items of 64 columns (O(threads x H): serial on thread 0 it would grow
+    with the machine); the partial sums are zeroed for the next layer."""
     part, H, dst, acc = a[3], a[4], a[5], a[6]
-    if not acc:
-        F[dst:dst + H] = 0.0
-    for t in range(n_threads):
-        for r in range(H):
-            F[dst + r] += F[part + t * H + r]
-            F[part + t * H + r] = 0.0
+    while True:
+        c0 = fetch_add(C, ci, 1) * TILE_ROWS
+        if c0 >= H:
+            break
+        c1 = min(H, c0 + TILE_ROWS)
+        if not acc:
+            F[dst + c0:dst + c1] = 0.0
+        for t in range(n_threads):
+            p = part + t * H
+            for c in range(c0, c1):
+                F[dst + c] += F[p + c]
+                F[p + c] = 0.0
 
 
 @njit(nogil=True, cache=True)
@@ -502,7 +509,7 @@ def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
                 if a[22] < 0 or a[22] == node:
                     _moe_down(a, C, ci, tid, MD, F, Q, QD, QS, QF, IX)
             elif code == OP_MOE_SUM:
-                _moe_sum(a, F, n_threads)
+                _moe_sum(a, C, ci, F, n_threads)
         if a[2]:
             passed += 1
             fetch_add(C, 0, 1)

@@ -43,6 +43,7 @@ class DecodeProgram:
         self._wids: dict[int, int] = {}
         self.sizes = {"F": 0, "Q": 0, "QD": 0, "QS": 0, "QF": 0, "IX": 0, "C": 1}
         self._lock = threading.Lock()  # one step at a time: the arenas are the program's state
+        self._part = (0, 0)  # (F offset, H) of the MoE layers' per-thread partial sums
 
     # -- buffers ------------------------------------------------------------------------------------
     def _take(self, arena: str, n: int) -> int:
@@ -147,7 +148,7 @@ class DecodeProgram:
             parts = [(ex, self._node(ex.pool), None) for ex in shards] + ([(None, -1, shared)] if shared else [])
         else:
             parts = [(shards[0] if shards else None, -1, shared)]
-        part = self.f32(self.n_threads * H)
+        part = self._parts(H)
         downs = []
         for j, (ex, node, sh) in enumerate(parts):
             downs.append(self._moe_up(ex, k if ex is not None else 0, ids, x_q, H, sh, gelu, node,
@@ -157,6 +158,13 @@ class DecodeProgram:
             self._op(OP_MOE_DOWN, md, k_, I, H, sd, Is, *hq, *shq, ids, w, part, ib, shared_w, node,
                      chain=j < len(downs) - 1)
         self._op(OP_MOE_SUM, part, H, dst, int(acc))
+
+    def _parts(self, H: int) -> int:
+        """The per-thread partial sums [threads, H]: one buffer for all MoE layers (they run one after another, and
+        MOE_SUM zeroes it after each)."""
+        if self._part[1] != H:
+            self._part = (self.f32(self.n_threads * H), H)
+        return self._part[0]
 
     def _moe_up(self, experts, k, ids, x_q, H, shared, gelu, node, chain):
         """The gate/up op of one part; returns what its down op needs."""
