@@ -51,7 +51,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .linear import sched_yield
-from .moe_loops import fetch_add
+from .moe_loops import atomic_read, fetch_add
 from .quantize import quantize_row
 
 (OP_NORM, OP_QUANT, OP_GEMV, OP_ROPE, OP_CACHE, OP_MLA, OP_ROUTER, OP_TOPK, OP_MOE_UP, OP_MOE_DOWN, OP_MOE_SUM, OP_ADD,
@@ -513,7 +513,7 @@ def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
         if a[2]:
             passed += 1
             fetch_add(C, 0, 1)
-            while fetch_add(C, 0, 0) < passed * n_threads:  # atomic read
+            while atomic_read(C, 0) < passed * n_threads:
                 sched_yield()
         if tid == 0:
             TS[1 + i] = cycles()

@@ -51,7 +51,7 @@ from numba.extending import intrinsic
 from ktx.errors import KtxError
 
 from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path, per256_ok  # (tokens, row groups of 16) per tile
-from .moe_loops import _mat_tile, _widened, fetch_add
+from .moe_loops import _mat_tile, _widened, atomic_read, fetch_add
 from .pool import WorkerPool
 from .quantize import quantize_row, quantize_row256
 from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, decode_blocks, field_shapes, interleave
@@ -100,7 +100,7 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
             else:
                 quantize_row(x[i], xq[j], xd[j], xs[j], xsf[j])
         fetch_add(counter, 2, 1)
-    while fetch_add(counter, 2, 0) < n_chunks:  # atomic read: wait until every chunk is quantized
+    while atomic_read(counter, 2) < n_chunks:  # wait until every chunk is quantized
         sched_yield()
 
     rb_rows = NR * 16
@@ -131,7 +131,7 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
 @njit(nogil=True, cache=True)
 def wait_items(counter, n_items):
     """Wait until n_items items are finished (counter[3]); workers still asleep then find nothing to claim."""
-    while fetch_add(counter, 3, 0) < n_items:
+    while atomic_read(counter, 3) < n_items:
         sched_yield()
 
 

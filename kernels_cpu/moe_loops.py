@@ -44,6 +44,22 @@ def fetch_add(typingctx, arr, idx, val):
     return sig, codegen
 
 
+@intrinsic
+def atomic_read(typingctx, arr, idx):
+    """arr[idx] (int64 array) read atomically (acquire): for spin-waits, which must not write the line they poll
+    (a fetch_add of 0 is a locked write: many threads polling one counter would fight over its cache line)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+    sig = types.int64(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [args[1]])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
 @njit(nogil=True, cache=True, inline="always")
 def _mat_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo):
     tile(V, K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
