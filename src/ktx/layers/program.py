@@ -111,7 +111,7 @@ class DecodeProgram:
         self._op(OP_CACHE, src, n, layer, int(values))
 
     def gqa(self, layer, q, n_heads, n_kv, d, dv, o, scores, window, scale):
-        chunk = -(-n_heads // self.n_threads)
+        chunk = self._head_chunk(n_heads)
         self._op(OP_GQA, layer, q, n_heads, n_kv, d, dv, o, scores, chunk, window, *kernel_addresses(), f=scale)
 
     def add(self, src, dst, n, weight=None):
@@ -125,8 +125,14 @@ class DecodeProgram:
         self._op(OP_SIGMOID, off, n)
 
     def mla(self, layer, q, n_heads, kv_lora, o, scores, scale):
-        chunk = -(-n_heads // self.n_threads)  # one chunk per thread: each reads the cache once
+        chunk = self._head_chunk(n_heads)
         self._op(OP_MLA, layer, q, n_heads, kv_lora, o, scores, chunk, *kernel_addresses(), f=scale)
+
+    def _head_chunk(self, n_heads: int) -> int:
+        """Query heads per attention item: one item per thread (each item reads the cache once), but at least 8
+        heads, a multiple of 4 (the SIMD kernels' block), so that many threads do not each re-read a long cache."""
+        chunk = max(-(-n_heads // self.n_threads), 8)
+        return min(n_heads, -(-chunk // 4) * 4)
 
     def router(self, w, E, H, src, dst):
         self._op(OP_ROUTER, self.weight(w), E, H, src, dst, max(1, E // (4 * self.n_threads)))
