@@ -109,8 +109,11 @@ def touched_bytes_per_token(gguf, experts_per_token: int | None = None) -> int:
     used = int(gguf.get(f"{arch}.expert_used_count", 0) or 0)
     used = min(used, experts_per_token) if experts_per_token else used
     tied = "output.weight" not in gguf.tensors
+    n_blocks = int(gguf.get(f"{arch}.block_count", 0) or 0) - int(gguf.get(f"{arch}.nextn_predict_layers", 0) or 0)
     total = 0
     for t in gguf.tensors.values():
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= n_blocks > 0:
+            continue  # NextN (multi-token prediction) layers: not read by a decode step
         if "_exps." in t.name and n_expert:
             total += t.n_bytes * used // n_expert
         elif t.name == "token_embd.weight" and not tied:

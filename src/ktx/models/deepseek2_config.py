@@ -99,7 +99,9 @@ class Deepseek2Config:
         return cls(
             vocab_size=vocab,
             hidden=int(need("embedding_length")),
-            n_layers=int(need("block_count")),
+            # files that keep the multi-token-prediction (NextN) layers count them in block_count, after the
+            # model's own layers: those layers draft tokens and are not part of the forward pass
+            n_layers=int(need("block_count")) - int(md.get(f"{a}.nextn_predict_layers", 0) or 0),
             n_heads=n_heads,
             q_lora_rank=int(md.get(f"{a}.attention.q_lora_rank", 0)),
             kv_lora_rank=kv_lora,
