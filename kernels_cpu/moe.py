@@ -55,6 +55,7 @@ from .repack import FLOAT_TYPES, LAYOUTS, field_shapes, repack_into
 from .simd import variant
 
 DECODE_TILE = (1, 4)  # (tokens, row groups of 16)
+ROW_BLOCK = 64  # rows of the largest tile's block (decode: 4 row groups of 16): expert sizes come in these
 PREFILL_TILE = (4, 2)  # 8x32, 6x32 and 8x16 measured within +-5% of it (bench/RESULTS.md); it pads fewest tokens
 WIDE_MIN_TOKENS = 16  # prefill of 5/6-bit codes: widen each item's row groups once when tiles reuse them this often
 _FIELDS = ("codes", "d", "sc", "dmin", "m")
@@ -146,8 +147,9 @@ class MoEExperts:
         for nm, (raw, _), rows in (("gate", gate, inter), ("up", up, inter), ("down", down, hidden)):
             if raw.ndim != 3 or raw.shape[1] != rows:
                 raise KtxError(f"ffn_{nm}_exps: expected [E, {rows}, row_bytes], got {tuple(raw.shape)}")
-        if hidden % 256 or inter % 256:
-            raise KtxError(f"expert shapes hidden={hidden}, inter={inter}: CPU kernels need multiples of 256")
+        if hidden % ROW_BLOCK or inter % ROW_BLOCK:  # whole row blocks of the tiles (each matrix's K is checked
+            # by its type: a GGUF row holds whole quant blocks, 32 or 256 weights)
+            raise KtxError(f"expert shapes hidden={hidden}, inter={inter}: CPU kernels need multiples of {ROW_BLOCK}")
         self.E = gate[0].shape[0]
         types_ = [QT(t) for _, t in (gate, up, down)]
         for t in types_:

@@ -69,10 +69,12 @@ def test_gemv_ops_match_dequantized_matmul(pool, data):
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_moe_op_matches_float_reference(pool, data):
-    H, I, E = 256, data.draw(st.sampled_from([256, 512]), "I"), data.draw(st.integers(4, 8), "E")
+    t_gu, t_d = data.draw(st.sampled_from([(QT.Q4_K, QT.Q6_K), (QT.Q8_0, QT.Q8_0), (QT.Q4_K, QT.Q4_K), (QT.Q4_K, QT.Q5_0)]),
+                          "types")
+    sizes = [256, 512] if t_d in (QT.Q6_K, QT.Q4_K) else [256, 320, 512]  # down's K = I: whole blocks of its type
+    H, I, E = 256, data.draw(st.sampled_from(sizes), "I"), data.draw(st.integers(4, 8), "E")
     k = data.draw(st.integers(0, 3), "k")  # 0: a dense MLP given as the shared part
-    t_gu, t_d = data.draw(st.sampled_from([(QT.Q4_K, QT.Q6_K), (QT.Q8_0, QT.Q8_0), (QT.Q4_K, QT.Q4_K)]), "types")
-    Is = data.draw(st.sampled_from([0, 256, 512]) if k else st.sampled_from([256, 512]), "shared I")
+    Is = data.draw(st.sampled_from([0] + sizes) if k else st.sampled_from(sizes), "shared I")
     stacked = data.draw(st.booleans(), "shared gate+up stacked")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), "seed"))
     g, u, d = rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_d, E, H, I)
@@ -227,7 +229,7 @@ def test_decode_steps_match_float_reference(tmp_path, shards, path):
 
 
 GQA_SIZES = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
-GQA_CASES = {  # kernel-sized tiny models (the CPU expert kernels take multiples of 256)
+GQA_CASES = {  # kernel-sized tiny models (the CPU expert kernels take multiples of 64, K-quant rows of 256)
     "qwen3moe": ("make_qwen3_moe", dict(moe_intermediate_size=256)),
     "mixtral": ("make_mixtral", {}),
     "qwen2moe": ("make_qwen2_moe", dict(moe_intermediate_size=256, shared_expert_intermediate_size=256)),

@@ -312,3 +312,20 @@ def test_kquant_prefill_runs_per256_tiles_and_decode_does_not(pool):
     assert not any(V >= 100000 for key in ex._entries for V in key[1:])
     ex.forward(x, np.tile(np.array([[0, 1]], np.int32), (8, 1)), np.ones((8, 2), np.float32))
     assert sum(V >= 100000 for key in ex._entries for V in key[1:3]) == 3  # gate, up and down
+
+
+@pytest.mark.parametrize("t_down", [QT.Q8_0, QT.Q5_0])
+@pytest.mark.parametrize("T", [1, 5, 40])
+def test_moe_expert_size_not_a_multiple_of_256(pool, t_down, T):
+    """DeepSeek-V2-Lite's experts are 1408 wide (5.5 x 256): down's rows are then 32-blocks (Q8_0/Q5_0), gate and
+    up K-quants over hidden. Any multiple of 64 runs on the kernels; here 320."""
+    H, I, E, k = 256, 320, 6, 2
+    rng = np.random.default_rng(T)
+    g, u, d = rand_raw(rng, QT.Q4_K, E, I, H), rand_raw(rng, QT.Q4_K, E, I, H), rand_raw(rng, t_down, E, H, I)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = rng.integers(0, E, size=(T, k)).astype(np.int32)
+    w = rng.random((T, k)).astype(np.float32)
+    y = MoEExperts((g, QT.Q4_K), (u, QT.Q4_K), (d, t_down), hidden=H, inter=I, pool=pool).forward(x, ids, w)
+    Ws = {e: (deq(g[e], QT.Q4_K), deq(u[e], QT.Q4_K), deq(d[e], t_down)) for e in range(E)}
+    exact = reference(x, ids, w, Ws, quantize_acts=False)
+    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws) + 1e-6 * np.abs(exact).max())

@@ -79,14 +79,15 @@ def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, pools: list | None
             log("routed experts: torch reference path (dequantize + float32 matmul)")
         return None
     from ktx.kernels_cpu import MoEExperts
+    from ktx.kernels_cpu.moe import ROW_BLOCK
 
     said = []
 
     def factory(prefix: str):
-        if experts == "auto" and (cfg.hidden % 256 or cfg.moe_ffn % 256):
+        if experts == "auto" and (cfg.hidden % ROW_BLOCK or cfg.moe_ffn % ROW_BLOCK):
             if not said:
                 said.append("reference")
-                warn(f"routed experts: torch reference path, since the CPU kernels need hidden and expert sizes in multiples of 256 (this model: {cfg.hidden}, {cfg.moe_ffn})")
+                warn(f"routed experts: torch reference path, since the CPU kernels need hidden and expert sizes in multiples of {ROW_BLOCK} (this model: {cfg.hidden}, {cfg.moe_ffn})")
             return None
         if len(pools) == 1:
             ex = kernel_experts(gguf, prefix, cfg.hidden, cfg.moe_ffn, pools[0], path=experts, cache_dir=cache_dir)
@@ -96,7 +97,7 @@ def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, pools: list | None
             import gguf as gguf_py
 
             align = gguf_py.GGML_QUANT_SIZES[gguf_py.GGMLQuantizationType(d.qtype)][0]  # down's rows are blocks along I
-            for lo, hi in shard_bounds(cfg.moe_ffn, len(pools), max(align, 32)):
+            for lo, hi in shard_bounds(cfg.moe_ffn, len(pools), max(align, ROW_BLOCK)):
                 gs, us, ds = slice_inter(g.data, u.data, d.data, d.qtype, lo, hi)
                 shards.append(MoEExperts(gate=(gs, g.qtype), up=(us, u.qtype), down=(ds, d.qtype), hidden=cfg.hidden,
                                          inter=hi - lo, pool=pools[len(shards)], path=experts))
