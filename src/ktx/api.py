@@ -203,9 +203,13 @@ def _torch_threads(threads: int | None, pools) -> None:
         torch.set_num_threads(threads)
 
 
+# prefills of one token repeated: each chosen expert gets them all, below and past the tiles' wide threshold (16
+# tokens per expert), so both prefill variants a prompt may need are compiled here and not inside a first prompt
+WARM_UP_TOKENS = (8, 32)
+
+
 def _warm_up(net) -> None:
-    """Run a prefill (one token repeated, so experts get several tokens: the GEMM tiles) and a decode step on a
-    scratch cache. The kernels are compiled for exactly the variants this model uses (or loaded from Numba's and
+    """Run prefills (WARM_UP_TOKENS) and a decode step on a scratch cache. The kernels are compiled for exactly the variants this model uses (or loaded from Numba's and
     Triton's caches), here, under a spinner, instead of stalling the first prompt (~15 s on a cold cache)."""
     import time
 
@@ -214,8 +218,10 @@ def _warm_up(net) -> None:
 
     t = time.perf_counter()
     with Console(stderr=True).status("preparing kernels (compiled on the first run, then cached)"):
-        cache = net.new_cache(16)
-        net.forward(torch.full((8,), 1, dtype=torch.int64), cache, last_only=True)
+        cache = net.new_cache(max(WARM_UP_TOKENS) + 1)
+        for n in WARM_UP_TOKENS:
+            cache.reset(0)
+            net.forward(torch.full((n,), 1, dtype=torch.int64), cache, last_only=True)
         net.forward(torch.tensor([1]), cache, last_only=True)
         if hasattr(net, "programs"):
             net.programs().clear()  # built for the scratch cache's capacity: the engine's cache gets its own
