@@ -210,8 +210,8 @@ def test_decode_steps_match_float_reference(tmp_path, shards, path):
     ref = ktx.load(path, cache_len=64, experts="reference")
     m = ktx.load(path, cache_len=64, threads=2, numa_shards=shards, experts=kernels)
     if shards:
-        assert len(m.net.program(m.engine.cache.rows.shape[1]).pools) == shards
-    assert m.net.program(m.engine.cache.rows.shape[1]) is not None, m.net.program_note
+        assert len(m.net.program_for(m.engine.cache).pools) == shards
+    assert m.net.program_for(m.engine.cache) is not None, m.net.program_note
     prompt, steps = torch.arange(12) + 5, [3, 9, 11, 2, 17, 5, 8, 30, 41, 7]
     errs, same = [], []
     for mm in (ref, m):
@@ -251,8 +251,7 @@ def test_gqa_decode_steps_match_float_reference(tmp_path, name):
     path = convert_hf_to_gguf(hf_dir, tmp_path / "model-q8_0.gguf", "q8_0")
     ref = ktx.load(path, cache_len=64, experts="reference")
     m = ktx.load(path, cache_len=64, threads=2)
-    k = m.net._cache_arrays(m.engine.cache)[0]
-    assert m.net.program(k.shape[1]) is not None, m.net.program_note
+    assert m.net.program_for(m.engine.cache) is not None, m.net.program_note
     errs, same = [], []
     for mm in (ref, m):
         mm.engine.reset()
@@ -275,5 +274,5 @@ def test_models_the_program_cannot_take_decode_per_op_and_say_why(tmp_path, caps
     for kw, why in ((dict(experts="reference"), "dense weights on the float path"),):
         m = ktx.load(path, cache_len=32, **kw)
         assert why in capsys.readouterr().err
-        assert m.net.program(m.engine.cache.rows.shape[1]) is None and why in m.net.program_note
+        assert m.net.program_for(m.engine.cache) is None and why in m.net.program_note
         assert len(m.generate("hello", max_new_tokens=3)) > 0  # and it still decodes

@@ -10,7 +10,6 @@ OMP_PASSIVE = "torch" not in sys.modules or os.environ.get("OMP_WAIT_POLICY", ""
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-
 def _numba_cache_dir() -> str:
     """Numba's on-disk cache keyed by the CPU kernels' sources. Numba checks only the timestamp of the file that
     defines a cached function, but the kernels inline code generated in other modules (simd.py's tiles inside

@@ -223,8 +223,7 @@ def _warm_up(net) -> None:
             cache.reset(0)
             net.forward(torch.full((n,), 1, dtype=torch.int64), cache, last_only=True)
         net.forward(torch.tensor([1]), cache, last_only=True)
-        if hasattr(net, "programs"):
-            net.programs().clear()  # built for the scratch cache's capacity: the engine's cache gets its own
+        net.programs().clear()  # built for the scratch cache's capacity: the engine's cache gets its own
         net.scheduler.new_step()  # the warm-up is not part of any timeline
     if time.perf_counter() - t > 2:
         print(f"ktx: kernels ready in {time.perf_counter() - t:.0f} s (cached for the next runs)", file=sys.stderr)
@@ -345,13 +344,12 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
         net.use_device(device)
     _configure_scheduler(net, experts_per_token, gpu_experts, routing_profile, log)
     _torch_threads(threads, pools)
-    if hasattr(net, "decode_program"):
-        net.decode_program = decode_program and device == "cpu"
+    net.decode_program = decode_program and device == "cpu"
     if pools or device != "cpu":
         _warm_up(net)
     model = Model(gguf, net, tokenizer, cache_len)
-    if getattr(net, "decode_program", False):  # built now for the engine's cache, not inside the first token
-        net.program(net._cache_arrays(model.engine.cache)[0].shape[1])
+    if net.decode_program:  # built now for the engine's cache, not inside the first token
+        net.program_for(model.engine.cache)
         print(f"ktx: {net.program_note}", file=sys.stderr)
     model.device_path = path_line
     return model

@@ -200,7 +200,7 @@ def _expert_paths(experts) -> list[str]:
 
 def _program_profile(model) -> dict | None:
     """Where the compiled decode steps since the last call spent their time (None when decode ran per op)."""
-    progs = [p for p in (model.net.programs().values() if hasattr(model.net, "programs") else []) if p is not None]
+    progs = [p for p in model.net.programs().values() if p is not None]
     return progs[0].take_profile() if progs else None
 
 
@@ -234,7 +234,7 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
         model=model_name or Path(gguf.path).name.removesuffix(".gguf"), path=str(gguf.path), size_bytes=gguf.n_bytes,
         n_params=sum(t.n_elements for t in gguf.tensors.values()), bytes_per_token=touched_bytes_per_token(gguf, load_kwargs.get("experts_per_token")),
         threads=threads, experts=experts, kernel_paths=_expert_paths(model.net.experts.values()) + [model.net.lin.describe()]
-        + ([model.net.program_note] if getattr(model.net, "program_note", "") else []),
+        + ([model.net.program_note] if model.net.program_note else []),
         dram_gbps=None, device_path=model.device_path,
     )
     rng = np.random.default_rng(0)

@@ -372,19 +372,43 @@ def _layout(qtype) -> str:
 
 
 class ProgramDecoding:
-    """For a model class that can decode a token through a compiled program. The class names its builder module
-    (`_program_builder`: build(net, cache_rows) -> (DecodeProgram | None, why not)) and `_cache_arrays(cache)`
-    (the arrays the program's KV and VC are); ktx.load sets `decode_program`. `program_note` says which path
-    decodes (and why, when it is the per-op one)."""
+    """The forward pass every model class shares: torch on one thread for decode-sized passes, the context check,
+    and one token through the compiled program where it runs; otherwise the class's own per-op `_forward`.
+
+    The class names its builder module (`_program_builder`: build(net, cache_rows) -> (DecodeProgram | None,
+    why not)) and `_cache_arrays(cache)` (the arrays the program's KV and VC are); ktx.load sets
+    `decode_program`. `program_note` says which path decodes (and why, when it is the per-op one)."""
 
     decode_program = False
     program_note = ""
     _program_builder = ""
 
+    def forward(self, tokens, cache, last_only: bool = False):
+        """tokens [T] int64 at positions cache.length.. -> logits [T, vocab] (or [1, vocab]) float32."""
+        import torch
+
+        from ktx.errors import KtxError
+        from ktx.layers.ops import torch_threads_for
+
+        T = tokens.shape[0]
+        if cache.length + T > cache.capacity:
+            raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; "
+                           "raise --cache-len or start a new conversation.")
+        with torch.inference_mode(), torch_threads_for(T):
+            prog = self.program_for(cache) if T == 1 and self.decode_program and self.routing_counts is None else None
+            if prog is None:
+                return self._forward(tokens, cache, last_only)
+            kv, vc = self._cache_arrays(cache)
+            logits = prog.step(self.embed(tokens)[0].numpy(), kv, vc, cache.length)
+            cache.length += 1
+            return torch.from_numpy(logits)[None]
+
     def programs(self) -> dict:
         return self.__dict__.setdefault("_programs", {})  # cache rows -> DecodeProgram, or None (cannot run)
 
-    def program(self, rows: int):
+    def program_for(self, cache):
+        """The program for caches shaped like `cache` (built on first use), or None where it cannot run."""
+        rows = self._cache_arrays(cache)[0].shape[1]
         progs = self.programs()
         if rows not in progs:
             import importlib
@@ -393,17 +417,3 @@ class ProgramDecoding:
             progs[rows] = prog
             self.program_note = prog.describe() if prog is not None else f"decode: per-op path ({why})"
         return progs[rows]
-
-    def programmed_step(self, tokens, cache):
-        """logits [1, vocab] of one token through the program, advancing the cache; None: use the per-op path."""
-        if tokens.shape[0] != 1 or not self.decode_program or self.routing_counts is not None:
-            return None
-        kv, vc = self._cache_arrays(cache)
-        prog = self.program(kv.shape[1])
-        if prog is None:
-            return None
-        import torch
-
-        logits = prog.step(self.embed(tokens)[0].numpy(), kv, vc, cache.length)
-        cache.length += 1
-        return torch.from_numpy(logits)[None]

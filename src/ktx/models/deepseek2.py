@@ -31,7 +31,7 @@ from ktx.gguf_file import GGUFModel
 from ktx.layers.linear import FloatLinears
 from ktx.layers.mla import LatentCache, expanded_is_cheaper, mla_expanded
 from ktx.layers.moe import TorchExperts, moe_step
-from ktx.layers.ops import TorchOps, TritonOps, torch_threads_for
+from ktx.layers.ops import TorchOps, TritonOps
 from ktx.layers.program import ProgramDecoding
 from ktx.layers.rope import Rope
 from ktx.layers.weights import WeightStore
@@ -172,19 +172,9 @@ class Deepseek2(ProgramDecoding):
         return moe_step(self, i, x, ids, weights, shared)
 
     # -- the whole model -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: LatentCache, last_only: bool = False) -> torch.Tensor:
-        """tokens [T] int64 at positions cache.length.. -> logits [T, vocab] (or [1, vocab]) float32."""
-        with torch_threads_for(tokens.shape[0]):
-            return self._forward(tokens, cache, last_only)
-
     def _forward(self, tokens: torch.Tensor, cache: LatentCache, last_only: bool) -> torch.Tensor:
+        """The per-op pass (forward, ProgramDecoding, decides): every layer from Python, any number of tokens."""
         cfg, T = self.cfg, tokens.shape[0]
-        if cache.length + T > cache.capacity:
-            raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; raise --cache-len or start a new conversation.")
-        logits = self.programmed_step(tokens, cache)
-        if logits is not None:
-            return logits
         pos = torch.arange(cache.length, cache.length + T, device=self.device)
         norm = self.ops.rms_norm
         x = self.embed(tokens)  # [T, H]

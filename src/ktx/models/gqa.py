@@ -31,7 +31,6 @@ from ktx.layers.attention import KVCache, gqa_attend
 from ktx.layers.linear import FloatLinears
 from ktx.layers.moe import TorchExperts, moe_step
 from ktx.layers.norm import rms_norm
-from ktx.layers.ops import torch_threads_for
 from ktx.layers.program import ProgramDecoding
 from ktx.layers.rope import Rope
 from ktx.layers.router import route
@@ -153,20 +152,9 @@ class GQATransformer(ProgramDecoding):
         return y
 
     # -- the whole model -------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """tokens [T] int64 at positions cache.length.. -> logits [T, vocab] (or [1, vocab]) float32."""
-        with torch_threads_for(tokens.shape[0]):
-            return self._forward(tokens, cache, last_only)
-
     def _forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+        """The per-op pass (forward, ProgramDecoding, decides): every layer from Python, any number of tokens."""
         cfg, T = self.cfg, tokens.shape[0]
-        if cache.length + T > cache.capacity:
-            raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; "
-                           "raise --cache-len or start a new conversation.")
-        logits = self.programmed_step(tokens, cache)
-        if logits is not None:
-            return logits
         pos = torch.arange(cache.length, cache.length + T)
         x = self.embed(tokens)  # [T, H]
         for i in range(cfg.n_layers):
