@@ -54,7 +54,7 @@ from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path, per256
 from .moe_loops import _mat_tile, _widened, atomic_read, fetch_add
 from .pool import WorkerPool
 from .quantize import quantize_row, quantize_row256
-from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, decode_blocks, field_shapes, interleave
+from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, decode_blocks, descriptor, field_shapes, interleave
 from .simd import variant
 
 ROW_PAD = 16 * math.lcm(DECODE_TILE[1], PREFILL_TILE[1])  # rows padded so both tiles' row blocks fit
@@ -64,7 +64,6 @@ KEEP_SCRATCH = 1 << 16  # activation elements whose scratch an instance keeps be
 ITEM_BYTES = 32768  # decode: weight bytes per work item at least (short K: several row blocks)
 ITEMS_PER_THREAD = 8  # ... but at least this many items per thread
 INLINE_MACS = 1 << 22  # up to this many multiply-adds the caller's thread alone beats waking the pool
-_FIELDS = ("codes", "d", "sc", "dmin", "m")
 _LABEL = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable": "portable llvm-vector"}
 
 
@@ -210,11 +209,7 @@ class QuantLinear:
                     chunk = np.concatenate([chunk, np.zeros((n - chunk.shape[0], chunk.shape[1]), np.uint8)])
                 for f, a in interleave(decode_blocks(chunk, self.qtype, K), lay).items():
                     self.arrays[f][b, r0 // R_GROUP:(r0 + n) // R_GROUP] = a
-        self.md = np.zeros(15, np.int64)  # (address, batch stride, row-group stride) per field, as moe_loops
-        for i, f in enumerate(_FIELDS):
-            if f in self.arrays:
-                a = self.arrays[f]
-                self.md[3 * i:3 * i + 3] = (a.ctypes.data, a.strides[0], a.strides[1])
+        self.md = descriptor(self.arrays)
         self._bufs = (0, None)  # (rows, (xq, xd, xs, xsf)): grown on demand, reused across calls
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

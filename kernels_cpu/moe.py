@@ -51,14 +51,13 @@ from .amx import MIN_TOKENS_PER_EXPERT, tile_kernel_address, tile_source
 from .cpu_features import cpu_features
 from .moe_loops import phase_down, phase_gate_up, plan_slots, quantize_slots
 from .pool import WorkerPool
-from .repack import FLOAT_TYPES, LAYOUTS, field_shapes, repack_into
+from .repack import FLOAT_TYPES, LAYOUTS, descriptor, field_shapes, repack_into
 from .simd import variant
 
 DECODE_TILE = (1, 4)  # (tokens, row groups of 16)
 ROW_BLOCK = 64  # rows of the largest tile's block (decode: 4 row groups of 16): expert sizes come in these
 PREFILL_TILE = (4, 2)  # 8x32, 6x32 and 8x16 measured within +-5% of it (bench/RESULTS.md); it pads fewest tokens
 WIDE_MIN_TOKENS = 16  # prefill of 5/6-bit codes: widen each item's row groups once when tiles reuse them this often
-_FIELDS = ("codes", "d", "sc", "dmin", "m")
 
 
 def per256_ok(lay, wide: bool) -> bool:
@@ -105,11 +104,7 @@ class _Matrix:
             repack_into(self.arrays, raw, self.qtype, K, self.layout, f"repacking ffn_{name}_exps")
         else:
             self.arrays = _cached(Path(cache_dir), f"{cache_key}.{name}", shapes, raw, self.qtype, K, self.layout)
-        self.md = np.zeros(15, np.int64)
-        for i, f in enumerate(_FIELDS):
-            if f in self.arrays:
-                a = self.arrays[f]
-                self.md[3 * i:3 * i + 3] = (a.ctypes.data, a.strides[0], a.strides[1])
+        self.md = descriptor(self.arrays)
 
     def nbytes_per_expert(self) -> int:
         return sum(a[0].nbytes for a in self.arrays.values())

@@ -210,6 +210,20 @@ def interleave(f: dict, lay: Layout) -> dict:
     return out
 
 
+FIELDS = ("codes", "d", "sc", "dmin", "m")
+
+
+def descriptor(arrays: dict) -> np.ndarray:
+    """The md int64 [15] the loops read for stacked kernel arrays (field_shapes): per field of FIELDS, (address,
+    expert/batch stride, row-group stride) in bytes; zeros for fields the layout has not."""
+    md = np.zeros(15, np.int64)
+    for i, f in enumerate(FIELDS):
+        if f in arrays:
+            a = arrays[f]
+            md[3 * i:3 * i + 3] = (a.ctypes.data, a.strides[0], a.strides[1])
+    return md
+
+
 def field_shapes(lay: Layout, E: int, R: int, K: int) -> dict:
     """Shapes and dtypes of the stacked kernel arrays for E experts (to preallocate or memory-map)."""
     rg = R // R_GROUP

@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 import pytest
 
-from ktx.synthetic import PRESETS, tensor_plan, write_synthetic
+from ktx.synthetic import PRESETS, tensor_plan
 
 FIXTURES = Path(os.environ.get("KTX_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"))
 FIXTURE = FIXTURES / "tiny-dsv3" / "tiny-dsv3-Q4_K_M.gguf"
