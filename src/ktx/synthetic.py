@@ -85,7 +85,6 @@ class Preset:
     moe_ffn: int
     n_group: int
     topk_group: int
-    more_bits_layers: tuple[int, ...]  # layers whose ffn_down tensors get Q6_K
     bpe_vocab: int  # size of the trained byte-level BPE part of the vocabulary
     routed_scale: float = 2.5
     context_length: int = 4096
@@ -116,11 +115,11 @@ PRESETS = {
     # for tests: a few MB, loads and runs in well under a second per token on the reference path
     "dsv3-tiny": Preset(vocab=2048, hidden=256, n_layers=3, n_dense_lead=1, ffn=512, n_heads=4, q_lora=256,
                         kv_lora=256, nope=64, rope=32, v_head=64, n_expert=16, n_expert_used=4, n_shared=1,
-                        moe_ffn=256, n_group=4, topk_group=2, more_bits_layers=(2,), bpe_vocab=1200),
+                        moe_ffn=256, n_group=4, topk_group=2, bpe_vocab=1200),
     # the hybrid-engine issue's benchmark shape: DeepSeek-V3's layer design at 1/3.5 width, ~2.9 GiB Q4_K_M
     "dsv3-bench": Preset(vocab=129280, hidden=2048, n_layers=8, n_dense_lead=1, ffn=10752, n_heads=16, q_lora=768,
                          kv_lora=512, nope=128, rope=64, v_head=128, n_expert=64, n_expert_used=6, n_shared=2,
-                         moe_ffn=1536, n_group=8, topk_group=4, more_bits_layers=(0, 3, 6, 7), bpe_vocab=1200),
+                         moe_ffn=1536, n_group=8, topk_group=4, bpe_vocab=1200),
     # for tests: ~4 MB; hidden and expert FFN multiples of 256 so the CPU expert kernels and the program run
     "qwen3-tiny": Qwen3Preset(vocab=2048, hidden=256, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=64, ffn=512,
                               n_expert=16, n_expert_used=4, moe_ffn=256, bpe_vocab=1200, context_length=4096),
@@ -232,7 +231,7 @@ def tensor_plan(p: Preset | Qwen3Preset) -> list[tuple[str, tuple[int, ...], T]]
 
 def _deepseek2_layer(p: Preset, i: int) -> list[tuple[str, tuple[int, ...], T]]:
     H, I_sh, b = p.hidden, p.moe_ffn * p.n_shared, f"blk.{i}."
-    down = T.Q6_K if i in p.more_bits_layers else T.Q4_K
+    down = T.Q6_K if use_more_bits(i, p.n_layers) else T.Q4_K  # dsv3-bench: layers 0, 3, 6, 7
     plan = [
         (b + "attn_norm.weight", (H,), T.F32),
         _mat(b + "attn_q_a.weight", (p.q_lora, H)),
