@@ -11,7 +11,7 @@ Error bound: |x[k] - dx[b] xq[k]| <= dx[b] / 2, so a dot with weights w changes 
 sum_b dx[b] / 2 * sum_{k in b} |w[k]|  (quant_error_bound below; the tests derive their tolerance from it).
 
 quantize_row256 writes the same arrays with one dx per 256 (repeated over its 8 blocks): for K-quant prefill
-only, where the tiles fold it with the weights' per-256 d (simd.py); its bound is quant_error_bound256.
+only, where the tiles fold it with the weights' per-256 d (simd.py); its bound is quant_error_bound with block=256.
 """
 from __future__ import annotations
 
@@ -55,10 +55,11 @@ def _block(x, b, d, xq, xd, xs, xsf):
     xsf[b] = d * np.float32(s0 + s1)
 
 
-def quant_error_bound(x: np.ndarray, w_abs: np.ndarray) -> np.ndarray:
-    """Worst-case |W x - W dequant(quant(x))| per output row: x [K], w_abs = |W| [R, K] -> [R]."""
-    dx = np.abs(x.reshape(-1, 32)).max(axis=1) / 127.0  # [K/32]
-    return 0.5 * (w_abs.reshape(w_abs.shape[0], -1, 32).sum(axis=2) @ dx)
+def quant_error_bound(x: np.ndarray, w_abs: np.ndarray, block: int = 32) -> np.ndarray:
+    """Worst-case |W x - W dequant(quant(x))| per output row: x [K], w_abs = |W| [R, K] -> [R]; block: the
+    activations' scale block, 32 (quantize_row) or 256 (quantize_row256)."""
+    dx = np.abs(x.reshape(-1, block)).max(axis=1) / 127.0  # [K/block]
+    return 0.5 * (w_abs.reshape(w_abs.shape[0], -1, block).sum(axis=2) @ dx)
 
 
 @njit(nogil=True, cache=True)
@@ -67,14 +68,8 @@ def quantize_row256(x, xq, xd, xs, xsf):
     the superblock's dx = max |x| / 127 over its 8 blocks, so every consumer of the per-32 format reads it as
     is, and K-quant tiles (simd.py's per-256 variants) can sum sc * int dot over a superblock before scaling.
     llama.cpp quantizes activations the same way (Q8_K) for its K-quant dots. Error bound: dx[b] / 2 per
-    element as for quantize_row, with the superblock's dx (quant_error_bound256)."""
+    element as for quantize_row, with the superblock's dx (quant_error_bound, block=256)."""
     for sb in range(x.shape[0] // 256):
         d = _scale(x, 256 * sb, 256 * sb + 256)
         for b in range(8 * sb, 8 * sb + 8):
             _block(x, b, d, xq, xd, xs, xsf)
-
-
-def quant_error_bound256(x: np.ndarray, w_abs: np.ndarray) -> np.ndarray:
-    """quant_error_bound for quantize_row256: x [K], w_abs = |W| [R, K] -> [R]."""
-    dx = np.abs(x.reshape(-1, 256)).max(axis=1) / 127.0  # [K/256]
-    return 0.5 * (w_abs.reshape(w_abs.shape[0], -1, 256).sum(axis=2) @ dx)

@@ -2,7 +2,7 @@
 
 Two-sided like test_kernels_cpu.py: tight against a float64 matmul on activations quantized the documented
 way (int8 per 32, per 256 for K-quant prefill: `q8_emulate`, `act_block`), so any layout, padding or
-indexing bug fails; and against the exact float64 matmul within `quant_error_bound` (`quant_error_bound256`),
+indexing bug fails; and against the exact float64 matmul within `quant_error_bound` (with the activations' block),
 the error int8 activations are allowed to cause.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from test_kernels_cpu import PATHS, deq, q8_emulate, rand_raw
 import ktx.kernels_cpu.linear as linear
 from ktx.errors import KtxError
 from ktx.kernels_cpu import QuantLinear, WorkerPool
-from ktx.kernels_cpu.quantize import quant_error_bound, quant_error_bound256
+from ktx.kernels_cpu.quantize import quant_error_bound
 from ktx.kernels_cpu.repack import LAYOUTS
 
 BLOCK = {QT.Q8_0: 32, QT.Q4_0: 32, QT.Q5_0: 32, QT.Q4_K: 256, QT.Q5_K: 256, QT.Q6_K: 256}
@@ -47,8 +47,7 @@ def check(y, x, Ws, block=32):
         slack = 1e-5 * (np.abs(xb) @ np.abs(W).T) + 1e-30  # float32 accumulation over K
         assert np.all(np.abs(y[b] - emulated) <= slack + 1e-6 * np.abs(emulated).max()), \
             f"matrix {b}: kernel differs from the int8-activation reference"
-        err_bound = quant_error_bound256 if block == 256 else quant_error_bound
-        bound = np.stack([err_bound(xt, np.abs(W)) for xt in xb])  # [T, R]
+        bound = np.stack([quant_error_bound(xt, np.abs(W), block) for xt in xb])  # [T, R]
         assert np.all(np.abs(y[b] - exact) <= bound + slack), f"matrix {b}: error above the int8 bound"
 
 
