@@ -2,7 +2,8 @@
 
     /work/venv/bin/python bench/bench_cpu_experts.py [--threads 2] [--types Q4_K,Q6_K,Q8_0] [--experts 16] [--tokens 64]
 
-Limits: DRAM read bandwidth (all workers summing disjoint halves of a 2 GiB buffer, best of 3) and the
+Limits: DRAM read bandwidth (kernels_cpu.membw: the best of read loops with and without prefetch, all workers
+reading disjoint parts of a 1 GiB buffer; during decode, also a 256 MiB read next to each token) and the
 vpdpbusd peak (all workers running 16 independent vpdpbusd zmm chains). Cases, DeepSeek-V3 expert shape
 (hidden 7168, expert FFN 2048):
   decode   1 token through 8 experts; a rotating choice out of --experts, so the 8 x 3 matrices (>190 MB)
@@ -24,28 +25,20 @@ from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
-from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features
+from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features, membw
 
 H, I_FF = 7168, 2048
 
 
-@njit(nogil=True, cache=True)
-def _sum_u64(a):
-    s = np.uint64(0)
-    for i in range(a.shape[0]):
-        s += a[i]
-    return s
+def dram_read_gbs(pool: WorkerPool, nbytes: int = 1 << 30) -> tuple[float, int]:
+    """(GB/s, prefetch distance) of the best of membw's read loops, all workers reading disjoint parts."""
+    return membw.dram_read_gbps(pool, nbytes)
 
 
-def dram_read_gbs(pool: WorkerPool, nbytes: int = 2 << 30) -> float:
-    buf = np.ones(nbytes // 8, np.uint64)
-    parts = np.array_split(buf, pool.n_threads)
-    best = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        pool.run(lambda wid, n: _sum_u64(parts[wid]))
-        best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
-    return best
+def paired_read_gbs(pool: WorkerPool, ahead: int) -> float:
+    """One 256 MiB read with the best loop, timed next to each decode token: the machine is shared and its
+    bandwidth drifts, so each token's GB/s is divided by a limit measured moments apart."""
+    return membw.dram_read_gbps(pool, 256 << 20, reps=1, aheads=(ahead,))[0]
 
 
 @intrinsic
@@ -120,18 +113,19 @@ def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,)):
     x = rng.standard_normal((max(tokens), H)).astype(np.float32)
     w8 = np.full((1, 8), 1 / 8, np.float32)
     ex.forward(x[:1], np.arange(8, dtype=np.int32)[None], w8)  # compile
-    times = []
+    times, ratios = [], []
     for it in range(12):
         ids = ((np.arange(8) + 8 * it) % n_experts).astype(np.int32)[None]
         t = time.perf_counter()
         ex.forward(x[:1], ids, w8)
         times.append(time.perf_counter() - t)
+        ratios.append(8 * bytes_expert / times[-1] / 1e9 / paired_read_gbs(pool, bw[1]))
     td = float(np.median(times[2:]))
     gbs = 8 * bytes_expert / td / 1e9
     bpw = bytes_expert / (3 * H * I_FF)
     print(f"{qt.name:5s} decode : {td * 1e3:7.2f} ms/token  {gbs:6.1f} GB/s repacked ({bytes_expert / 2**20:.1f} MiB/expert,"
-          f" {bpw:.3f} B/weight)"
-          f" = {gbs / bw:5.1%} of DRAM   | GGUF bytes {8 * gguf_expert / td / 1e9:6.1f} GB/s   (repack {t_repack:.1f} s)")
+          f" {bpw:.3f} B/weight) = {gbs / bw[0]:5.1%} of DRAM, {np.median(ratios[2:]):5.1%} of the read next to each token"
+          f"   | GGUF bytes {8 * gguf_expert / td / 1e9:6.1f} GB/s   (repack {t_repack:.1f} s)")
     for T in tokens:
         ids = np.tile(np.arange(8, dtype=np.int32), (T, 1))
         wT = np.full((T, 8), 1 / 8, np.float32)
@@ -158,7 +152,7 @@ def main():
     with WorkerPool(a.threads) as pool:
         bw = dram_read_gbs(pool)
         peak = vnni_peak_gops(pool) if cpu_features().avx512_vnni else float("nan")
-        print(f"limits ({a.threads} threads): DRAM read {bw:.1f} GB/s, vpdpbusd peak {peak:.0f} GOPS")
+        print(f"limits ({a.threads} threads): DRAM read {bw[0]:.1f} GB/s (prefetch {bw[1]} B ahead), vpdpbusd peak {peak:.0f} GOPS")
         rng = np.random.default_rng(0)
         for name in a.types.split(","):
             bench_type(QT[name], pool, rng, a.experts, bw, peak, tuple(int(t) for t in a.tokens.split(",")))

@@ -110,7 +110,7 @@ def main():
     print(cpu_features().describe())
     rng = np.random.default_rng(0)
     with WorkerPool(a.threads) as pool:
-        bw = dram_read_gbs(pool)
+        bw = dram_read_gbs(pool)[0]
         peak = vnni_peak_gops(pool) if cpu_features().avx512_vnni else float("nan")
         print(f"limits ({a.threads} threads): DRAM read {bw:.1f} GB/s, vpdpbusd peak {peak:.0f} GOPS")
         print(f"path: {QuantLinear(rand_raw(rng, QT.Q4_K, 1, 64, 256)[0], QT.Q4_K, 64, 256, pool).kernel_path}")

@@ -13,8 +13,9 @@ Decode reads every weight it uses once per token, so its speed is bounded by mem
                             n_expert and n_expert_used from `{general.architecture}.expert_count` and
                             `.expert_used_count` (deepseek2, qwen3moe, qwen2moe, llama/Mixtral; none: dense)
   achieved GB/s           = bytes touched per token x tok/s
-  roofline                = achieved GB/s / DRAM read bandwidth, measured in the same run by a
-                            multi-threaded Numba sum over `bandwidth_bytes` of memory
+  roofline                = achieved GB/s / DRAM read bandwidth, measured in the same run, before and after
+                            the tests (the better of the two: the machine is shared), as the best of
+                            kernels_cpu.membw's read loops over BANDWIDTH_BYTES of memory
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class BenchReport:
         lines = ["\n".join(rows), ""]
         lines.append(f"weights touched per decoded token: {self.bytes_per_token / 1e6:.0f} MB")
         if self.dram_gbps:
-            lines.append(f"DRAM read bandwidth (Numba sum over {BANDWIDTH_BYTES / 2**30:.1f} GiB, {self.threads} threads): "
+            lines.append(f"DRAM read bandwidth (best read loop over {BANDWIDTH_BYTES / 2**30:.1f} GiB, {self.threads} threads, "
+                         "before and after the tests): "
                          f"{self.dram_gbps:.1f} GB/s")
             for r in self.results:
                 if r.roofline is not None:
@@ -123,38 +125,14 @@ def touched_bytes_per_token(gguf, experts_per_token: int | None = None) -> int:
     return total
 
 
-def _read_kernel():
-    import numba
-
-    @numba.njit(parallel=True, nogil=True, cache=True)
-    def parallel_sum(a, n_chunks):  # a: uint64 [N]; each thread streams its own contiguous chunks
-        step = (a.size + n_chunks - 1) // n_chunks
-        acc = np.zeros(n_chunks, dtype=np.uint64)
-        for c in numba.prange(n_chunks):
-            acc[c] = a[c * step : min((c + 1) * step, a.size)].sum()
-        return acc.sum()
-
-    return parallel_sum
-
-
 def dram_read_gbps(threads: int, n_bytes: int = BANDWIDTH_BYTES, reps: int = 3) -> float:
-    """Best-of-`reps` read bandwidth in GB/s of a `threads`-thread streaming sum over n_bytes."""
-    import numba
+    """Best read bandwidth in GB/s of `threads` workers over n_bytes: the best of membw's read loops (with and
+    without software prefetch; a plain sum undercounts what the prefetching decode tiles reach)."""
+    from ktx.kernels_cpu import WorkerPool
+    from ktx.kernels_cpu.membw import dram_read_gbps as measure
 
-    parallel_sum = _read_kernel()
-    a = np.ones(n_bytes // 8, dtype=np.uint64)  # written once so every page is backed
-    old = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        parallel_sum(a[:1024], 4 * threads)  # compile (or load from cache) outside the timing
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            parallel_sum(a, 4 * threads)
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        numba.set_num_threads(old)
-    return a.nbytes / best / 1e9
+    with WorkerPool(threads) as pool:
+        return measure(pool, n_bytes, reps)[0]
 
 
 def _time_pp(model, p: int, depth: int, rng) -> float:
@@ -238,6 +216,9 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
         dram_gbps=None, device_path=model.device_path,
     )
     rng = np.random.default_rng(0)
+    if measure_bandwidth:
+        log("measuring DRAM read bandwidth")
+        bw_before = dram_read_gbps(threads)
     log("warm-up")
     _time_pp(model, min(8, cache_len - 1), 0, rng)  # first touch of the weights, kernel compilation, repacking
     _time_tg(model, 2, 0, rng)
@@ -260,7 +241,7 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
     model.engine.reset()
     if measure_bandwidth:
         log("measuring DRAM read bandwidth")
-        report.dram_gbps = dram_read_gbps(threads)
+        report.dram_gbps = max(bw_before, dram_read_gbps(threads))
         for r in report.results:
             if r.gbps is not None:
                 r.roofline = r.gbps / report.dram_gbps
