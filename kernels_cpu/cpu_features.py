@@ -10,6 +10,8 @@ Bits used (Intel SDM vol. 2, CPUID):
   leaf 7 sub 1  EAX.4 AVX-VNNI (VEX-encoded vpdpbusd on ymm)
   XCR0          bits 1|2 (SSE+AVX state), 5|6|7 (opmask + ZMM state), 17|18 (AMX tile state):
                 an instruction set counts only if the OS saves its registers.
+  leaf 0 vendor + leaf 1 EAX family: split_512 = AMD family 0x19 (Zen 4) with AVX-512, whose 512-bit ops run
+                as two 256-bit halves; a tuning fact (moe.per256_tiles), not an instruction set.
 /proc/cpuinfo flags are only a cross-check (`cpuinfo_flags`), never the source of truth.
 """
 from __future__ import annotations
@@ -59,6 +61,7 @@ class CpuFeatures:
     amx_tile: bool = False
     amx_int8: bool = False
     amx_bf16: bool = False
+    split_512: bool = False  # 512-bit ops as two 256-bit halves (Zen 4): tile choice only, see moe.per256_tiles
 
     def describe(self) -> str:
         on = [f.name for f in fields(self) if getattr(self, f.name)]
@@ -121,6 +124,11 @@ def cpu_features() -> CpuFeatures:
     _, ebx7, ecx7, edx7 = cpuid(7, 0)
     eax71 = cpuid(7, 1)[0]
     avx512f = zmm_ok and _bit(ebx7, 16)
+    _, b0, c0, d0 = cpuid(0)
+    vendor = b"".join(v.to_bytes(4, "little") for v in (b0, d0, c0))
+    eax1 = cpuid(1)[0]
+    family = (eax1 >> 8) & 0xF
+    family += (eax1 >> 20) & 0xFF if family == 0xF else 0
     return CpuFeatures(
         avx2=ymm_ok and _bit(ebx7, 5),
         avx512f=avx512f,
@@ -130,6 +138,7 @@ def cpu_features() -> CpuFeatures:
         amx_tile=amx_ok and _bit(edx7, 24),
         amx_int8=amx_ok and _bit(edx7, 24) and _bit(edx7, 25),
         amx_bf16=amx_ok and _bit(edx7, 24) and _bit(edx7, 22),
+        split_512=avx512f and vendor == b"AuthenticAMD" and family == 0x19,
     )
 
 

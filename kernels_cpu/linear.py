@@ -50,7 +50,7 @@ from numba.extending import intrinsic
 
 from ktx.errors import KtxError
 
-from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path, per256_ok  # (tokens, row groups of 16) per tile
+from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path, per256_ok, per256_tiles  # (tokens, row groups of 16) per tile
 from .moe_loops import _mat_tile, _widened, atomic_read, fetch_add
 from .pool import WorkerPool
 from .quantize import quantize_row, quantize_row256
@@ -193,8 +193,8 @@ class QuantLinear:
         if self.path == "reference":
             return f"reference gguf-py dequantize + numpy float32 matmul ({self.qtype.name})"
         return (f"{_LABEL[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
-                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} ({self.qtype.name}, repacked, int8 acts per 32, per 256 for "
-                f"K-quant prefill)")
+                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} ({self.qtype.name}, repacked, int8 acts per 32"
+                f"{', per 256 for K-quant prefill' if per256_tiles() else ''})")
 
     def _repack(self):
         lay, K = LAYOUTS[self.qtype], self.cols

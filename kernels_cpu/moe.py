@@ -25,7 +25,8 @@ Decode (every expert has one token) uses a 1-token x 64-row tile that streams we
 each item's row groups to bytes (simd.widen, per-worker scratch of NR x 16 K bytes) and runs the byte-plane tile:
 the unpack is paid once per item instead of once per token tile (Q6_K: +5-15% GOPS at 64-256 tokens per expert;
 for 4-bit codes, whose unpack is one op, it measured no better with the per-32 tiles, so Q4_0 is read packed; Q4_K
-on the per-256 tiles below is widened too: +1-2% at 64 tokens per expert, +3-8% at 256, alternating runs). K-quant prefill tiles
+on the per-256 tiles below is widened too: +1-2% at 64 tokens per expert, +3-8% at 256, alternating runs). On CPUs that split 512-bit ops
+in halves (Zen 4: per256_tiles), K-quant prefill tiles
 (Q4_K, and Q5_K/Q6_K when widened: per256_ok) take activations quantized per 256 instead of per 32
 (quantize.quantize_row256, as llama.cpp's Q8_K) and skip a float multiply per group (simd.py); x goes per 256
 when both gate and up take it, h when down does; a batch with AMX experts stays per 32 throughout. Decode keeps
@@ -60,13 +61,24 @@ PREFILL_TILE = (4, 2)  # 8x32, 6x32 and 8x16 measured within +-5% of it (bench/R
 WIDE_MIN_TOKENS = 16  # prefill of 5/6-bit codes: widen each item's row groups once when tiles reuse them this often
 
 
+def per256_tiles() -> bool:
+    """Whether K-quant prefill may run the per-256 tiles at all: on CPUs that split 512-bit ops into 256-bit halves
+    (Zen 4, cpu_features().split_512), where the float multiply they skip was the cost; elsewhere the per-32 tiles,
+    since the per-256 ones keep a second set of float accumulators that spills registers. Single core, weights in
+    L2, 4x32 tile (GOPS per core; vpdpbusd peak ~463 on Zen 4, ~1140 on Zen 5): Zen 4 Q4_K 297-300 per 32 ->
+    316-318 per 256; Zen 5 (EPYC, family 0x1A) Q4_K widened 705-721 per 32 against 519-574 per 256, packed 722,
+    Q6_K widened 691 against 487. KTX_PER256_TILES=1|0 forces the choice (tests run both on any CPU)."""
+    force = os.environ.get("KTX_PER256_TILES")
+    return force == "1" if force in ("0", "1") else cpu_features().split_512
+
+
 def per256_ok(lay, wide: bool) -> bool:
     """Whether a prefill tile of this layout runs the per-256 variant (simd.py) on per-256 activations
-    (quantize.quantize_row256): K-quants (integer sc per group, d per 256), read as nibbles (4 bits) or widened
-    bytes. Single core, weights in L2 (GOPS per core of a 4x32 tile, peak ~463): Q4_K 297-300 -> 316-318, Q6_K
-    widened 292-294 -> 334-350, Q5_K widened 320 -> 309-336; Q6_K read packed lost (238 -> 205-210: the unpack
-    and the second accumulator set spill registers), so it keeps the per-32 tile."""
-    return bool(lay.sc and lay.S == 256 and (lay.bits == 4 or wide))
+    (quantize.quantize_row256): where per256_tiles(), K-quants (integer sc per group, d per 256), read as nibbles
+    (4 bits) or widened bytes. Zen 4, single core, weights in L2 (GOPS per core of a 4x32 tile, peak ~463): Q4_K
+    297-300 -> 316-318, Q6_K widened 292-294 -> 334-350, Q5_K widened 320 -> 309-336; Q6_K read packed lost
+    (238 -> 205-210: the unpack and the second accumulator set spill registers), so it keeps the per-32 tile."""
+    return bool(lay.sc and lay.S == 256 and (lay.bits == 4 or wide)) and per256_tiles()
 
 
 def best_isa() -> str:
@@ -171,8 +183,8 @@ class MoEExperts:
         else:
             prefill = f"{self.path} ({self.amx_label})"
         return (f"{label[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
-                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} tiles ({names}, repacked, int8 acts per 32, "
-                f"per 256 for K-quant prefill); "
+                f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} tiles ({names}, repacked, int8 acts per 32"
+                f"{', per 256 for K-quant prefill' if per256_tiles() else ''}); "
                 f"prefill: {prefill}")
 
     # ---- API ----

@@ -12,11 +12,12 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_kernels_cpu import PATHS, deq, q8_emulate, rand_raw
+from test_kernels_cpu import PATHS, deq, per256_forced, q8_emulate, rand_raw
 
 import ktx.kernels_cpu.linear as linear
 from ktx.errors import KtxError
 from ktx.kernels_cpu import QuantLinear, WorkerPool
+from ktx.kernels_cpu.moe import per256_tiles
 from ktx.kernels_cpu.quantize import quant_error_bound
 from ktx.kernels_cpu.repack import LAYOUTS
 
@@ -31,10 +32,12 @@ def pool():
         yield p
 
 
-def act_block(qt, T):
-    """Activation block as linear.py documents it: per 256 for K-quant prefill read as nibbles (Q4_K, T >= 2)
-    or widened (Q5_K/Q6_K, T >= 16), else per 32."""
-    return 256 if (qt == QT.Q4_K and T >= 2) or (qt in (QT.Q5_K, QT.Q6_K) and T >= 16) else 32
+def act_block(qt, T, p256=None):
+    """Activation block as linear.py documents it: where the per-256 tiles run (p256; None: this CPU's choice,
+    moe.per256_tiles), per 256 for K-quant prefill read as nibbles (Q4_K, T >= 2) or widened (Q5_K/Q6_K,
+    T >= 16), else per 32."""
+    p256 = per256_tiles() if p256 is None else p256
+    return 256 if p256 and ((qt == QT.Q4_K and T >= 2) or (qt in (QT.Q5_K, QT.Q6_K) and T >= 16)) else 32
 
 
 def check(y, x, Ws, block=32):
@@ -65,14 +68,16 @@ def test_matches_dequantized_matmul(pool, path, qt, data):
     x = rng.standard_normal((B or 1, T, cols)).astype(np.float32)
     x[:, :, :32] *= 100  # one loud block: per-32 scales must not leak across blocks
     op = QuantLinear(raw if B else raw[0], qt, rows, cols, pool, path=path, name="blk.0.attn_q.weight")
+    p256 = data.draw(st.booleans(), "per256 tiles")
     saved = linear.INLINE_MACS
     linear.INLINE_MACS = 0 if threads == "pool" else 1 << 62
     try:
-        y = op(x if B else x[0])
+        with per256_forced(p256):
+            y = op(x if B else x[0])
     finally:
         linear.INLINE_MACS = saved
     assert y.dtype == np.float32 and y.shape == ((B, T, rows) if B else (T, rows))
-    check(y if B else y[None], x, [deq(r, qt) for r in raw], act_block(qt, T))
+    check(y if B else y[None], x, [deq(r, qt) for r in raw], act_block(qt, T, p256))
 
 
 def test_repeated_calls_pool_and_inline_agree(pool):

@@ -8,6 +8,9 @@ The MoE check is two-sided:
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
@@ -18,6 +21,7 @@ from hypothesis import strategies as st
 
 from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features
 from ktx.kernels_cpu.cpu_features import cpuinfo_flags
+from ktx.kernels_cpu.moe import per256_tiles
 from ktx.kernels_cpu.quantize import quantize_row256
 from ktx.kernels_cpu.repack import LAYOUTS, decode_blocks, dequantize_fields, interleave
 from ktx.errors import KtxError
@@ -128,6 +132,10 @@ def test_cpu_features_match_cpuinfo():
                        ("avx512_vnni", "avx512_vnni"), ("amx_tile", "amx_tile"), ("amx_int8", "amx_int8")]:
         assert getattr(f, name) == (flag in flags), name
     assert "cpu:" in f.describe()
+    info = open("/proc/cpuinfo").read()
+    vendor = info.split("vendor_id", 1)[1].split(":", 1)[1].split()[0]
+    family = int(info.split("cpu family", 1)[1].split(":", 1)[1].split()[0])
+    assert f.split_512 == (vendor == "AuthenticAMD" and family == 0x19 and "avx512f" in flags)  # Zen 4 only
 
 
 @pytest.mark.parametrize("qt", list(LAYOUTS))
@@ -183,13 +191,28 @@ def test_repacked_arrays_dequantize_exactly_and_size(qt):
     assert nbytes / (R * K) == pytest.approx(ts / bs + kquant_scales)
 
 
-def act_blocks(ids, t_gu, t_down):
-    """Activation blocks (x's, h's) as moe.py documents them: per 32, except in a prefill (some expert has two
-    tokens) whose weights are K-quants on per-256 tiles: Q4_K (packed, or widened at >= 16 tokens per used
-    expert), Q5_K/Q6_K widened (>= 16 tokens per used expert): per 256 (quantize_row256)."""
+@contextlib.contextmanager
+def per256_forced(on: bool):
+    """Run the per-256 K-quant prefill tiles (on) or the per-32 ones whatever the CPU (moe.per256_tiles)."""
+    old = os.environ.get("KTX_PER256_TILES")
+    os.environ["KTX_PER256_TILES"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["KTX_PER256_TILES"]
+        else:
+            os.environ["KTX_PER256_TILES"] = old
+
+
+def act_blocks(ids, t_gu, t_down, p256=None):
+    """Activation blocks (x's, h's) as moe.py documents them: per 32, except, where the per-256 tiles run (p256;
+    None: this CPU's choice, moe.per256_tiles), in a prefill (some expert has two tokens) whose weights are K-quants:
+    Q4_K (packed, or widened at >= 16 tokens per used expert), Q5_K/Q6_K widened (>= 16 tokens per used expert):
+    per 256 (quantize_row256)."""
     routed = ids[ids >= 0]
     counts = np.bincount(routed) if routed.size else np.zeros(1, np.int64)
-    prefill = counts.max() > 1
+    prefill = counts.max() > 1 and (per256_tiles() if p256 is None else p256)
     wide = prefill and routed.size >= 16 * np.count_nonzero(counts)
 
     def per256(t):
@@ -218,15 +241,17 @@ def test_moe_forward_matches_reference(pool, path, t_gu, t_down, data):
     x = rng.standard_normal((T, H)).astype(np.float32)
     ids = rng.integers(-1, E, size=(T, k)).astype(np.int32)  # repeats across tokens and -1 (skip)
     w = rng.random((T, k)).astype(np.float32)
+    p256 = data.draw(st.booleans(), "per256 tiles")
     ex = MoEExperts((g, t_gu), (u, t_gu), (d, t_down), hidden=H, inter=I, pool=pool, path=path)
-    y = ex.forward(x, ids, w)
+    with per256_forced(p256):
+        y = ex.forward(x, ids, w)
     assert y.shape == (T, H) and y.dtype == np.float32
     Ws = {e: (deq(g[e], t_gu), deq(u[e], t_gu), deq(d[e], t_down)) for e in range(E)}
     exact = reference(x, ids, w, Ws, quantize_acts=False)
     if ex.path == "reference":  # float weights: no activation quantization at all
         np.testing.assert_allclose(y, exact, rtol=1e-4, atol=1e-4 * (np.abs(exact).max() + 1e-30))
         return
-    blocks = act_blocks(ids, t_gu, t_down)
+    blocks = act_blocks(ids, t_gu, t_down, p256)
     emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=blocks)
     scale = np.abs(emulated).max() + 1e-30
     assert np.abs(y - emulated).max() <= 2e-3 * scale, "kernel differs from the int8-activation reference"
@@ -266,7 +291,8 @@ def test_disk_cache_roundtrip(pool, tmp_path):
 
 @pytest.mark.parametrize("t_gu,t_down", [(QT.Q6_K, QT.Q5_0), (QT.Q5_K, QT.Q6_K), (QT.Q4_K, QT.Q6_K)],
                          ids=["Q6_K-Q5_0", "Q5_K-Q6_K", "Q4_K-Q6_K"])
-def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down):
+@pytest.mark.parametrize("p256", [True, False], ids=["per256", "per32"])
+def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down, p256):
     """A prefill with >= WIDE_MIN_TOKENS per expert widens 5/6-bit codes (and Q4_K's, on per-256 tiles) to bytes
     per work item and runs the byte-plane tile (wide variants); held to the same two references as the packed
     path."""
@@ -277,14 +303,15 @@ def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down):
     ids = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1).astype(np.int32)
     w = rng.random((T, 2)).astype(np.float32)
     ex = MoEExperts((g, t_gu), (u, t_gu), (d, t_down), hidden=H, inter=I, pool=pool, path=PATHS[-1])
-    y = ex.forward(x, ids, w)
+    with per256_forced(p256):
+        y = ex.forward(x, ids, w)
     assert any(V // 10000 % 10 for key in ex._entries for V in key[1:]), "the wide variants did not run"
     Ws = {e: (deq(g[e], t_gu), deq(u[e], t_gu), deq(d[e], t_down)) for e in range(E)}
-    emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=act_blocks(ids, t_gu, t_down))
+    emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=act_blocks(ids, t_gu, t_down, p256))
     scale = np.abs(emulated).max()
     assert np.abs(y - emulated).max() <= 2e-3 * scale
     exact = reference(x, ids, w, Ws, quantize_acts=False)
-    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, act_blocks(ids, t_gu, t_down)) + 1e-6 * scale)
+    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, act_blocks(ids, t_gu, t_down, p256)) + 1e-6 * scale)
 
 
 def test_quantize_row256_matches_numpy_per_256():
@@ -302,16 +329,19 @@ def test_quantize_row256_matches_numpy_per_256():
     np.testing.assert_allclose(xsf, xd * xq.reshape(24, 32).sum(axis=1), rtol=1e-6)
 
 
-def test_kquant_prefill_runs_per256_tiles_and_decode_does_not(pool):
-    """Which tiles run: per-256 variants (V >= 100000) in a Q4_K prefill, none in a decode step."""
+@pytest.mark.parametrize("p256", [True, False], ids=["per256", "per32"])
+def test_kquant_prefill_runs_per256_tiles_and_decode_does_not(pool, p256):
+    """Which tiles run: per-256 variants (V >= 100000) in a Q4_K prefill where per256_tiles (else none), none in a
+    decode step."""
     rng = np.random.default_rng(6)
     g, u, d = (rand_raw(rng, QT.Q4_K, 4, 256, 256) for _ in range(3))
     ex = MoEExperts((g, QT.Q4_K), (u, QT.Q4_K), (d, QT.Q4_K), hidden=256, inter=256, pool=pool, path=PATHS[-1])
     x = rng.standard_normal((8, 256)).astype(np.float32)
-    ex.forward(x[:1], np.array([[0, 1]], np.int32), np.ones((1, 2), np.float32))
-    assert not any(V >= 100000 for key in ex._entries for V in key[1:])
-    ex.forward(x, np.tile(np.array([[0, 1]], np.int32), (8, 1)), np.ones((8, 2), np.float32))
-    assert sum(V >= 100000 for key in ex._entries for V in key[1:3]) == 3  # gate, up and down
+    with per256_forced(p256):
+        ex.forward(x[:1], np.array([[0, 1]], np.int32), np.ones((1, 2), np.float32))
+        assert not any(V >= 100000 for key in ex._entries for V in key[1:])
+        ex.forward(x, np.tile(np.array([[0, 1]], np.int32), (8, 1)), np.ones((8, 2), np.float32))
+    assert sum(V >= 100000 for key in ex._entries for V in key[1:3]) == (3 if p256 else 0)  # gate, up and down
 
 
 @pytest.mark.parametrize("t_down", [QT.Q8_0, QT.Q5_0])
