@@ -241,11 +241,9 @@ def repack_into(dst: dict, raw: np.ndarray, qtype: int, K: int, lay: Layout, lab
 
     One expert at a time, so peak RAM is one expert's decoded fields whatever the layer size. A rich progress
     bar shows for layers above 64 MiB."""
-    from rich.console import Console
-    from rich.progress import Progress
+    from ktx.progress import progress_bar
 
-    # stderr: stdout may carry a program's real output (ktx bench --output json)
-    with Progress(transient=True, disable=raw.nbytes < 64 << 20, console=Console(stderr=True)) as bar:
+    with progress_bar(disable=raw.nbytes < 64 << 20) as bar:
         task = bar.add_task(label, total=raw.shape[0])
         for e in range(raw.shape[0]):
             for name, a in interleave(decode_blocks(np.asarray(raw[e]), qtype, K), lay).items():

@@ -365,8 +365,9 @@ def _metadata(w, p: Preset | Qwen3Preset, name: str) -> None:
 def write_synthetic(p: Preset | Qwen3Preset, path: Path, name: str = "synthetic", seed: int = 0, progress: bool = False) -> Path:
     """Write preset `p` to `path` (through a temporary file, renamed at the end)."""
     import gguf
-    from rich.console import Console
     from rich.progress import DownloadColumn, Progress
+
+    from ktx.progress import progress_bar
 
     from ktx.quants import row_bytes
 
@@ -387,8 +388,7 @@ def write_synthetic(p: Preset | Qwen3Preset, path: Path, name: str = "synthetic"
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        with Progress(*Progress.get_default_columns(), DownloadColumn(), console=Console(stderr=True), transient=True,
-                      disable=not progress) as bar:
+        with progress_bar(*Progress.get_default_columns(), DownloadColumn(), disable=not progress) as bar:
             task = bar.add_task(f"writing synthetic {name}", total=total)
             for tname, shape, qtype in plan:
                 data = _tensor_data(tname, shape, qtype, p.hidden, rng)

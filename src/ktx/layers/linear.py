@@ -112,8 +112,7 @@ class QuantLinears(FloatLinears):
     def prepare(self, names) -> None:
         """Repack every dense weight now (with a progress bar on big models), not inside the first token; the FUSE
         groups as stacked matrices."""
-        from rich.console import Console
-        from rich.progress import Progress
+        from ktx.progress import progress_bar
 
         names = list(names)
         have = set(names)
@@ -125,7 +124,7 @@ class QuantLinears(FloatLinears):
                     groups.append(full)
                     grouped.update(full)
         size = lambda ns: sum(self.store.model.tensor(n).n_bytes for n in ns)  # noqa: E731
-        with Progress(transient=True, disable=size(names) < 256 << 20, console=Console(stderr=True)) as bar:
+        with progress_bar(disable=size(names) < 256 << 20) as bar:
             task = bar.add_task("repacking dense weights", total=size(names))
             for g in groups:
                 if not self._fuse(g):
