@@ -34,7 +34,8 @@ Ops (columns of a row of `ops`: code, parallel, barrier, then the arguments name
     MOE_SUM   add the per-thread sums into the residual (or store them), column items  (parallel)
 
 Counters C (int64, fresh zeros per call): C[0] the barrier, then the MoE countdowns at offsets the builder
-reserves, then one item counter per op (the last len(ops) entries). A fresh array per call also means a thread
+reserves, then n_threads item counters per op (the last n_threads x len(ops) entries: _claim's segments; ops
+that need no locality use the first). A fresh array per call also means a thread
 still spinning out of the last barrier can never see the next call's counts.
 
 Threads: with one pool per NUMA node, an MoE op may name a node; only that node's threads run it (each expert
@@ -137,16 +138,33 @@ def _quant(a, F, Q, QD, QS, QF):
                      QS[s + r * (K // 16): s + (r + 1) * (K // 16)], QF[f + r * (K // 32): f + (r + 1) * (K // 32)])
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _claim(C, ci, tid, n_threads, n):
+    """The next of an op's n items for thread tid, or -1 when all are taken: the items are split into one
+    contiguous segment per thread, each with its counter at C[ci + s]; a thread takes its own segment's items in
+    order, then steals from the others' (in order after its own). So each thread streams one contiguous run of
+    weights instead of every n_threads-th item: with one shared counter two threads alternated 100 KB items of a
+    matrix, and each item began with a cold stream and ended prefetching the other thread's next item."""
+    for j in range(n_threads):
+        s = (tid + j) % n_threads
+        lo, hi = s * n // n_threads, (s + 1) * n // n_threads
+        if lo < hi:
+            i = lo + fetch_add(C, ci + s, 1)
+            if i < hi:
+                return i
+    return -1
+
+
 @njit(nogil=True, cache=True)
-def _gemv(a, C, ci, MD, F, Q, QD, QS, QF):
+def _gemv(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF):
     mat, B, R, K, q, d, s, f, dst, bstride, acc, IB = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14]
     md = MD[mat]
     tmp = np.empty(TILE_ROWS, np.float32)
     n_rb = (R + TILE_ROWS - 1) // TILE_ROWS
     n_ib = (n_rb + IB - 1) // IB
     while True:
-        item = fetch_add(C, ci, 1)
-        if item >= B * n_ib:
+        item = _claim(C, ci, tid, n_threads, B * n_ib)
+        if item < 0:
             break
         b = item // n_ib
         xq, xd, xs, xsf = _qrow(Q, QD, QS, QF, q, d, s, f, b, K)
@@ -364,7 +382,7 @@ def _topk(a, WA, F, IX, scale):
 
 
 @njit(nogil=True, cache=True)
-def _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX):
+def _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
     """Items: IB consecutive blocks of 64 rows of one routed expert's I, then of the shared MLP's Is (one weight
     stream per item, which the tile's prefetch of its next row groups follows). h = act(gate x) * up x, act = SiLU
     or (gelu = 1) GELU-tanh."""
@@ -379,8 +397,8 @@ def _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX):
     u = np.empty(TILE_ROWS, np.float32)
     xq, xd, xs, xf = _qrow(Q, QD, QS, QF, xq_, xd_, xs_, xf_, 0, H)
     while True:
-        item = fetch_add(C, ci, 1)
-        if item >= k * i_r + i_s:
+        item = _claim(C, ci, tid, n_threads, k * i_r + i_s)
+        if item < 0:
             break
         if item < k * i_r:
             j, b0 = item // i_r, item % i_r * IB
@@ -408,7 +426,7 @@ def _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX):
 
 
 @njit(nogil=True, cache=True)
-def _moe_down(a, C, ci, tid, MD, F, Q, QD, QS, QF, IX):
+def _moe_down(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
     """Items: IB consecutive blocks of 64 rows of H of one routed expert's down (weighted), then of the shared
     MLP's (times F[sw], sw >= 0); each thread adds into its own partial sum part[tid] (summed by MOE_SUM)."""
     md_, k, I, H, sd, Is = a[3], a[4], a[5], a[6], a[7], a[8]
@@ -420,8 +438,8 @@ def _moe_down(a, C, ci, tid, MD, F, Q, QD, QS, QF, IX):
     tmp = np.empty(TILE_ROWS, np.float32)
     dst = part + tid * H
     while True:
-        item = fetch_add(C, ci, 1)
-        if item >= n_items:
+        item = _claim(C, ci, tid, n_threads, n_items)
+        if item < 0:
             break
         j, b0 = item // i_h, item % i_h * IB
         if j < k:
@@ -465,18 +483,18 @@ def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
     if tid == 0:
         TS[0] = cycles()
     passed = 0
-    c0 = C.shape[0] - ops.shape[0]  # op i's item counter is C[c0 + i]
+    c0 = C.shape[0] - ops.shape[0] * n_threads  # op i's item counters are C[c0 + n_threads i ..] (_claim)
     for i in range(ops.shape[0]):
         a = ops[i]
         code = a[0]
-        ci = c0 + i
+        ci = c0 + i * n_threads
         if a[1] or tid == 0:
             if code == OP_NORM:
                 _norm(a, WA, F, opf[i, 0])
             elif code == OP_QUANT:
                 _quant(a, F, Q, QD, QS, QF)
             elif code == OP_GEMV:
-                _gemv(a, C, ci, MD, F, Q, QD, QS, QF)
+                _gemv(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF)
             elif code == OP_ROPE:
                 _rope(a, F)
             elif code == OP_CACHE:
@@ -504,10 +522,10 @@ def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
                 _topk(a, WA, F, IX, opf[i, 0])
             elif code == OP_MOE_UP:
                 if a[30] < 0 or a[30] == node:
-                    _moe_up(a, C, ci, MD, F, Q, QD, QS, QF, IX)
+                    _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX)
             elif code == OP_MOE_DOWN:
                 if a[22] < 0 or a[22] == node:
-                    _moe_down(a, C, ci, tid, MD, F, Q, QD, QS, QF, IX)
+                    _moe_down(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX)
             elif code == OP_MOE_SUM:
                 _moe_sum(a, C, ci, F, n_threads)
         if a[2]:

@@ -254,7 +254,7 @@ class DecodeProgram:
 
     def run(self, kv: np.ndarray, vc: np.ndarray, pos: int) -> None:
         """One step at position pos (inputs already in F; outputs left there)."""
-        C = np.zeros(self.sizes["C"] + len(self.ops), np.int64)  # barrier, countdowns, one counter per op
+        C = np.zeros(self.sizes["C"] + len(self.ops) * self.n_threads, np.int64)  # barrier, countdowns, per op one counter a thread
         args = (self.ops, self.opf, self.MD, self.WA, self.F, self.Q, self.QD, self.QS, self.QF, self.IX, kv, vc, C,
                 pos, self.TS)
         n, first = self.n_threads, self.pools[0].n_threads
