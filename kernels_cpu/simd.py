@@ -15,7 +15,10 @@ broadcast of xq; `dot4` multiplies u8 codes by s8 activations and adds each row'
     avx2      vpmaddubsw + vpmaddwd, two ymm halves (codes > 127 use the sign trick: |w| * sign(w) x)
     portable  generic LLVM vector IR (zext/sext, mul, add lanes) that any target legalizes
 
-Decode tiles (NT = 1) run their NR row groups one after another, each as an NR = 1 loop, so the tile reads
+Decode tiles (NT = 1) run their NR row groups one after another, an NR = 1 loop inside a rolled loop over
+the row groups (unrolled into NR copies, a short-K tile streamed 10-15% slower: Zen 5, 2 threads, alternating in
+one process, K = 2048: Q6_K 50.6 -> 56.9 GB/s against a 57.4 GB/s read loop, Q4_K 66.1 -> 75.9 against 86.7;
+K = 7168 Q4_K 73 -> 75, Q8_0 equal; scratch harness, 0.4 s sustained runs), so the tile reads
 one sequential stream (a row group's run, then the next one's, which follows it in memory) instead of NR
 interleaved ones, and each step prefetches its run PF_AHEAD bytes ahead (`llvm.prefetch` locality 0,
 prefetchnta), plus the next row group's scale lines (locality 1). Measured streaming from DRAM on Zen 5 (EPYC,
@@ -241,11 +244,21 @@ def _emit(b, V, a):
     V = V % 100000
     lay, isa, nt, nr = _LAYOUT_BY_ID[V // 1000 % 10], V // 100 % 10, V // 10 % 10, V % 10
     if nt == 1 and nr > 1:  # decode: the row groups one after another, one stream (see the module docstring)
-        for r in range(nr):
-            ar = dict(a, out=b.add(a["out"], ir.Constant(i64, 64 * r)))
-            for f, stride in (("codes", "cs"), ("d", "ds"), ("sc", "ss"), ("dmin", "dms"), ("m", "ms")):
-                ar[f] = b.add(a[f], b.mul(a[stride], ir.Constant(i64, r)))
-            _emit(b, 100000 * s256 + V - nr + 1, ar)
+        entry = b.block
+        head = b.append_basic_block("rg")
+        b.branch(head)
+        b.position_at_end(head)
+        r = b.phi(i64)
+        r.add_incoming(ir.Constant(i64, 0), entry)
+        ar = dict(a, out=b.add(a["out"], b.mul(r, ir.Constant(i64, 64))))
+        for f, stride in (("codes", "cs"), ("d", "ds"), ("sc", "ss"), ("dmin", "dms"), ("m", "ms")):
+            ar[f] = b.add(a[f], b.mul(a[stride], r))
+        _emit(b, 100000 * s256 + V - nr + 1, ar)
+        r1 = b.add(r, ir.Constant(i64, 1))
+        r.add_incoming(r1, b.block)
+        done = b.append_basic_block("rg_done")
+        b.cbranch(b.icmp_signed("<", r1, ir.Constant(i64, nr)), head, done)
+        b.position_at_end(done)
         return
     wide = V >= 10000  # codes already widened to bytes (moe_loops: prefill of packed layouts)
     bits = 8 if wide else lay.bits
