@@ -34,7 +34,7 @@ Ops (columns of a row of `ops`: code, parallel, barrier, then the arguments name
     MOE_SUM   add the per-thread sums into the residual (or store them), column items  (parallel)
 
 Counters C (int64, fresh zeros per call): C[0] the barrier, then the MoE countdowns at offsets the builder
-reserves, then n_threads item counters per op (the last n_threads x len(ops) entries: _claim's segments; ops
+reserves, then n_threads item counters per op (the last n_threads x len(ops) entries: moe_loops.claim's segments; ops
 that need no locality use the first). A fresh array per call also means a thread
 still spinning out of the last barrier can never see the next call's counts.
 
@@ -52,7 +52,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .linear import sched_yield
-from .moe_loops import atomic_read, fetch_add
+from .moe_loops import atomic_read, claim, fetch_add
 from .quantize import quantize_row
 
 (OP_NORM, OP_QUANT, OP_GEMV, OP_ROPE, OP_CACHE, OP_MLA, OP_ROUTER, OP_TOPK, OP_MOE_UP, OP_MOE_DOWN, OP_MOE_SUM, OP_ADD,
@@ -138,23 +138,6 @@ def _quant(a, F, Q, QD, QS, QF):
                      QS[s + r * (K // 16): s + (r + 1) * (K // 16)], QF[f + r * (K // 32): f + (r + 1) * (K // 32)])
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _claim(C, ci, tid, n_threads, n):
-    """The next of an op's n items for thread tid, or -1 when all are taken: the items are split into one
-    contiguous segment per thread, each with its counter at C[ci + s]; a thread takes its own segment's items in
-    order, then steals from the others' (in order after its own). So each thread streams one contiguous run of
-    weights instead of every n_threads-th item: with one shared counter two threads alternated 100 KB items of a
-    matrix, and each item began with a cold stream and ended prefetching the other thread's next item."""
-    for j in range(n_threads):
-        s = (tid + j) % n_threads
-        lo, hi = s * n // n_threads, (s + 1) * n // n_threads
-        if lo < hi:
-            i = lo + fetch_add(C, ci + s, 1)
-            if i < hi:
-                return i
-    return -1
-
-
 @njit(nogil=True, cache=True)
 def _gemv(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF):
     mat, B, R, K, q, d, s, f, dst, bstride, acc, IB = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14]
@@ -163,7 +146,7 @@ def _gemv(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF):
     n_rb = (R + TILE_ROWS - 1) // TILE_ROWS
     n_ib = (n_rb + IB - 1) // IB
     while True:
-        item = _claim(C, ci, tid, n_threads, B * n_ib)
+        item = claim(C, ci, tid, n_threads, B * n_ib)
         if item < 0:
             break
         b = item // n_ib
@@ -397,7 +380,7 @@ def _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
     u = np.empty(TILE_ROWS, np.float32)
     xq, xd, xs, xf = _qrow(Q, QD, QS, QF, xq_, xd_, xs_, xf_, 0, H)
     while True:
-        item = _claim(C, ci, tid, n_threads, k * i_r + i_s)
+        item = claim(C, ci, tid, n_threads, k * i_r + i_s)
         if item < 0:
             break
         if item < k * i_r:
@@ -438,7 +421,7 @@ def _moe_down(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
     tmp = np.empty(TILE_ROWS, np.float32)
     dst = part + tid * H
     while True:
-        item = _claim(C, ci, tid, n_threads, n_items)
+        item = claim(C, ci, tid, n_threads, n_items)
         if item < 0:
             break
         j, b0 = item // i_h, item % i_h * IB
@@ -483,7 +466,7 @@ def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
     if tid == 0:
         TS[0] = cycles()
     passed = 0
-    c0 = C.shape[0] - ops.shape[0] * n_threads  # op i's item counters are C[c0 + n_threads i ..] (_claim)
+    c0 = C.shape[0] - ops.shape[0] * n_threads  # op i's item counters are C[c0 + n_threads i ..] (claim)
     for i in range(ops.shape[0]):
         a = ops[i]
         code = a[0]

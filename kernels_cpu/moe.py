@@ -230,7 +230,7 @@ class MoEExperts:
         Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and (m.layout.bits in (5, 6) or s), s)
                       for m, s in zip(self.mats, (x256, x256, s256[2])))
         quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf, x256)
-        c_a, c_b = np.zeros(1, np.int64), np.zeros(1, np.int64)
+        c_a, c_b = np.zeros(pool.n_threads, np.int64), np.zeros(pool.n_threads, np.int64)  # claim's segments
         remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
         barrier = threading.Barrier(pool.n_threads)
         mg, mu, md = self.mats
@@ -238,14 +238,14 @@ class MoEExperts:
         args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
                   exp_amx, fn_g, fn_u, s256[2])
         args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b, exp_amx, fn_d)
-        run_a = self._entry(phase_gate_up, args_a, 2)
-        run_b = self._entry(phase_down, args_b, 1)
+        run_a = self._entry(phase_gate_up, args_a + (0, 1), 2)
+        run_b = self._entry(phase_down, args_b + (0, 1), 1)
 
         def work(wid, n):
             if len(exp_e):
-                run_a(*args_a)
+                run_a(*args_a, wid, n)
                 barrier.wait()
-                run_b(*args_b)
+                run_b(*args_b, wid, n)
 
         return pool.submit(work, lambda: y)
 
