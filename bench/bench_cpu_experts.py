@@ -3,7 +3,8 @@
     /work/venv/bin/python bench/bench_cpu_experts.py [--threads 2] [--types Q4_K,Q6_K,Q8_0] [--experts 16] [--tokens 64]
 
 Limits: DRAM read bandwidth (kernels_cpu.membw: the best of read loops with and without prefetch, all workers
-reading disjoint parts of a 1 GiB buffer; during decode, also a 256 MiB read next to each token) and the
+reading disjoint parts of a 1 GiB buffer; during decode, also membw.ReadProbe's sustained read, 0.1 s
+over 256 MiB, next to each token) and the
 vpdpbusd peak (all workers running 16 independent vpdpbusd zmm chains). Cases, DeepSeek-V3 expert shape
 (hidden 7168, expert FFN 2048):
   decode   1 token through 8 experts; a rotating choice out of --experts, so the 8 x 3 matrices (>190 MB)
@@ -33,12 +34,6 @@ H, I_FF = 7168, 2048
 def dram_read_gbs(pool: WorkerPool, nbytes: int = 1 << 30) -> tuple[float, int]:
     """(GB/s, prefetch distance) of the best of membw's read loops, all workers reading disjoint parts."""
     return membw.dram_read_gbps(pool, nbytes)
-
-
-def paired_read_gbs(pool: WorkerPool, ahead: int) -> float:
-    """One 256 MiB read with the best loop, timed next to each decode token: the machine is shared and its
-    bandwidth drifts, so each token's GB/s is divided by a limit measured moments apart."""
-    return membw.dram_read_gbps(pool, 256 << 20, reps=1, aheads=(ahead,))[0]
 
 
 @intrinsic
@@ -114,12 +109,13 @@ def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,)):
     w8 = np.full((1, 8), 1 / 8, np.float32)
     ex.forward(x[:1], np.arange(8, dtype=np.int32)[None], w8)  # compile
     times, ratios = [], []
+    probe = membw.ReadProbe(pool, 256 << 20, bw[1])
     for it in range(12):
         ids = ((np.arange(8) + 8 * it) % n_experts).astype(np.int32)[None]
         t = time.perf_counter()
         ex.forward(x[:1], ids, w8)
         times.append(time.perf_counter() - t)
-        ratios.append(8 * bytes_expert / times[-1] / 1e9 / paired_read_gbs(pool, bw[1]))
+        ratios.append(8 * bytes_expert / times[-1] / 1e9 / probe.gbps(0.1))
     td = float(np.median(times[2:]))
     gbs = 8 * bytes_expert / td / 1e9
     bpw = bytes_expert / (3 * H * I_FF)

@@ -90,3 +90,32 @@ def dram_read_gbps(pool, n_bytes: int = 1 << 30, reps: int = 3, aheads=AHEADS) -
             if gbps > best:
                 best, best_ahead = gbps, ahead
     return best, best_ahead
+
+
+class ReadProbe:
+    """The read bandwidth on offer right now, for pairing with a measurement: `gbps()` runs read passes over one
+    buffer, allocated and written once here, for `seconds` and returns their median GB/s. A one-shot read of a
+    freshly written buffer is no such probe: it measured 43-85 GB/s while passes over a warm one held 85-88
+    (Zen 5, 2 threads, 256 MiB; the fresh buffer's dirty lines are written back during the read)."""
+
+    def __init__(self, pool, n_bytes: int = 256 << 20, ahead: int = 4096):
+        self.pool, self.ahead = pool, ahead
+        self._buf = np.ones(n_bytes // 8 + 8, np.uint64)
+        self._base = (self._buf.ctypes.data + 63) // 64 * 64
+        self._per = n_bytes // 64 // pool.n_threads  # lines per worker
+        self.gbps(0.0)  # compile, and one pass to settle the pages
+
+    def gbps(self, seconds: float = 0.3) -> float:
+        base, per, ahead, rates = self._base, self._per, self.ahead, []
+        sums = np.zeros(self.pool.n_threads, np.int64)
+
+        def read(wid, n):
+            sums[wid] = read_lines(base + wid * per * 64, per, ahead)
+
+        t0 = time.perf_counter()
+        while not rates or time.perf_counter() - t0 < seconds:
+            t = time.perf_counter()
+            self.pool.run(read)
+            rates.append(per * 64 * self.pool.n_threads / (time.perf_counter() - t) / 1e9)
+        self.last_sum = int(sums.sum())  # of the last pass's words (all ones): the tests check every line was read
+        return float(np.median(rates))

@@ -20,3 +20,12 @@ def test_bandwidth_reports_a_tried_distance():
     with WorkerPool(2) as pool:
         gbps, ahead = membw.dram_read_gbps(pool, 8 << 20, reps=1)
     assert gbps > 0 and ahead in membw.AHEADS
+
+
+def test_read_probe_reads_its_whole_buffer():
+    n_bytes = 8 << 20
+    with WorkerPool(2) as pool:
+        probe = membw.ReadProbe(pool, n_bytes)
+        gbps = probe.gbps(0.0)
+    assert gbps > 0
+    assert probe.last_sum == n_bytes // 8  # the buffer holds ones: one per 8-byte word read

@@ -13,13 +13,19 @@ Decode reads every weight it uses once per token, so its speed is bounded by mem
                             n_expert and n_expert_used from `{general.architecture}.expert_count` and
                             `.expert_used_count` (deepseek2, qwen3moe, qwen2moe, llama/Mixtral; none: dense)
   achieved GB/s           = bytes touched per token x tok/s
-  roofline                = achieved GB/s / DRAM read bandwidth, measured in the same run, before and after
-                            the tests (the better of the two: the machine is shared), as the best of
-                            kernels_cpu.membw's read loops over BANDWIDTH_BYTES of memory
+  roofline                = achieved GB/s / DRAM read bandwidth, measured in the same run as the best of
+                            kernels_cpu.membw's read loops (with and without prefetch) over BANDWIDTH_BYTES,
+                            before and after the tests
+  paired roofline         = median over a decode test's repetitions of its GB/s over the mean of sustained reads
+                            (membw.ReadProbe: PAIRED_SECONDS of passes over PAIRED_BYTES) just before and after
+                            it: on a shared machine the bandwidth on offer drifts (38-97 GB/s seen for 2 threads on
+                            one VM in one day), so a limit measured minutes away can be either side of what the
+                            test had
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,6 +39,8 @@ import numpy as np
 from ktx.errors import KtxError
 
 BANDWIDTH_BYTES = 1 << 30
+PAIRED_BYTES = 256 << 20
+PAIRED_SECONDS = 0.3
 
 
 @dataclass
@@ -44,6 +52,7 @@ class TestResult:
     samples_tps: list[float]
     gbps: float | None = None  # weights read per second (decode tests only)
     roofline: float | None = None  # gbps / DRAM read bandwidth
+    paired_roofline: float | None = None  # median of each repetition's GB/s over reads just before and after it
     timeline: dict | None = None  # the scheduler's CPU/GPU busy and overlap over the last repetition
     profile: dict | None = None  # decode through a compiled program: share of the step per part (all repetitions)
 
@@ -89,7 +98,9 @@ class BenchReport:
                          f"{self.dram_gbps:.1f} GB/s")
             for r in self.results:
                 if r.roofline is not None:
-                    lines.append(f"{r.test}: {r.gbps:.1f} GB/s = {100 * r.roofline:.0f}% of the DRAM roofline")
+                    paired = (f", {100 * r.paired_roofline:.0f}% of the reads next to each repetition (paired)"
+                              if r.paired_roofline is not None else "")
+                    lines.append(f"{r.test}: {r.gbps:.1f} GB/s = {100 * r.roofline:.0f}% of the DRAM roofline{paired}")
         for r in self.results:
             if r.timeline and r.timeline.get("moe_layers"):
                 t = r.timeline
@@ -123,16 +134,6 @@ def touched_bytes_per_token(gguf, experts_per_token: int | None = None) -> int:
         else:
             total += t.n_bytes
     return total
-
-
-def dram_read_gbps(threads: int, n_bytes: int = BANDWIDTH_BYTES, reps: int = 3) -> float:
-    """Best read bandwidth in GB/s of `threads` workers over n_bytes: the best of membw's read loops (with and
-    without software prefetch; a plain sum undercounts what the prefetching decode tiles reach)."""
-    from ktx.kernels_cpu import WorkerPool
-    from ktx.kernels_cpu.membw import dram_read_gbps as measure
-
-    with WorkerPool(threads) as pool:
-        return measure(pool, n_bytes, reps)[0]
 
 
 def _time_pp(model, p: int, depth: int, rng) -> float:
@@ -216,9 +217,27 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
         dram_gbps=None, device_path=model.device_path,
     )
     rng = np.random.default_rng(0)
-    if measure_bandwidth:
-        log("measuring DRAM read bandwidth")
-        bw_before = dram_read_gbps(threads)
+    with contextlib.ExitStack() as stack:
+        probe = None
+        if measure_bandwidth:  # a pool of its own: its threads sleep while the model runs
+            from ktx.kernels_cpu import WorkerPool, membw
+
+            pool = stack.enter_context(WorkerPool(threads))
+            log("measuring DRAM read bandwidth")
+            bw_before, ahead = membw.dram_read_gbps(pool, BANDWIDTH_BYTES)
+            probe = membw.ReadProbe(pool, PAIRED_BYTES, ahead)
+        _run_tests(model, report, tests, depths, reps, cache_len, rng, probe, log)
+        model.engine.reset()
+        if measure_bandwidth:
+            log("measuring DRAM read bandwidth")
+            report.dram_gbps = max(bw_before, membw.dram_read_gbps(pool, BANDWIDTH_BYTES)[0])
+            for r in report.results:
+                if r.gbps is not None:
+                    r.roofline = r.gbps / report.dram_gbps
+    return report
+
+
+def _run_tests(model, report, tests, depths, reps, cache_len, rng, probe, log) -> None:
     log("warm-up")
     _time_pp(model, min(8, cache_len - 1), 0, rng)  # first touch of the weights, kernel compilation, repacking
     _time_tg(model, 2, 0, rng)
@@ -228,21 +247,18 @@ def run_bench(path: str | Path, *, n_prompt: list[int], n_gen: list[int], depths
             timer = _time_pp if kind == "pp" else _time_tg
             name = f"{kind}{n}" + (f" @ d{d}" if d else "")
             log(f"running {name}")
-            samples = []
+            samples, paired = [], []
             _program_profile(model)
             for _ in range(reps):
                 _timeline(model)
+                pre = probe.gbps(PAIRED_SECONDS) if probe and kind == "tg" else 0
                 samples.append(timer(model, n, d, rng))
+                if pre:
+                    paired.append(report.bytes_per_token * samples[-1] / 1e9
+                                  / statistics.fmean([pre, probe.gbps(PAIRED_SECONDS)]))
             res = TestResult(name, n if kind == "pp" else 0, n if kind == "tg" else 0, d, samples, timeline=_timeline(model),
                              profile=_program_profile(model) if kind == "tg" else None)
             if kind == "tg":
                 res.gbps = report.bytes_per_token * res.tps / 1e9
+                res.paired_roofline = statistics.median(paired) if paired else None
             report.results.append(res)
-    model.engine.reset()
-    if measure_bandwidth:
-        log("measuring DRAM read bandwidth")
-        report.dram_gbps = max(bw_before, dram_read_gbps(threads))
-        for r in report.results:
-            if r.gbps is not None:
-                r.roofline = r.gbps / report.dram_gbps
-    return report
