@@ -4,7 +4,7 @@ A read loop's rate from DRAM depends on how many lines it keeps in flight, not o
 (2 threads) a plain vectorised sum measured 48-51 GB/s while the decode tiles, which prefetch their run
 ahead with prefetchnta, streamed 55-72 GB/s. A roofline below what a kernel reaches says nothing, so the
 limit is the best of several read loops: 64-byte vector loads into four accumulators, without software
-prefetch and with prefetchnta 1, 4 and 16 KiB ahead (the tiles' own distance is simd.PF_AHEAD). Each worker
+prefetch and with prefetchnta 1, 4, 8 and 16 KiB ahead (the tiles' own distance is simd.PF_AHEAD). Each worker
 reads its own contiguous part of one buffer; best of `reps` per loop.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from numba import njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-AHEADS = (0, 1024, 4096, 16384)  # prefetch distances tried, in bytes (0: none)
+AHEADS = (0, 1024, 4096, 8192, 16384)  # prefetch distances tried, in bytes (0: none)
 _i8, _i32, _i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _V = ir.VectorType(_i64, 8)  # one 64-byte line
 
@@ -98,7 +98,7 @@ class ReadProbe:
     freshly written buffer is no such probe: it measured 43-85 GB/s while passes over a warm one held 85-88
     (Zen 5, 2 threads, 256 MiB; the fresh buffer's dirty lines are written back during the read)."""
 
-    def __init__(self, pool, n_bytes: int = 256 << 20, ahead: int = 4096):
+    def __init__(self, pool, n_bytes: int = 256 << 20, ahead: int = 8192):
         self.pool, self.ahead = pool, ahead
         self._buf = np.ones(n_bytes // 8 + 8, np.uint64)
         self._base = (self._buf.ctypes.data + 63) // 64 * 64

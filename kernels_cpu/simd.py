@@ -26,7 +26,11 @@ prefetchnta), plus the next row group's scale lines (locality 1). Measured strea
 the NR interleaved streams with the next tile prefetched into L2 (which had measured best on Zen 4, where the
 hardware prefetcher did not follow runs of a few KB: Q8_0 [512, 128] went 14 -> 25 GB/s on one core).
 A whole tile in cache still runs at 65-80 GB/s per core, so the gain is memory-level parallelism, not
-arithmetic. Prefetches never fault, so prefetching past the end of an array is harmless.
+arithmetic (in L2 a Q4_K tile runs at ~100 GB/s per core, K = 2048). PF_AHEAD went 4096 -> 8192 when the
+machine's memory moved into a faster regime (~100 GB/s for a 2-thread read loop): bytes in flight per core must
+cover latency x rate (~120 ns x 45 GB/s = 5.4 KB). There, K = 2048 streams: Q4_K 77 -> 84-85 GB/s, Q6_K 78-80 ->
+84.5 (12 KB: 81-82); at ~55 GB/s both distances measured the same. Prefetches never fault, so prefetching past
+the end of an array is harmless.
 
 After each group of G = 16|32 weights the int32 lanes become float and are scaled (d * sc, per row, from the
 layout; dx per token): NT x NR float accumulators stay in registers across the whole K loop.
@@ -46,7 +50,7 @@ from .repack import LAYOUTS
 LAYOUT_IDS = {lay.name: i for i, lay in enumerate(LAYOUTS.values())}
 ISA_IDS = {"portable": 0, "avx2": 1, "vnni": 2}
 _LAYOUT_BY_ID = list(LAYOUTS.values())
-PF_AHEAD = 4096  # decode tiles prefetch their run this many bytes ahead (module docstring)
+PF_AHEAD = 8192  # decode tiles prefetch their run this many bytes ahead (module docstring)
 
 i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 f16, f32 = ir.HalfType(), ir.FloatType()
