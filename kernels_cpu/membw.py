@@ -75,27 +75,16 @@ def read_lines(start, n_lines, ahead):
 
 
 def dram_read_gbps(pool, n_bytes: int = 1 << 30, reps: int = 3, aheads=AHEADS) -> tuple[float, int]:
-    """(best GB/s, its prefetch distance) of `pool`'s workers each reading a contiguous 1/n of an n_bytes buffer
-    (written first, so every page is backed), over aheads x reps runs."""
-    buf = np.ones(n_bytes // 8 + 8, np.uint64)
-    base = (buf.ctypes.data + 63) // 64 * 64
-    per = n_bytes // 64 // pool.n_threads  # lines per worker
-    read_lines(base, 8, 0)  # compile (or load from cache) outside the timing
-    best, best_ahead = 0.0, 0
-    for ahead in aheads:
-        for _ in range(reps):
-            t = time.perf_counter()
-            pool.run(lambda wid, n: read_lines(base + wid * per * 64, per, ahead))
-            gbps = per * 64 * pool.n_threads / (time.perf_counter() - t) / 1e9
-            if gbps > best:
-                best, best_ahead = gbps, ahead
-    return best, best_ahead
+    """(best GB/s, its prefetch distance) of `pool`'s workers each reading a contiguous 1/n of an n_bytes buffer,
+    over aheads x reps passes (after ReadProbe's settling pass)."""
+    probe = ReadProbe(pool, n_bytes)
+    return max((probe.pass_gbps(ahead), ahead) for ahead in aheads for _ in range(reps))
 
 
 class ReadProbe:
     """The read bandwidth on offer right now, for pairing with a measurement: `gbps()` runs read passes over one
-    buffer, allocated and written once here, for `seconds` and returns their median GB/s. A one-shot read of a
-    freshly written buffer is no such probe: it measured 43-85 GB/s while passes over a warm one held 85-88
+    buffer, allocated, written and read once here, for `seconds` and returns their median GB/s. A one-shot read
+    of a freshly written buffer is no such probe: it measured 43-85 GB/s while passes over a warm one held 85-88
     (Zen 5, 2 threads, 256 MiB; the fresh buffer's dirty lines are written back during the read)."""
 
     def __init__(self, pool, n_bytes: int = 256 << 20, ahead: int = 8192):
@@ -103,19 +92,26 @@ class ReadProbe:
         self._buf = np.ones(n_bytes // 8 + 8, np.uint64)
         self._base = (self._buf.ctypes.data + 63) // 64 * 64
         self._per = n_bytes // 64 // pool.n_threads  # lines per worker
-        self.gbps(0.0)  # compile, and one pass to settle the pages
+        self._sums = np.zeros(pool.n_threads, np.int64)
+        self.pass_gbps()  # compile (or load from cache), and one pass to settle the pages and dirty lines
 
-    def gbps(self, seconds: float = 0.3) -> float:
-        base, per, ahead, rates = self._base, self._per, self.ahead, []
-        sums = np.zeros(self.pool.n_threads, np.int64)
+    def pass_gbps(self, ahead: int | None = None) -> float:
+        """GB/s of one pass of every worker over its part, prefetching `ahead` bytes on (default: the probe's)."""
+        base, per, sums = self._base, self._per, self._sums
+        ahead = self.ahead if ahead is None else ahead
 
         def read(wid, n):
             sums[wid] = read_lines(base + wid * per * 64, per, ahead)
 
-        t0 = time.perf_counter()
-        while not rates or time.perf_counter() - t0 < seconds:
-            t = time.perf_counter()
-            self.pool.run(read)
-            rates.append(per * 64 * self.pool.n_threads / (time.perf_counter() - t) / 1e9)
-        self.last_sum = int(sums.sum())  # of the last pass's words (all ones): the tests check every line was read
+        t = time.perf_counter()
+        self.pool.run(read)
+        dt = time.perf_counter() - t
+        self.last_sum = int(sums.sum())  # of the pass's words (all ones): the tests check every line was read
+        return per * 64 * self.pool.n_threads / dt / 1e9
+
+    def gbps(self, seconds: float = 0.3) -> float:
+        """Median GB/s of passes for `seconds` (at least one)."""
+        rates, t0 = [self.pass_gbps()], time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            rates.append(self.pass_gbps())
         return float(np.median(rates))

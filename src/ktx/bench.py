@@ -251,9 +251,10 @@ def _run_tests(model, report, tests, depths, reps, cache_len, rng, probe, log) -
             _program_profile(model)
             for _ in range(reps):
                 _timeline(model)
-                pre = probe.gbps(PAIRED_SECONDS) if probe and kind == "tg" else 0
+                pair = probe is not None and kind == "tg"
+                pre = probe.gbps(PAIRED_SECONDS) if pair else None
                 samples.append(timer(model, n, d, rng))
-                if pre:
+                if pair:
                     paired.append(report.bytes_per_token * samples[-1] / 1e9
                                   / statistics.fmean([pre, probe.gbps(PAIRED_SECONDS)]))
             res = TestResult(name, n if kind == "pp" else 0, n if kind == "tg" else 0, d, samples, timeline=_timeline(model),
