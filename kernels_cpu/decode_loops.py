@@ -54,6 +54,7 @@ from numba.extending import intrinsic
 from .linear import sched_yield
 from .moe_loops import atomic_read, claim, fetch_add
 from .quantize import quantize_row
+from .vec import silu_mul
 
 (OP_NORM, OP_QUANT, OP_GEMV, OP_ROPE, OP_CACHE, OP_MLA, OP_ROUTER, OP_TOPK, OP_MOE_UP, OP_MOE_DOWN, OP_MOE_SUM, OP_ADD,
  OP_SIGMOID, OP_GQA) = range(1, 15)
@@ -73,9 +74,9 @@ def _call_codegen(context, builder, signature, vals):
 
 
 @intrinsic
-def call_tile(typingctx, fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo):
+def call_tile(typingctx, fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf):
     """The tile kernel at address fn (simd.tile_address), with simd.tile's arguments."""
-    return types.void(fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo), _call_codegen
+    return types.void(fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf), _call_codegen
 
 
 @intrinsic
@@ -105,7 +106,7 @@ def _tile(md, e, rg, K, xq, xd, xs, xsf, out):
     """One 1 x 64 decode tile: rows 16 rg .. 16 rg + 63 of matrix (expert/batch) e times one activation row."""
     call_tile(md[15], K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
               md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
-              md[12] + e * md[13] + rg * md[14], md[14], xq, xd, xs, xsf, out, TILE_ROWS)
+              md[12] + e * md[13] + rg * md[14], md[14], xq, xd, xs, xsf, out, TILE_ROWS, xq)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -393,13 +394,13 @@ def _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
         for rb in range(b0, b1):
             _tile(mdg, e, r0g + rb * 4, H, xq, xd, xs, xf, g.ctypes.data)
             _tile(mdu, e, r0u + rb * 4, H, xq, xd, xs, xf, u.ctypes.data)
-            for r in range(TILE_ROWS):
-                v = g[r]
-                if gelu:  # tanh approximation, as torch's gelu(approximate="tanh")
+            if gelu:  # tanh approximation, as torch's gelu(approximate="tanh")
+                for r in range(TILE_ROWS):
+                    v = g[r]
                     act = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)))
-                else:
-                    act = v / (np.float32(1.0) + np.exp(-v))
-                F[o + rb * TILE_ROWS + r] = act * u[r]
+                    F[o + rb * TILE_ROWS + r] = act * u[r]
+            else:
+                silu_mul(g.ctypes.data, u.ctypes.data, F.ctypes.data + 4 * (o + rb * TILE_ROWS), TILE_ROWS)
         if fetch_add(C, cd + j, b1 - b0) == n - (b1 - b0):  # this row's last blocks: quantize h for the down projection
             if j < k:
                 quantize_row(F[o:o + K], Q[hq + j * K: hq + (j + 1) * K], QD[hd + j * (K // 32): hd + (j + 1) * (K // 32)],

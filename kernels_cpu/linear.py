@@ -51,7 +51,7 @@ from numba.extending import intrinsic
 from ktx.errors import KtxError
 
 from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path, per256_ok, per256_tiles  # (tokens, row groups of 16) per tile
-from .moe_loops import _mat_tile, _widened, atomic_read, fetch_add
+from .moe_loops import _mat_tile, _widened, atomic_read, fetch_add, pf_slice
 from .pool import WorkerPool
 from .quantize import quantize_row, quantize_row256
 from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, decode_blocks, descriptor, field_shapes, interleave
@@ -116,11 +116,13 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
         for rb in range(item % n_ib * IB, min(n_rb, (item % n_ib + 1) * IB)):
             r0 = rb * rb_rows
             m = _widened(V, md, b, r0 // 16, K, wbuf, mdw)
+            nb = b if rb + 1 < n_rb else -1  # prefetched while these tiles run: the next row block's weights
             for t0 in range(0, T, NT):
+                pf = pf_slice(V, md, nb, r0 // 16 + NR, K, t0 // NT, xq.ctypes.data)
                 if r0 + rb_rows <= R and t0 + NT <= T:
-                    _mat_tile(V, m, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, y, (b * T + t0) * R + r0, R)
+                    _mat_tile(V, m, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, y, (b * T + t0) * R + r0, R, pf)
                 else:
-                    _mat_tile(V, m, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, tmp, 0, rb_rows)
+                    _mat_tile(V, m, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, tmp, 0, rb_rows, pf)
                     for t in range(min(NT, T - t0)):
                         for r in range(min(rb_rows, R - r0)):
                             y[b * T + t0 + t, r0 + r] = tmp[t, r]

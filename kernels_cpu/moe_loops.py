@@ -28,6 +28,7 @@ from numba.extending import intrinsic
 from .amx_loops import LAY, amx_tile, b_operand, widen_codes
 from .quantize import quantize_row, quantize_row256
 from .simd import tile
+from .vec import axpy, silu_mul
 
 
 @intrinsic
@@ -79,12 +80,25 @@ def claim(C, ci, tid, n_threads, n):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _mat_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo):
+def _mat_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo, pf):
     tile(V, K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
          md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
          md[12] + e * md[13] + rg * md[14], md[14],
          xq.ctypes.data + t0 * K, xd.ctypes.data + t0 * (K // 32) * 4, xs.ctypes.data + t0 * (K // 16) * 4,
-         xsf.ctypes.data + t0 * (K // 32) * 4, out.ctypes.data + o_off * 4, ldo)
+         xsf.ctypes.data + t0 * (K // 32) * 4, out.ctypes.data + o_off * 4, ldo, pf)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def pf_slice(V, md, e, rg, K, i, fallback):
+    """What the i-th tile call of an item prefetches (simd.tile's pf): slice i, K/G cache lines (one per scale
+    group), of the codes of row groups rg .. rg + NR - 1 of matrix e, the weights this worker reads next; fallback
+    (an address already in cache) when e < 0 or slice i lies past them. The first token tile of an item otherwise
+    waits on DRAM: Q8_0 [2048, 7168] 4x32 tiles over 64 tokens ran at 824 GOPS on one core with the weights in L3
+    and 698 with them in DRAM."""
+    off = i * (K // LAY[V // 1000 % 10][0]) * 64
+    if e < 0 or off >= (V % 10) * md[2]:
+        return fallback
+    return md[0] + e * md[1] + rg * md[2] + off
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -182,6 +196,7 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
     NR = Vg % 10
     n_rt = I // (16 * NR)
     n_items = exp_e.shape[0] * n_rt
+    ld = g.strides[0] // 4  # row stride of g and u, in floats
     lay_g, lay_u = Vg // 1000 % 10, Vu // 1000 % 10
     Ka = H if fn_g else 0  # AMX scratch only where tiles may run: C per scale group, widened B for gate and up
     cbuf = np.empty((Ka // 16, 16, 16), np.int32)
@@ -205,13 +220,18 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                     amx_tile(lay_u, fn_u, md_u, e, r, H, bu, xq, xd, xs, xsf, t0, cbuf, u, t0, r * 16)
         else:
             mg, mu = _widened(Vg, md_g, e, rg, H, vg, mdw_g), _widened(Vu, md_u, e, rg, H, vu, mdw_u)
+            nj = item + 1 if item + 1 < n_items else -1  # prefetched: this worker's next item, most likely
+            ne, nrg = (exp_e[nj // n_rt] if nj >= 0 else -1), nj % n_rt * NR
+            fb = xq.ctypes.data
             for t0 in range(s0, s0 + n, NT):
-                _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * I + rg * 16, I)
-                _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * I + rg * 16, I)
-        for s in range(s0, s0 + n):
-            for i in range(rg * 16, (rg + NR) * 16):
-                a = g[s, i]
-                g[s, i] = a / (np.float32(1.0) + np.exp(-a)) * u[s, i]
+                i = (t0 - s0) // NT
+                _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld,
+                          pf_slice(Vg, md_g, ne, nrg, H, i, fb))
+                _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld,
+                          pf_slice(Vu, md_u, ne, nrg, H, i, fb))
+        for s in range(s0, s0 + n):  # h = silu(g) * u, in place in g
+            o = (s * ld + rg * 16) * 4
+            silu_mul(g.ctypes.data + o, u.ctypes.data + o, g.ctypes.data + o, NR * 16)
         if fetch_add(remaining, j, -1) == 1:  # last block of this expert: its h is complete
             for s in range(s0, s0 + n):
                 if h256:  # the down tiles are per-256 variants (moe.py)
@@ -249,8 +269,13 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
                         _scatter(tmp, 16 * r, 16 * r + 16, min(16, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
             else:
                 m = _widened(Vd, md_d, e, rg, I, vd, mdw)
+                if j + 1 < exp_e.shape[0]:  # prefetched: the next expert's rows of this item, or the next item's
+                    ne, nrg = exp_e[j + 1], rg
+                else:
+                    ne, nrg = (exp_e[0], rg + NR) if item + 1 < n_items else (-1, 0)
                 for t0 in range(s0, s0 + n, NT):
-                    _mat_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16)
+                    _mat_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16,
+                              pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data))
                     _scatter(tmp, 0, NR * 16, min(NT, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
 
 
@@ -259,6 +284,5 @@ def _scatter(tmp, i0, i1, n_tok, t0, rg, slot_tok, slot_w, y):
     """y[token of slot t0 + ti, 16 rg + i] += w * tmp[ti, i]: items own disjoint columns of y, so no race."""
     for ti in range(n_tok):
         t = slot_tok[t0 + ti]
-        w = slot_w[t0 + ti]
-        for i in range(i0, i1):
-            y[t, rg * 16 + i] += w * tmp[ti, i]
+        axpy(y.ctypes.data + t * y.strides[0] + (rg * 16 + i0) * 4, tmp.ctypes.data + ti * tmp.strides[0] + i0 * 4,
+             slot_w[t0 + ti], i1 - i0)

@@ -290,6 +290,8 @@ def _emit(b, V, a):
     facc = [[None] * nr for _ in range(nt)]
     for gi in range(gpi):
         g = b.add(b.mul(it, c(gpi)), c(gi))
+        if nt > 1:  # one line of the caller's next weights per group (pf, see tile)
+            _prefetch(b, _ptr(b, a["pf"], b.mul(g, c(64)), i8), locality=2)
         iacc = _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g)
         scales, mins = _group_scales(b, a, lay, nr, g, with_d=not s256)
         g32 = b.sdiv(b.mul(g, c(G)), c(32))
@@ -327,16 +329,19 @@ def _emit(b, V, a):
             b.store(nxt[t][r], _ptr(b, a["out"], off, V16F), align=4)
 
 
-_ARGS = ("K", "codes", "cs", "d", "ds", "sc", "ss", "dmin", "dms", "m", "ms", "xq", "xd", "xs", "xsf", "out", "ldo")
+_ARGS = ("K", "codes", "cs", "d", "ds", "sc", "ss", "dmin", "dms", "m", "ms", "xq", "xd", "xs", "xsf", "out", "ldo", "pf")
 
 
 @intrinsic
-def tile(typingctx, V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo):
-    """tile(V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo): addresses and
-    row-group strides in bytes (int64), xq/xd/xs/xsf/out point at the tile's first token, ldo in floats."""
+def tile(typingctx, V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf):
+    """tile(V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf): addresses and
+    row-group strides in bytes (int64), xq/xd/xs/xsf/out point at the tile's first token, ldo in floats.
+    pf (prefill tiles, NT > 1; a valid address, decode tiles ignore it): K/G cache lines from pf on are
+    prefetched (prefetcht1), one per scale group, so the caller can pull the weights of its next item into the
+    caches while this one computes (moe_loops.pf_slice)."""
     if not isinstance(V, types.IntegerLiteral):
         return None
-    rest = (K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo)
+    rest = (K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf)
     sig = types.void(V, *rest)
 
     def codegen(context, builder, signature, args):

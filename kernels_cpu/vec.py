@@ -1,0 +1,117 @@
+"""Short float loops of the MoE and decode paths as explicit 16-lane LLVM vector IR (Numba intrinsics).
+
+Numba's loops around `np.exp` stay scalar (a libm call per element), and a `y[t, c] += w * tmp[i, c]` loop over
+one 32-column item vectorized poorly (runtime alias checks, 32-element trip counts). Measured on Zen 5, one core,
+64 tokens x 8 experts of a DeepSeek-V3-shaped Q8_0 layer: the SiLU took 2.4 ms and the down scatter 1.4 ms of a
+62 ms prefill. Generic <16 x float> IR is legalized by LLVM for any x86 target (AVX-512, AVX2, SSE), so these
+carry no CPUID choice.
+
+    silu_mul(g, u, out, n)   out[i] = g[i] / (1 + exp(-g[i])) * u[i]
+    axpy(y, x, w, n)         y[i] += w * x[i]
+
+Arguments are addresses of float32 data (int64) and n, a multiple of 16. exp is the Cephes single-precision
+scheme: exp(z) = 2^k * p(r), k = round(z / ln 2), r = z - k ln 2 (ln 2 split in two for exactness), p a degree-7
+polynomial; relative error ~2e-7 over the clamped range [-87, 88] (tests/test_kernels_cpu.py checks it against
+numpy). SiLU is 0 below g = -87 (where exp(-g) saturates; the true value is below 1e-35 there).
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+V16F, V16I = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def _fv(v):
+    return ir.Constant(V16F, [v] * 16)
+
+
+def _fn(b, name, n_args):
+    return cgutils.get_or_insert_function(b.module, ir.FunctionType(V16F, [V16F] * n_args), name)
+
+
+def _round(b, x):
+    """Round to nearest integer value (llvm.rint: vrndscaleps / roundps, or a libcall-free expansion)."""
+    return b.call(_fn(b, "llvm.rint.v16f32", 1), [x])
+
+
+def _exp(b, z):
+    """exp of a <16 x float> (module docstring)."""
+    mx, mn = _fn(b, "llvm.maxnum.v16f32", 2), _fn(b, "llvm.minnum.v16f32", 2)
+    z = b.call(mn, [b.call(mx, [z, _fv(-87.0)]), _fv(88.0)])
+    k = _round(b, b.fmul(z, _fv(1.44269504088896341)))
+    r = b.fsub(b.fsub(z, b.fmul(k, _fv(0.693359375))), b.fmul(k, _fv(-2.12194440e-4)))
+    p = _fv(_EXP_P[0])
+    for c in _EXP_P[1:]:
+        p = b.fadd(b.fmul(p, r), _fv(c))
+    p = b.fadd(b.fadd(b.fmul(b.fmul(p, r), r), r), _fv(1.0))
+    two_k = b.bitcast(b.shl(b.add(b.fptosi(k, V16I), ir.Constant(V16I, [127] * 16)), ir.Constant(V16I, [23] * 16)), V16F)
+    return b.fmul(p, two_k)
+
+
+def _loop16(b, n, body):
+    """for j in range(0, n, 16): body(b, byte offset 4 j)."""
+    entry = b.block
+    loop, done = b.append_basic_block("v16"), b.append_basic_block("v16_done")
+    b.cbranch(b.icmp_signed(">", n, ir.Constant(i64, 0)), loop, done)
+    b.position_at_end(loop)
+    j = b.phi(i64)
+    j.add_incoming(ir.Constant(i64, 0), entry)
+    body(b, b.mul(j, ir.Constant(i64, 4)))
+    j1 = b.add(j, ir.Constant(i64, 16))
+    j.add_incoming(j1, b.block)
+    b.cbranch(b.icmp_signed("<", j1, n), loop, done)
+    b.position_at_end(done)
+
+
+def _vptr(b, base, off):
+    return b.inttoptr(b.add(base, off), V16F.as_pointer())
+
+
+def _i64_args(context, b, tys, vals):
+    return [context.cast(b, v, t, types.int64) for v, t in zip(vals, tys)]
+
+
+@intrinsic
+def silu_mul(typingctx, g, u, out, n):
+    """silu_mul(g, u, out, n): out[i] = silu(g[i]) * u[i] for i < n (addresses of float32; n % 16 == 0)."""
+    sig = types.void(g, u, out, n)
+
+    def codegen(context, b, signature, args):
+        g_, u_, o_, n_ = _i64_args(context, b, signature.args, args)
+
+        def body(b, off):
+            gv = b.load(_vptr(b, g_, off), align=4)
+            e = _exp(b, b.fneg(gv))
+            s = b.fdiv(gv, b.fadd(e, _fv(1.0)))
+            s = b.select(b.fcmp_ordered("<", gv, _fv(-87.0)), _fv(0.0), s)  # where exp(-g) saturated: silu(g) ~ 0
+            b.store(b.fmul(s, b.load(_vptr(b, u_, off), align=4)), _vptr(b, o_, off), align=4)
+
+        _loop16(b, n_, body)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def axpy(typingctx, y, x, w, n):
+    """axpy(y, x, w, n): y[i] += w * x[i] for i < n (addresses of float32, w a float; n % 16 == 0)."""
+    sig = types.void(y, x, types.float32, n)
+
+    def codegen(context, b, signature, args):
+        (y_, x_), n_ = _i64_args(context, b, signature.args[:2], args[:2]), context.cast(b, args[3], signature.args[3],
+                                                                                           types.int64)
+        wv = b.insert_element(ir.Constant(V16F, ir.Undefined), args[2], ir.Constant(i32, 0))
+        wv = b.shuffle_vector(wv, ir.Constant(V16F, ir.Undefined), ir.Constant(V16I, [0] * 16))
+
+        def body(b, off):
+            p = _vptr(b, y_, off)
+            b.store(b.fadd(b.load(p, align=4), b.fmul(wv, b.load(_vptr(b, x_, off), align=4))), p, align=4)
+
+        _loop16(b, n_, body)
+        return context.get_dummy_value()
+
+    return sig, codegen
