@@ -61,7 +61,7 @@ class CpuFeatures:
     amx_tile: bool = False
     amx_int8: bool = False
     amx_bf16: bool = False
-    split_512: bool = False  # 512-bit ops as two 256-bit halves (Zen 4): tile choice only, see moe.per256_tiles
+    split_512: bool = False  # 512-bit ops as two 256-bit halves (Zen 4): a tuning fact, reported (moe.per256_tiles)
 
     def describe(self) -> str:
         on = [f.name for f in fields(self) if getattr(self, f.name)]

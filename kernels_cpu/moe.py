@@ -24,11 +24,10 @@ Decode (every expert has one token) uses a 1-token x 64-row tile that streams we
 4-token x 32-row register tile. For 5/6-bit codes, a prefill averaging >= WIDE_MIN_TOKENS per expert first widens
 each item's row groups to bytes (simd.widen, per-worker scratch of NR x 16 K bytes) and runs the byte-plane tile:
 the unpack is paid once per item instead of once per token tile (Q6_K: +5-15% GOPS at 64-256 tokens per expert;
-for 4-bit codes, whose unpack is one op, it measured no better with the per-32 tiles, so Q4_0 is read packed; Q4_K
-on the per-256 tiles below is widened too: +1-2% at 64 tokens per expert, +3-8% at 256, alternating runs). On CPUs that split 512-bit ops
-in halves (Zen 4: per256_tiles), K-quant prefill tiles
-(Q4_K, and Q5_K/Q6_K when widened: per256_ok) take activations quantized per 256 instead of per 32
-(quantize.quantize_row256, as llama.cpp's Q8_K) and skip a float multiply per group (simd.py); x goes per 256
+4-bit codes, whose unpack is one op, are read packed: widening Q4_K for the per-256 tiles below had measured +1-2%
+on Zen 4, and -4 to -12% on Zen 5 once those tiles ran their groups as a loop, bench_cpu_experts). Prefill
+tiles of K-quants, Q8_0 and Q4_0 over K a multiple of 256 (per256_ok) take activations quantized per 256 instead
+of per 32 (quantize.quantize_row256, as llama.cpp's Q8_K) and skip a float multiply per group (simd.py); x goes per 256
 when both gate and up take it, h when down does; a batch with AMX experts stays per 32 throughout. Decode keeps
 per-32 activations and its tiles. The repacked weights
 live in RAM, or, with cache_dir, in .npy files written expert by expert (bounded RAM) and memory-mapped on later
@@ -62,23 +61,34 @@ WIDE_MIN_TOKENS = 16  # prefill of 5/6-bit codes: widen each item's row groups o
 
 
 def per256_tiles() -> bool:
-    """Whether K-quant prefill may run the per-256 tiles at all: on CPUs that split 512-bit ops into 256-bit halves
-    (Zen 4, cpu_features().split_512), where the float multiply they skip was the cost; elsewhere the per-32 tiles,
-    since the per-256 ones keep a second set of float accumulators that spills registers. Single core, weights in
-    L2, 4x32 tile (GOPS per core; vpdpbusd peak ~463 on Zen 4, ~1140 on Zen 5): Zen 4 Q4_K 297-300 per 32 ->
-    316-318 per 256; Zen 5 (EPYC, family 0x1A) Q4_K widened 705-721 per 32 against 519-574 per 256, packed 722,
-    Q6_K widened 691 against 487. KTX_PER256_TILES=1|0 forces the choice (tests run both on any CPU)."""
-    force = os.environ.get("KTX_PER256_TILES")
-    return force == "1" if force in ("0", "1") else cpu_features().split_512
+    """Whether prefill may run the per-256 tiles at all (per256_ok says where): yes, unless KTX_PER256_TILES=0
+    (KTX_PER256_TILES=1|0 forces the choice; tests run both on any CPU). They first ran only where 512-bit ops are
+    split in halves (Zen 4, cpu_features().split_512), because with the superblock's groups unrolled into one block
+    LLVM interleaved their loads and spilled registers (Zen 5: Q4_K 519-574 per 256 against 705-721 per 32). With
+    the groups as an inner loop (simd._emit) they win on Zen 5 too; GOPS of one core, 4x32 tile, 64 tokens, weights
+    in L3 (peak ~1140): Q4_K 737-749 -> 785-792, Q6_K packed 567 -> 712, widened 691 -> 797-801, Q5_K widened
+    695-729 -> 770, Q8_0 804-808 -> 826-839, Q4_0 824 -> 844 (Q5_0 780 -> 766-785: stays per 32). Zen 4 was
+    measured only with the unrolled form: Q4_K 297-300 per 32 -> 316-318 per 256."""
+    return os.environ.get("KTX_PER256_TILES") != "0"
 
 
-def per256_ok(lay, wide: bool) -> bool:
-    """Whether a prefill tile of this layout runs the per-256 variant (simd.py) on per-256 activations
-    (quantize.quantize_row256): where per256_tiles(), K-quants (integer sc per group, d per 256), read as nibbles
-    (4 bits) or widened bytes. Zen 4, single core, weights in L2 (GOPS per core of a 4x32 tile, peak ~463): Q4_K
-    297-300 -> 316-318, Q6_K widened 292-294 -> 334-350, Q5_K widened 320 -> 309-336; Q6_K read packed lost
-    (238 -> 205-210: the unpack and the second accumulator set spill registers), so it keeps the per-32 tile."""
-    return bool(lay.sc and lay.S == 256 and (lay.bits == 4 or wide)) and per256_tiles()
+def per256_ok(lay, wide: bool, K: int) -> bool:
+    """Whether a prefill tile of this layout and K runs the per-256 variant (simd.py) on per-256 activations
+    (quantize.quantize_row256), where per256_tiles(): K-quants (integer sc per group, d per 256), packed or
+    widened, and Q8_0 and Q4_0 (d per 32 group, applied inside the superblock loop), for K a multiple of 256 (the
+    tile steps one superblock at a time). The float multiply per group that it drops shares the vector pipes with
+    vpdpbusd on Zen 4 and Zen 5 alike (a loop of 64 vpdpbusd and 16 vmulps/vfmadd ran 1.24x as long as the 64
+    alone on Zen 5; vcvtdq2ps came free)."""
+    ok = bool(lay.sc) or lay.name in ("Q8_0", "Q4_0")
+    return ok and K % 256 == 0 and per256_tiles()
+
+
+def _widens(lay) -> bool:
+    """Whether a prefill with enough tokens per expert widens this layout's codes to bytes first: 5/6-bit codes
+    (the module docstring); bytes and 4-bit codes are read as they are. Zen 5, 2 threads, Q4_K experts on the
+    per-256 tiles (bench_cpu_experts, 64 / 256 tokens per expert): widened 1235-1237 / 1329-1345 GOPS, packed
+    1370-1438 / 1413-1425; per-32 tiles (packed) 1260-1345 / 1380-1392."""
+    return lay.bits in (5, 6)
 
 
 def best_isa() -> str:
@@ -184,7 +194,7 @@ class MoEExperts:
             prefill = f"{self.path} ({self.amx_label})"
         return (f"{label[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
                 f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} tiles ({names}, repacked, int8 acts per 32"
-                f"{', per 256 for K-quant prefill' if per256_tiles() else ''}); "
+                f"{', per 256 for prefill' if per256_tiles() else ''}); "
                 f"prefill: {prefill}")
 
     # ---- API ----
@@ -228,9 +238,9 @@ class MoEExperts:
         y = np.zeros((T, H + 16), np.float32)[:, :H]
         wide = bool(nt > 1 and routed >= WIDE_MIN_TOKENS * len(exp_e))
         vec_only = not exp_amx.any()  # AMX tiles keep per-32 activations (nothing to gain there, only error)
-        s256 = [nt > 1 and vec_only and per256_ok(m.layout, wide) for m in self.mats]
+        s256 = [nt > 1 and vec_only and per256_ok(m.layout, wide, K) for m, K in zip(self.mats, (H, H, I))]
         x256 = s256[0] and s256[1]  # x feeds gate and up: per-256 activations only if both tiles take them
-        Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and (m.layout.bits in (5, 6) or s), s)
+        Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and _widens(m.layout), s)
                       for m, s in zip(self.mats, (x256, x256, s256[2])))
         quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf, x256)
         c_a, c_b = np.zeros(pool.n_threads, np.int64), np.zeros(pool.n_threads, np.int64)  # claim's segments

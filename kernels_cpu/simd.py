@@ -287,32 +287,56 @@ def _emit(b, V, a):
             p.add_incoming(ir.Constant(V16F, [0.0] * 16), entry)
 
     nxt = [list(row) for row in accs]
-    facc = [[None] * nr for _ in range(nt)]
-    for gi in range(gpi):
-        g = b.add(b.mul(it, c(gpi)), c(gi))
-        if nt > 1:  # one line of the caller's next weights per group (pf, see tile)
-            _prefetch(b, _ptr(b, a["pf"], b.mul(g, c(64)), i8), locality=2)
-        iacc = _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g)
-        scales, mins = _group_scales(b, a, lay, nr, g, with_d=not s256)
-        g32 = b.sdiv(b.mul(g, c(G)), c(32))
+    if s256:  # the superblock's groups as an inner loop: unrolled into one block, LLVM interleaved their loads and spilled
+        outer = b.block
+        inner = b.append_basic_block("tile_sb")
+        b.branch(inner)
+        b.position_at_end(inner)
+        gi = b.phi(i64)
+        gi.add_incoming(c(0), outer)
+        facc = [[b.phi(V16F) for _ in range(nr)] for _ in range(nt)]
+        iacc_nxt = [[b.phi(V16F) for _ in range(nr)] for _ in range(nt)]
         for t in range(nt):
-            dx = None if s256 else _splat(b, _token_scalar(b, a, "xd", t, g32), V16F)
-            nxsf = _splat(b, b.fneg(_token_scalar(b, a, "xsf", t, g32)), V16F) if lay.mins else None
             for r in range(nr):
-                fi = b.sitofp(iacc[t][r], V16F)
-                if s256:
-                    facc[t][r] = b.fmul(fi, scales[r]) if gi == 0 else b.call(fma, [fi, scales[r], facc[t][r]])
-                else:
-                    nxt[t][r] = b.call(fma, [fi, b.fmul(scales[r], dx), nxt[t][r]])
-                if lay.mins:
-                    nxt[t][r] = b.call(fma, [mins[r], nxsf, nxt[t][r]])
-    if s256:  # once per superblock: d (per 256 rows' vector) times the token's dx (same over the superblock)
+                facc[t][r].add_incoming(ir.Constant(V16F, [0.0] * 16), outer)
+                iacc_nxt[t][r].add_incoming(nxt[t][r], outer)
+        nxt = [list(row) for row in iacc_nxt]
+        g = b.add(b.mul(it, c(gpi)), gi)
+    else:
+        g = it
+    if nt > 1:  # one line of the caller's next weights per group (pf, see tile)
+        _prefetch(b, _ptr(b, a["pf"], b.mul(g, c(64)), i8), locality=2)
+    iacc = _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g)
+    scales, mins = _group_scales(b, a, lay, nr, g, with_d=not (s256 and lay.sc))
+    g32 = b.sdiv(b.mul(g, c(G)), c(32))
+    fnew = [[None] * nr for _ in range(nt)]
+    for t in range(nt):
+        dx = None if s256 else _splat(b, _token_scalar(b, a, "xd", t, g32), V16F)
+        nxsf = _splat(b, b.fneg(_token_scalar(b, a, "xsf", t, g32)), V16F) if lay.mins else None
+        for r in range(nr):
+            fi = b.sitofp(iacc[t][r], V16F)
+            if s256:
+                fnew[t][r] = b.call(fma, [fi, scales[r], facc[t][r]])
+            else:
+                nxt[t][r] = b.call(fma, [fi, b.fmul(scales[r], dx), nxt[t][r]])
+            if lay.mins:
+                nxt[t][r] = b.call(fma, [mins[r], nxsf, nxt[t][r]])
+    if s256:  # once per superblock: the token's dx (same over the superblock), times d where that is per 256
+        gi1 = b.add(gi, c(1))
+        gi.add_incoming(gi1, b.block)
+        for t in range(nt):
+            for r in range(nr):
+                facc[t][r].add_incoming(fnew[t][r], b.block)
+                iacc_nxt[t][r].add_incoming(nxt[t][r], b.block)
+        sb_end = b.append_basic_block("tile_sb_end")
+        b.cbranch(b.icmp_signed("<", gi1, c(gpi)), inner, sb_end)
+        b.position_at_end(sb_end)
         ds = [b.fpext(b.load(_ptr(b, a["d"], b.add(b.mul(c(r), a["ds"]), b.mul(it, c(32))), V16H), align=2), V16F)
-              for r in range(nr)]
+              for r in range(nr)] if lay.sc else None
         for t in range(nt):
             dx = _splat(b, _token_scalar(b, a, "xd", t, b.mul(it, c(8))), V16F)
             for r in range(nr):
-                nxt[t][r] = b.call(fma, [facc[t][r], b.fmul(ds[r], dx), nxt[t][r]])
+                nxt[t][r] = b.call(fma, [fnew[t][r], b.fmul(ds[r], dx) if ds else dx, nxt[t][r]])
 
     it1 = b.add(it, c(1))
     tail = b.block

@@ -32,12 +32,12 @@ def pool():
         yield p
 
 
-def act_block(qt, T, p256=None):
+def act_block(qt, T, K, p256=None):
     """Activation block as linear.py documents it: where the per-256 tiles run (p256; None: this CPU's choice,
-    moe.per256_tiles), per 256 for K-quant prefill read as nibbles (Q4_K, T >= 2) or widened (Q5_K/Q6_K,
-    T >= 16), else per 32."""
+    moe.per256_tiles), per 256 for prefill (T >= 2) of K-quants, Q8_0 and Q4_0 over K a multiple of 256, else
+    per 32."""
     p256 = per256_tiles() if p256 is None else p256
-    return 256 if p256 and ((qt == QT.Q4_K and T >= 2) or (qt in (QT.Q5_K, QT.Q6_K) and T >= 16)) else 32
+    return 256 if p256 and T >= 2 and K % 256 == 0 and qt in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q4_0) else 32
 
 
 def check(y, x, Ws, block=32):
@@ -77,7 +77,7 @@ def test_matches_dequantized_matmul(pool, path, qt, data):
     finally:
         linear.INLINE_MACS = saved
     assert y.dtype == np.float32 and y.shape == ((B, T, rows) if B else (T, rows))
-    check(y if B else y[None], x, [deq(r, qt) for r in raw], act_block(qt, T, p256))
+    check(y if B else y[None], x, [deq(r, qt) for r in raw], act_block(qt, T, cols, p256))
 
 
 def test_repeated_calls_pool_and_inline_agree(pool):
@@ -97,7 +97,7 @@ def test_repeated_calls_pool_and_inline_agree(pool):
         linear.INLINE_MACS = saved
     for a, b in zip(pooled, inline):
         np.testing.assert_array_equal(a, b)
-    check(pooled[5][None], xs[5][None], [deq(raw, QT.Q4_K)], act_block(QT.Q4_K, 40))
+    check(pooled[5][None], xs[5][None], [deq(raw, QT.Q4_K)], act_block(QT.Q4_K, 40, K))
 
 
 @pytest.mark.parametrize("qt,B,R,K", [(QT.Q8_0, 16, 500, 128), (QT.Q6_K, None, 3000, 256)])

@@ -207,19 +207,18 @@ def per256_forced(on: bool):
             os.environ["KTX_PER256_TILES"] = old
 
 
-def act_blocks(ids, t_gu, t_down, p256=None):
+def act_blocks(ids, t_gu, t_down, p256=None, H=256, I=256):
     """Activation blocks (x's, h's) as moe.py documents them: per 32, except, where the per-256 tiles run (p256;
-    None: this CPU's choice, moe.per256_tiles), in a prefill (some expert has two tokens) whose weights are K-quants:
-    Q4_K (packed, or widened at >= 16 tokens per used expert), Q5_K/Q6_K widened (>= 16 tokens per used expert):
+    None: this CPU's choice, moe.per256_tiles), in a prefill (some expert has two tokens) over K (H for gate and
+    up, I for down) a multiple of 256 whose weights are K-quants (Q5_K/Q6_K packed or widened alike), Q8_0 or Q4_0:
     per 256 (quantize_row256)."""
     routed = ids[ids >= 0]
     counts = np.bincount(routed) if routed.size else np.zeros(1, np.int64)
     prefill = counts.max() > 1 and (per256_tiles() if p256 is None else p256)
-    wide = prefill and routed.size >= 16 * np.count_nonzero(counts)
 
-    def per256(t):
-        return prefill and (t == QT.Q4_K or (t in (QT.Q5_K, QT.Q6_K) and wide))
-    return (256 if per256(t_gu) else 32), (256 if per256(t_down) else 32)
+    def per256(t, K):
+        return prefill and K % 256 == 0 and t in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q4_0)
+    return (256 if per256(t_gu, H) else 32), (256 if per256(t_down, I) else 32)
 
 
 CASES = [(p, QT.Q4_K, QT.Q4_K) for p in PATHS] + [(p, QT.Q8_0, QT.Q8_0) for p in PATHS] + \
@@ -269,7 +268,7 @@ def test_submit_returns_before_wait_and_paths_reject_missing_isa(pool):
     job = ex.submit(x, ids, np.ones((3, 2), np.float32))
     y = job.wait()
     Ws = {e: (deq(g[e], QT.Q8_0), deq(u[e], QT.Q8_0), deq(d[e], QT.Q8_0)) for e in range(4)}
-    ref = reference(x, ids, np.ones((3, 2)), Ws, quantize_acts=True)
+    ref = reference(x, ids, np.ones((3, 2)), Ws, quantize_acts=True, blocks=act_blocks(ids, QT.Q8_0, QT.Q8_0))
     assert np.abs(y - ref).max() <= 2e-3 * np.abs(ref).max()
     assert ex.kernel_path
     if not FEAT.avx512_vnni:
@@ -295,9 +294,8 @@ def test_disk_cache_roundtrip(pool, tmp_path):
                          ids=["Q6_K-Q5_0", "Q5_K-Q6_K", "Q4_K-Q6_K"])
 @pytest.mark.parametrize("p256", [True, False], ids=["per256", "per32"])
 def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down, p256):
-    """A prefill with >= WIDE_MIN_TOKENS per expert widens 5/6-bit codes (and Q4_K's, on per-256 tiles) to bytes
-    per work item and runs the byte-plane tile (wide variants); held to the same two references as the packed
-    path."""
+    """A prefill with >= WIDE_MIN_TOKENS per expert widens 5/6-bit codes to bytes per work item and runs the
+    byte-plane tile (wide variants); held to the same two references as the packed path."""
     rng = np.random.default_rng(int(t_gu) * 31 + int(t_down))
     H, I, E, T = 256, 512, 3, 40
     g, u, d = rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_down, E, H, I)
@@ -314,6 +312,31 @@ def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down, p256):
     assert np.abs(y - emulated).max() <= 2e-3 * scale
     exact = reference(x, ids, w, Ws, quantize_acts=False)
     assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, act_blocks(ids, t_gu, t_down, p256)) + 1e-6 * scale)
+
+
+@pytest.mark.parametrize("qt", [QT.Q8_0, QT.Q4_0, QT.Q4_K], ids=["Q8_0", "Q4_0", "Q4_K"])
+@pytest.mark.parametrize("p256", [True, False], ids=["per256", "per32"])
+def test_byte_and_4bit_prefill_many_tokens_reads_packed(pool, qt, p256):
+    """Q8_0, Q4_0 and Q4_K prefill with >= WIDE_MIN_TOKENS per expert: codes read as they are (never widened) on
+    the per-256 tiles (or the per-32 ones), against the two references."""
+    rng = np.random.default_rng(int(qt) + 7 * p256)
+    H, I, E, T = 512, 256, 3, 40
+    g, u, d = (rand_raw(rng, qt, E, R, K) for R, K in ((I, H), (I, H), (H, I)))
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    ids = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1).astype(np.int32)
+    w = rng.random((T, 2)).astype(np.float32)
+    ex = MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I, pool=pool, path=PATHS[-1])
+    with per256_forced(p256):
+        y = ex.forward(x, ids, w)
+    Vs = [V for key in ex._entries for V in key[1:]]
+    assert not any(V // 10000 % 10 for V in Vs) and any(V >= 100000 for V in Vs) == p256
+    Ws = {e: (deq(g[e], qt), deq(u[e], qt), deq(d[e], qt)) for e in range(E)}
+    blocks = act_blocks(ids, qt, qt, p256, H, I)
+    emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=blocks)
+    scale = np.abs(emulated).max()
+    assert np.abs(y - emulated).max() <= 2e-3 * scale
+    exact = reference(x, ids, w, Ws, quantize_acts=False)
+    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, blocks) + 1e-6 * scale)
 
 
 def test_quantize_row256_matches_numpy_per_256():
@@ -360,7 +383,9 @@ def test_moe_expert_size_not_a_multiple_of_256(pool, t_down, T):
     y = MoEExperts((g, QT.Q4_K), (u, QT.Q4_K), (d, t_down), hidden=H, inter=I, pool=pool).forward(x, ids, w)
     Ws = {e: (deq(g[e], QT.Q4_K), deq(u[e], QT.Q4_K), deq(d[e], t_down)) for e in range(E)}
     exact = reference(x, ids, w, Ws, quantize_acts=False)
-    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws) + 1e-6 * np.abs(exact).max())
+    blocks = act_blocks(ids, QT.Q4_K, t_down, H=H, I=I)
+    assert blocks[1] == 32  # I = 320: down never takes per-256 activations
+    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, blocks) + 1e-6 * np.abs(exact).max())
 
 
 @njit
