@@ -22,8 +22,7 @@ One call: the caller's thread and n - 1 pool workers run `linear_loop`:
              tile: MLA's attn_k_b [16, 512, 128] Q8_0 went from ~10.5 to ~18.5 GB/s with both (2 threads).
 
 Prefill of 5/6-bit codes with T >= WIDE_MIN_TOKENS widens each block's row groups to bytes first (moe.py), and
-Prefill of K-quants, Q8_0 and Q4_0 quantizes activations per 256 for the per-256 tiles (moe.per256_ok,
-quantize.quantize_row256).
+K-quant prefill quantizes activations per 256 for the per-256 tiles (moe.per256_ok, quantize.quantize_row256).
 Activation rows are laid out [B, Tp, K] with Tp = T rounded up to the token tile NT; tiles that would write
 past T or R go through a scratch tile. Decode (T == 1) uses the 1 x 64 tile that streams every weight byte
 once; prefill the 4 x 32 register tile.
@@ -197,7 +196,7 @@ class QuantLinear:
             return f"reference gguf-py dequantize + numpy float32 matmul ({self.qtype.name})"
         return (f"{_LABEL[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
                 f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} ({self.qtype.name}, repacked, int8 acts per 32"
-                f"{', per 256 for prefill' if per256_tiles() else ''})")
+                f"{', per 256 for K-quant prefill' if per256_tiles() else ''})")
 
     def _repack(self):
         lay, K = LAYOUTS[self.qtype], self.cols

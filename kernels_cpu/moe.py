@@ -26,8 +26,7 @@ each item's row groups to bytes (simd.widen, per-worker scratch of NR x 16 K byt
 the unpack is paid once per item instead of once per token tile (Q6_K: +5-15% GOPS at 64-256 tokens per expert;
 4-bit codes, whose unpack is one op, are read packed: widening Q4_K for the per-256 tiles below had measured +1-2%
 on Zen 4, and -4 to -12% on Zen 5 once those tiles ran their groups as a loop, bench_cpu_experts). Prefill
-tiles of K-quants, Q8_0 and Q4_0 over K a multiple of 256 (per256_ok) take activations quantized per 256 instead
-of per 32 (quantize.quantize_row256, as llama.cpp's Q8_K) and skip a float multiply per group (simd.py); x goes per 256
+tiles of K-quants (per256_ok) take activations quantized per 256 instead of per 32 (quantize.quantize_row256, as llama.cpp's Q8_K) and skip a float multiply per group (simd.py); x goes per 256
 when both gate and up take it, h when down does; a batch with AMX experts stays per 32 throughout. Decode keeps
 per-32 activations and its tiles. The repacked weights
 live in RAM, or, with cache_dir, in .npy files written expert by expert (bounded RAM) and memory-mapped on later
@@ -67,20 +66,25 @@ def per256_tiles() -> bool:
     LLVM interleaved their loads and spilled registers (Zen 5: Q4_K 519-574 per 256 against 705-721 per 32). With
     the groups as an inner loop (simd._emit) they win on Zen 5 too; GOPS of one core, 4x32 tile, 64 tokens, weights
     in L3 (peak ~1140): Q4_K 737-749 -> 785-792, Q6_K packed 567 -> 712, widened 691 -> 797-801, Q5_K widened
-    695-729 -> 770, Q8_0 804-808 -> 826-839, Q4_0 824 -> 844 (Q5_0 780 -> 766-785: stays per 32). Zen 4 was
-    measured only with the unrolled form: Q4_K 297-300 per 32 -> 316-318 per 256."""
+    695-729 -> 770 (Q8_0 804-808 -> 826-839, Q4_0 824 -> 844, Q5_0 780 -> 766-785: those stay per 32, see
+    per256_ok). Zen 4 was measured only with the unrolled form: Q4_K 297-300 per 32 -> 316-318 per 256."""
     return os.environ.get("KTX_PER256_TILES") != "0"
 
 
 def per256_ok(lay, wide: bool, K: int) -> bool:
     """Whether a prefill tile of this layout and K runs the per-256 variant (simd.py) on per-256 activations
     (quantize.quantize_row256), where per256_tiles(): K-quants (integer sc per group, d per 256), packed or
-    widened, and Q8_0 and Q4_0 (d per 32 group, applied inside the superblock loop), for K a multiple of 256 (the
-    tile steps one superblock at a time). The float multiply per group that it drops shares the vector pipes with
-    vpdpbusd on Zen 4 and Zen 5 alike (a loop of 64 vpdpbusd and 16 vmulps/vfmadd ran 1.24x as long as the 64
-    alone on Zen 5; vcvtdq2ps came free)."""
-    ok = bool(lay.sc) or lay.name in ("Q8_0", "Q4_0")
-    return ok and K % 256 == 0 and per256_tiles()
+    widened, as llama.cpp pairs K-quants with its per-256 Q8_K activations. The float multiply per group that it
+    drops shares the vector pipes with vpdpbusd on Zen 4 and Zen 5 alike (a loop of 64 vpdpbusd and 16
+    vmulps/vfmadd ran 1.24x as long as the 64 alone on Zen 5; vcvtdq2ps came free).
+
+    Q8_0 and Q4_0 keep per-32 activations, as llama.cpp's Q8_0 dot does: per 256 they ran 4-7% faster (Zen 5, 2
+    threads, bench_cpu_experts Q8_0: 1384-1397 -> 1445-1486 GOPS at 64 tokens per expert, 1474-1487 -> 1565-1568
+    at 256) but, with a few outlier channels in x (8 of 1024 at 20x), the expert output's relative RMS error
+    against float weights-as-stored grew from 1.8e-2 to 4.2e-2 (Q4_K: 1.8e-2 -> 3.8e-2, the price llama.cpp
+    pays too), and whoever picks Q8_0 picks it for accuracy. K is always a multiple of 256 for K-quants; the
+    check keeps the rule honest for any layout."""
+    return bool(lay.sc) and K % 256 == 0 and per256_tiles()
 
 
 def _widens(lay) -> bool:
@@ -194,7 +198,7 @@ class MoEExperts:
             prefill = f"{self.path} ({self.amx_label})"
         return (f"{label[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
                 f"{PREFILL_TILE[0]}x{16 * PREFILL_TILE[1]} tiles ({names}, repacked, int8 acts per 32"
-                f"{', per 256 for prefill' if per256_tiles() else ''}); "
+                f"{', per 256 for K-quant prefill' if per256_tiles() else ''}); "
                 f"prefill: {prefill}")
 
     # ---- API ----

@@ -34,10 +34,9 @@ def pool():
 
 def act_block(qt, T, K, p256=None):
     """Activation block as linear.py documents it: where the per-256 tiles run (p256; None: this CPU's choice,
-    moe.per256_tiles), per 256 for prefill (T >= 2) of K-quants, Q8_0 and Q4_0 over K a multiple of 256, else
-    per 32."""
+    moe.per256_tiles), per 256 for prefill (T >= 2) of K-quants (K a multiple of 256), else per 32."""
     p256 = per256_tiles() if p256 is None else p256
-    return 256 if p256 and T >= 2 and K % 256 == 0 and qt in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q4_0) else 32
+    return 256 if p256 and T >= 2 and K % 256 == 0 and qt in (QT.Q4_K, QT.Q5_K, QT.Q6_K) else 32
 
 
 def check(y, x, Ws, block=32):

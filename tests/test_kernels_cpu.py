@@ -210,14 +210,14 @@ def per256_forced(on: bool):
 def act_blocks(ids, t_gu, t_down, p256=None, H=256, I=256):
     """Activation blocks (x's, h's) as moe.py documents them: per 32, except, where the per-256 tiles run (p256;
     None: this CPU's choice, moe.per256_tiles), in a prefill (some expert has two tokens) over K (H for gate and
-    up, I for down) a multiple of 256 whose weights are K-quants (Q5_K/Q6_K packed or widened alike), Q8_0 or Q4_0:
-    per 256 (quantize_row256)."""
+    up, I for down) a multiple of 256 whose weights are K-quants (packed or widened alike): per 256
+    (quantize_row256)."""
     routed = ids[ids >= 0]
     counts = np.bincount(routed) if routed.size else np.zeros(1, np.int64)
     prefill = counts.max() > 1 and (per256_tiles() if p256 is None else p256)
 
     def per256(t, K):
-        return prefill and K % 256 == 0 and t in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0, QT.Q4_0)
+        return prefill and K % 256 == 0 and t in (QT.Q4_K, QT.Q5_K, QT.Q6_K)
     return (256 if per256(t_gu, H) else 32), (256 if per256(t_down, I) else 32)
 
 
@@ -317,8 +317,8 @@ def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down, p256):
 @pytest.mark.parametrize("qt", [QT.Q8_0, QT.Q4_0, QT.Q4_K], ids=["Q8_0", "Q4_0", "Q4_K"])
 @pytest.mark.parametrize("p256", [True, False], ids=["per256", "per32"])
 def test_byte_and_4bit_prefill_many_tokens_reads_packed(pool, qt, p256):
-    """Q8_0, Q4_0 and Q4_K prefill with >= WIDE_MIN_TOKENS per expert: codes read as they are (never widened) on
-    the per-256 tiles (or the per-32 ones), against the two references."""
+    """Q8_0, Q4_0 and Q4_K prefill with >= WIDE_MIN_TOKENS per expert: codes read as they are (never widened),
+    Q4_K on the per-256 tiles where they run, Q8_0 and Q4_0 per 32 always, against the two references."""
     rng = np.random.default_rng(int(qt) + 7 * p256)
     H, I, E, T = 512, 256, 3, 40
     g, u, d = (rand_raw(rng, qt, E, R, K) for R, K in ((I, H), (I, H), (H, I)))
@@ -329,7 +329,7 @@ def test_byte_and_4bit_prefill_many_tokens_reads_packed(pool, qt, p256):
     with per256_forced(p256):
         y = ex.forward(x, ids, w)
     Vs = [V for key in ex._entries for V in key[1:]]
-    assert not any(V // 10000 % 10 for V in Vs) and any(V >= 100000 for V in Vs) == p256
+    assert not any(V // 10000 % 10 for V in Vs) and any(V >= 100000 for V in Vs) == (p256 and qt == QT.Q4_K)
     Ws = {e: (deq(g[e], qt), deq(u[e], qt), deq(d[e], qt)) for e in range(E)}
     blocks = act_blocks(ids, qt, qt, p256, H, I)
     emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=blocks)
