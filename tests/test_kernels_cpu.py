@@ -296,22 +296,8 @@ def test_disk_cache_roundtrip(pool, tmp_path):
 def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down, p256):
     """A prefill with >= WIDE_MIN_TOKENS per expert widens 5/6-bit codes to bytes per work item and runs the
     byte-plane tile (wide variants); held to the same two references as the packed path."""
-    rng = np.random.default_rng(int(t_gu) * 31 + int(t_down))
-    H, I, E, T = 256, 512, 3, 40
-    g, u, d = rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_down, E, H, I)
-    x = rng.standard_normal((T, H)).astype(np.float32)
-    ids = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1).astype(np.int32)
-    w = rng.random((T, 2)).astype(np.float32)
-    ex = MoEExperts((g, t_gu), (u, t_gu), (d, t_down), hidden=H, inter=I, pool=pool, path=PATHS[-1])
-    with per256_forced(p256):
-        y = ex.forward(x, ids, w)
-    assert any(V // 10000 % 10 for key in ex._entries for V in key[1:]), "the wide variants did not run"
-    Ws = {e: (deq(g[e], t_gu), deq(u[e], t_gu), deq(d[e], t_down)) for e in range(E)}
-    emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=act_blocks(ids, t_gu, t_down, p256))
-    scale = np.abs(emulated).max()
-    assert np.abs(y - emulated).max() <= 2e-3 * scale
-    exact = reference(x, ids, w, Ws, quantize_acts=False)
-    assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, act_blocks(ids, t_gu, t_down, p256)) + 1e-6 * scale)
+    Vs = _prefill_40_tokens(pool, t_gu, t_down, p256, 256, 512, int(t_gu) * 31 + int(t_down))
+    assert any(V // 10000 % 10 for V in Vs), "the wide variants did not run"
 
 
 @pytest.mark.parametrize("qt", [QT.Q8_0, QT.Q4_0, QT.Q4_K], ids=["Q8_0", "Q4_0", "Q4_K"])
@@ -319,24 +305,30 @@ def test_prefill_with_widened_codes_matches_reference(pool, t_gu, t_down, p256):
 def test_byte_and_4bit_prefill_many_tokens_reads_packed(pool, qt, p256):
     """Q8_0, Q4_0 and Q4_K prefill with >= WIDE_MIN_TOKENS per expert: codes read as they are (never widened),
     Q4_K on the per-256 tiles where they run, Q8_0 and Q4_0 per 32 always, against the two references."""
-    rng = np.random.default_rng(int(qt) + 7 * p256)
-    H, I, E, T = 512, 256, 3, 40
-    g, u, d = (rand_raw(rng, qt, E, R, K) for R, K in ((I, H), (I, H), (H, I)))
+    Vs = _prefill_40_tokens(pool, qt, qt, p256, 512, 256, int(qt) + 7 * p256)
+    assert not any(V // 10000 % 10 for V in Vs) and any(V >= 100000 for V in Vs) == (p256 and qt == QT.Q4_K)
+
+
+def _prefill_40_tokens(pool, t_gu, t_down, p256, H, I, seed):
+    """40 tokens, each through 2 of 3 experts (>= WIDE_MIN_TOKENS per expert), held to the int8-activation
+    reference and the exact one's bound; returns the tile variants that ran."""
+    rng = np.random.default_rng(seed)
+    E, T = 3, 40
+    g, u, d = rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_down, E, H, I)
     x = rng.standard_normal((T, H)).astype(np.float32)
     ids = np.stack([np.arange(T) % E, (np.arange(T) + 1) % E], axis=1).astype(np.int32)
     w = rng.random((T, 2)).astype(np.float32)
-    ex = MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I, pool=pool, path=PATHS[-1])
+    ex = MoEExperts((g, t_gu), (u, t_gu), (d, t_down), hidden=H, inter=I, pool=pool, path=PATHS[-1])
     with per256_forced(p256):
         y = ex.forward(x, ids, w)
-    Vs = [V for key in ex._entries for V in key[1:]]
-    assert not any(V // 10000 % 10 for V in Vs) and any(V >= 100000 for V in Vs) == (p256 and qt == QT.Q4_K)
-    Ws = {e: (deq(g[e], qt), deq(u[e], qt), deq(d[e], qt)) for e in range(E)}
-    blocks = act_blocks(ids, qt, qt, p256, H, I)
+    Ws = {e: (deq(g[e], t_gu), deq(u[e], t_gu), deq(d[e], t_down)) for e in range(E)}
+    blocks = act_blocks(ids, t_gu, t_down, p256, H, I)
     emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=blocks)
     scale = np.abs(emulated).max()
     assert np.abs(y - emulated).max() <= 2e-3 * scale
     exact = reference(x, ids, w, Ws, quantize_acts=False)
     assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, blocks) + 1e-6 * scale)
+    return [V for key in ex._entries for V in key[1:]]
 
 
 def test_quantize_row256_matches_numpy_per_256():
