@@ -89,6 +89,29 @@ def test_dequantize_float_types_bit_exact(qtype, data):
     np.testing.assert_array_equal(bits(quants.dequantize(typed, qtype)), ref)
 
 
+ROW_TYPES = [T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_K]  # Q5_K: the numpy fallback of dequantize_rows
+
+
+@pytest.mark.parametrize("qtype", ROW_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
+@SETTINGS
+@given(data=st.data())
+def test_dequantize_rows_bit_exact_with_gguf_py(qtype, data):
+    """kernels_cpu.rows (the token embedding's compiled lookup) against gguf-py, rows picked in any order."""
+    from ktx.kernels_cpu.rows import dequantize_rows
+
+    if qtype in FLOAT_TYPES:
+        itemsize = gguf.GGML_QUANT_SIZES[qtype][1]
+        n = data.draw(st.integers(1, 40))
+        raw = np.frombuffer(data.draw(st.binary(min_size=3 * n * itemsize, max_size=3 * n * itemsize)), np.uint8)
+        raw = raw.reshape(3, n * itemsize)
+        given_ = raw.view({T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[qtype])  # as GGUFReader gives
+    else:
+        raw = given_ = data.draw(valid_blocks(qtype))
+    ids = np.array(data.draw(st.lists(st.integers(0, raw.shape[0] - 1), min_size=1, max_size=5)))
+    want = gguf_dequantize(raw[ids], qtype).reshape(len(ids), -1)
+    np.testing.assert_array_equal(bits(dequantize_rows(given_, qtype, ids)), bits(want))
+
+
 def test_dequantize_keeps_leading_dims_and_chunks():
     # Several chunks of blocks (the module works in cache-sized pieces) and a 3-d tensor.
     rng = np.random.default_rng(1)

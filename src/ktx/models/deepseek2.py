@@ -36,7 +36,7 @@ from ktx.layers.program import ProgramDecoding
 from ktx.layers.rope import Rope
 from ktx.layers.weights import WeightStore
 from ktx.models.deepseek2_config import GATING_SIGMOID, Deepseek2Config
-from ktx.quants import dequantize
+from ktx.kernels_cpu.rows import RowTable
 from ktx.scheduler import Scheduler
 
 
@@ -104,10 +104,16 @@ class Deepseek2(ProgramDecoding):
             w = self._on_device[name] = self.store.get(name).to(self.device)
         return w
 
+    def _embed_rows(self) -> RowTable:
+        """token_embd's rows, dequantized only where used, in one compiled call (kernels_cpu/rows.py)."""
+        tab = self.__dict__.get("_embed_table")
+        if tab is None:
+            t = self.gguf.tensor("token_embd.weight")
+            tab = self.__dict__["_embed_table"] = RowTable(t.data, t.qtype)
+        return tab
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = self.gguf.tensor("token_embd.weight")
-        rows = t.data[tokens.numpy()]  # raw rows: dequantize only what is used
-        return torch.from_numpy(dequantize(rows, t.qtype).reshape(len(tokens), -1).copy()).to(self.device)  # [T, H]
+        return torch.from_numpy(self._embed_rows()(tokens.numpy())).to(self.device)  # [T, H]
 
     def _uk_uv(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 W_UK [n_h, kv_lora, nope] and W_UV [n_h, v, kv_lora]: from attn_k_b/attn_v_b, or from older files'

@@ -36,7 +36,7 @@ from ktx.layers.rope import Rope
 from ktx.layers.router import route
 from ktx.layers.weights import WeightStore
 from ktx.models.gqa_config import GQAConfig
-from ktx.quants import dequantize
+from ktx.kernels_cpu.rows import RowTable
 from ktx.scheduler import Scheduler
 
 
@@ -102,10 +102,16 @@ class GQATransformer(ProgramDecoding):
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return rms_norm(x, self._w(name), self.cfg.rms_eps)
 
+    def _embed_rows(self) -> RowTable:
+        """token_embd's rows, dequantized only where used, in one compiled call (kernels_cpu/rows.py)."""
+        tab = self.__dict__.get("_embed_table")
+        if tab is None:
+            t = self.gguf.tensor("token_embd.weight")
+            tab = self.__dict__["_embed_table"] = RowTable(t.data, t.qtype)
+        return tab
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = self.gguf.tensor("token_embd.weight")
-        rows = t.data[tokens.numpy()]  # raw rows: dequantize only what is used
-        x = torch.from_numpy(dequantize(rows, t.qtype).reshape(len(tokens), -1).copy())  # [T, H]
+        x = torch.from_numpy(self._embed_rows()(tokens.numpy()))  # [T, H]
         return x * math.sqrt(self.cfg.hidden) if self.cfg.embed_scale else x
 
     def _rotate(self, x: torch.Tensor, pos: torch.Tensor, rope: Rope) -> torch.Tensor:
