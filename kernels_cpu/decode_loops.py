@@ -462,8 +462,8 @@ def _moe_sum(a, C, ci, F, n_threads):
 def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, VC, C, pos, TS):
     """Run the op table on thread tid of n_threads, which runs on NUMA node `node` (every thread calls this with
     the same other arguments). An MoE op with a node (its last argument, -1 = any) is run by that node's threads
-    only: each expert shard is read where its memory is. Thread 0 writes the cycle counter after each op (and
-    its barrier) into TS[1 + i], and before the first into TS[0]."""
+    only: each expert shard is read where its memory is. Thread 0 adds each op's cycles (with its barrier) into
+    TS[1 + i], summed over runs; TS[0] is its scratch."""
     if tid == 0:
         TS[0] = cycles()
     passed = 0
@@ -518,4 +518,6 @@ def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
             while atomic_read(C, 0) < passed * n_threads:
                 sched_yield()
         if tid == 0:
-            TS[1 + i] = cycles()
+            now = cycles()
+            TS[1 + i] += now - TS[0]
+            TS[0] = now

@@ -245,7 +245,7 @@ class QuantLinear:
                 run(*args)
                 return y
             # the caller is one of the n workers: it starts at once, and the last pool worker stays out
-            self.pool.submit(lambda wid, n: run(*args) if wid < n - 1 else None)
+            self.pool.submit(lambda wid, n: run(*args), workers=self.pool.n_threads - 1)
             run(*args)
             wait_items(c, self.B * -(-n_rb // IB))
         return y

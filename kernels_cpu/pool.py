@@ -69,12 +69,17 @@ class WorkerPool:
                 return
             job._run(wid, self.n_threads)
 
-    def submit(self, fn: Callable[[int, int], None], finish: Callable[[], object] | None = None) -> Job:
+    def submit(self, fn: Callable[[int, int], None], finish: Callable[[], object] | None = None,
+               workers: int | None = None) -> Job:
+        """Run fn(worker_id, n_threads) on workers 0 .. workers - 1 (default: all). Callers that work beside the
+        pool themselves (the decode program, QuantLinear) take one worker fewer: waking one only to run nothing
+        cost a thread switch and a GIL hand-off per call."""
         if not self._threads:
             raise RuntimeError("WorkerPool is closed")
-        job = Job(fn, self.n_threads, finish)
+        k = self.n_threads if workers is None else max(1, min(workers, self.n_threads))
+        job = Job(fn, k, finish)
         with self._submit_lock:  # every queue sees jobs in the same order
-            for q in self._queues:
+            for q in self._queues[:k]:
                 q.put(job)
         return job
 

@@ -276,6 +276,34 @@ def test_submit_returns_before_wait_and_paths_reject_missing_isa(pool):
             MoEExperts((g, QT.Q8_0), (u, QT.Q8_0), (d, QT.Q8_0), hidden=256, inter=256, pool=pool, path="vnni")
 
 
+def test_pool_submit_to_some_workers_keeps_order():
+    """WorkerPool.submit(workers=k) runs fn on workers 0 .. k-1 only and waits for just those; the jobs after it
+    still run in submission order on every worker."""
+    import threading
+
+    seen, lock, gate = [], threading.Lock(), threading.Event()
+
+    def rec(tag):
+        def fn(wid, n):
+            if tag == "first":
+                gate.wait(5)
+            with lock:
+                seen.append((tag, wid, n))
+        return fn
+
+    with WorkerPool(3) as p:
+        a = p.submit(rec("first"), workers=1)
+        b = p.submit(rec("some"), workers=2)
+        c = p.submit(rec("all"))
+        gate.set()
+        a.wait(), b.wait(), c.wait()
+    assert sorted(t for t in seen if t[0] == "first") == [("first", 0, 3)]
+    assert sorted(t for t in seen if t[0] == "some") == [("some", 0, 3), ("some", 1, 3)]
+    assert sorted(w for tag, w, _ in seen if tag == "all") == [0, 1, 2]
+    order0 = [tag for tag, w, _ in seen if w == 0]
+    assert order0 == ["first", "some", "all"]  # worker 0 ran them in submission order
+
+
 def test_disk_cache_roundtrip(pool, tmp_path):
     rng = np.random.default_rng(2)
     g, u, d = (rand_raw(rng, QT.Q4_K, 4, 256, 256) for _ in range(3))

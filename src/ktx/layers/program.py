@@ -226,8 +226,8 @@ class DecodeProgram:
         self.Q, self.QD = np.zeros(s["Q"], np.int8), np.zeros(s["QD"], np.float32)
         self.QS, self.QF = np.zeros(s["QS"], np.int32), np.zeros(s["QF"], np.float32)
         self.IX = np.zeros(max(1, s["IX"]), np.int64)
-        self.TS = np.zeros(len(self._ops) + 1, np.int64)  # cycle counter before the first op and after each
-        self._cycles = np.zeros(len(self._ops), np.int64)  # per op, summed over runs (take_profile)
+        self.TS = np.zeros(len(self._ops) + 1, np.int64)  # run_program's scratch, then each op's cycles summed
+        self._cycles = self.TS[1:]  # per op, summed over runs (take_profile)
         return self
 
     def rope_table(self, inv_freq, scale: float = 1.0, factor: float = 1.0) -> int:
@@ -261,11 +261,10 @@ class DecodeProgram:
         for j, pool in enumerate(self.pools):  # thread ids: caller 0, pools[0]'s workers 1.., then each pool's in turn
             base = sum(p.n_threads for p in self.pools[:j])
             if j == 0 and first > 1:
-                pool.submit(lambda wid, nw: run_program(wid + 1, n, 0, *args) if wid < first - 1 else None)
+                pool.submit(lambda wid, nw: run_program(wid + 1, n, 0, *args), workers=first - 1)
             elif j > 0:
                 pool.submit(lambda wid, nw, base=base, j=j: run_program(base + wid, n, j, *args))
         run_program(0, n, 0, *args)
-        self._cycles += np.diff(self.TS)
 
     def take_profile(self) -> dict[str, float]:
         """Share of the time per "<section> <op kind>" over the runs since the last call (thread 0's cycle counter:
@@ -394,14 +393,18 @@ class ProgramDecoding:
         if cache.length + T > cache.capacity:
             raise KtxError(f"context full: {cache.length} cached + {T} new tokens exceed the cache of {cache.capacity}; "
                            "raise --cache-len or start a new conversation.")
-        with torch.inference_mode(), torch_threads_for(T):
-            prog = self.program_for(cache) if T == 1 and self.decode_program and self.routing_counts is None else None
-            if prog is None:
+        prog = None
+        if T == 1 and self.decode_program and self.routing_counts is None:
+            with torch.inference_mode():  # a first call builds the program
+                prog = self.program_for(cache)
+        if prog is None:
+            with torch.inference_mode(), torch_threads_for(T):
                 return self._forward(tokens, cache, last_only)
-            kv, vc = self._cache_arrays(cache)
-            logits = prog.step(self.embed(tokens)[0].numpy(), kv, vc, cache.length)
-            cache.length += 1
-            return torch.from_numpy(logits)[None]
+        # the compiled program runs no torch op: no torch contexts around it (~25 us a token on cold caches)
+        kv, vc = self._cache_arrays(cache)
+        logits = prog.step(self.embed(tokens)[0].numpy(), kv, vc, cache.length)
+        cache.length += 1
+        return torch.from_numpy(logits)[None]
 
     def programs(self) -> dict:
         return self.__dict__.setdefault("_programs", {})  # cache rows -> DecodeProgram, or None (cannot run)
