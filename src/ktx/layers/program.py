@@ -406,6 +406,16 @@ class ProgramDecoding:
         cache.length += 1
         return torch.from_numpy(logits)[None]
 
+    def _embed_rows(self):
+        """token_embd's rows, dequantized only where used, in one compiled call (kernels_cpu/rows.py)."""
+        tab = self.__dict__.get("_embed_table")
+        if tab is None:
+            from ktx.kernels_cpu.rows import RowTable
+
+            t = self.gguf.tensor("token_embd.weight")
+            tab = self.__dict__["_embed_table"] = RowTable(t.data, t.qtype)
+        return tab
+
     def programs(self) -> dict:
         return self.__dict__.setdefault("_programs", {})  # cache rows -> DecodeProgram, or None (cannot run)
 

@@ -36,7 +36,6 @@ from ktx.layers.program import ProgramDecoding
 from ktx.layers.rope import Rope
 from ktx.layers.weights import WeightStore
 from ktx.models.deepseek2_config import GATING_SIGMOID, Deepseek2Config
-from ktx.kernels_cpu.rows import RowTable
 from ktx.scheduler import Scheduler
 
 
@@ -103,14 +102,6 @@ class Deepseek2(ProgramDecoding):
         if w is None:
             w = self._on_device[name] = self.store.get(name).to(self.device)
         return w
-
-    def _embed_rows(self) -> RowTable:
-        """token_embd's rows, dequantized only where used, in one compiled call (kernels_cpu/rows.py)."""
-        tab = self.__dict__.get("_embed_table")
-        if tab is None:
-            t = self.gguf.tensor("token_embd.weight")
-            tab = self.__dict__["_embed_table"] = RowTable(t.data, t.qtype)
-        return tab
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._embed_rows()(tokens.numpy())).to(self.device)  # [T, H]

@@ -36,7 +36,6 @@ from ktx.layers.rope import Rope
 from ktx.layers.router import route
 from ktx.layers.weights import WeightStore
 from ktx.models.gqa_config import GQAConfig
-from ktx.kernels_cpu.rows import RowTable
 from ktx.scheduler import Scheduler
 
 
@@ -101,14 +100,6 @@ class GQATransformer(ProgramDecoding):
 
     def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return rms_norm(x, self._w(name), self.cfg.rms_eps)
-
-    def _embed_rows(self) -> RowTable:
-        """token_embd's rows, dequantized only where used, in one compiled call (kernels_cpu/rows.py)."""
-        tab = self.__dict__.get("_embed_table")
-        if tab is None:
-            t = self.gguf.tensor("token_embd.weight")
-            tab = self.__dict__["_embed_table"] = RowTable(t.data, t.qtype)
-        return tab
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = torch.from_numpy(self._embed_rows()(tokens.numpy()))  # [T, H]
