@@ -56,6 +56,7 @@ from .simd import variant
 DECODE_TILE = (1, 4)  # (tokens, row groups of 16)
 ROW_BLOCK = 64  # rows of the largest tile's block (decode: 4 row groups of 16): expert sizes come in these
 PREFILL_TILE = (4, 2)  # 8x32, 6x32 and 8x16 measured within +-5% of it (bench/RESULTS.md); it pads fewest tokens
+PARALLEL_QUANT_SLOTS = 64  # from this many slots, the workers quantize x in parallel (one barrier more)
 WIDE_MIN_TOKENS = 16  # prefill of 5/6-bit codes: widen each item's row groups once when tiles reuse them this often
 
 
@@ -232,10 +233,10 @@ class MoEExperts:
             ids, w, self.E, DECODE_TILE[0], PREFILL_TILE[0], amx_min, 16)  # an AMX A tile is 16 slots
         nr = DECODE_TILE[1] if nt == DECODE_TILE[0] else PREFILL_TILE[1]
         P = slot_tok.shape[0]
-        xq, xd, xs, xsf = _qbufs(P, H)
-        hq, hd, hs, hsf = _qbufs(P, I)
-        g = np.zeros((P, I), np.float32)
-        u = np.zeros((P, I), np.float32)
+        scratch = _Scratch.take()
+        xq, xd, xs, xsf = scratch.qbufs("x", P, H)
+        hq, hd, hs, hsf = scratch.qbufs("h", P, I)
+        g, u = scratch.get("g", (P, I), np.float32), scratch.get("u", (P, I), np.float32)
         # y's rows padded by 64 bytes: with H a multiple of 1024 they lie a multiple of 4 KB apart, and the down
         # scatter's load of one token's row after a store to another's waited on it (4K aliasing): 1.77 -> 0.26 ms
         # for 64 tokens x 8 experts x 7168 (Zen 5, one core). Padding g and u the same way measured no gain.
@@ -246,7 +247,6 @@ class MoEExperts:
         x256 = s256[0] and s256[1]  # x feeds gate and up: per-256 activations only if both tiles take them
         Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and _widens(m.layout), s)
                       for m, s in zip(self.mats, (x256, x256, s256[2])))
-        quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf, x256)
         c_a, c_b = np.zeros(pool.n_threads, np.int64), np.zeros(pool.n_threads, np.int64)  # claim's segments
         remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
         barrier = threading.Barrier(pool.n_threads)
@@ -258,13 +258,24 @@ class MoEExperts:
         run_a = self._entry(phase_gate_up, args_a + (0, 1), 2)
         run_b = self._entry(phase_down, args_b + (0, 1), 1)
 
+        split_q = P >= PARALLEL_QUANT_SLOTS and pool.n_threads > 1
+        if not split_q:
+            quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf, x256)
+
         def work(wid, n):
             if len(exp_e):
+                if split_q:  # each worker quantizes a share of the slots (serial: 1.2 ms of 117, 256 tok x 8 x 7168)
+                    quantize_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xq, xd, xs, xsf, x256)
+                    barrier.wait()
                 run_a(*args_a, wid, n)
                 barrier.wait()
                 run_b(*args_b, wid, n)
 
-        return pool.submit(work, lambda: y)
+        def finish():
+            scratch.give_back()
+            return y
+
+        return pool.submit(work, finish)
 
     def _tile_kernel(self, G: int) -> int:
         """Address of the AMX steps microkernel with K step G (one scale group per C tile)."""
@@ -304,7 +315,38 @@ def _dequant(raw, qtype) -> np.ndarray:
     return dequantize(np.asarray(raw), qtype).astype(np.float32)
 
 
-def _qbufs(P, K):
-    return (np.zeros((P, K), np.int8), np.zeros((P, K // 32), np.float32), np.zeros((P, K // 16), np.int32),
-            np.zeros((P, K // 32), np.float32))
+class _Scratch:
+    """One forward's buffers (quantized x and h, g, u), kept between forwards and layers: fresh ones per forward
+    cost page faults and zeroing (256 tokens x 8 experts x 7168: every other forward took 5.3k page faults and
+    12-95 ms of system time on top of 117 ms, as glibc handed the freed memory back to the kernel). A forward
+    takes a free set at submit and gives it back when its job finishes, so forwards in flight at once (NUMA
+    shards, queued layers) never share one. Nothing is zeroed: quantize_slots writes every slot row, padding
+    included, the tiles every row of g and u, and phase A every row of h."""
+
+    _free: list[_Scratch] = []
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self.bufs: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def take(cls) -> _Scratch:
+        with cls._lock:
+            return cls._free.pop() if cls._free else cls()
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._free.append(self)
+
+    def get(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buf = self.bufs.get(name)
+        if buf is None or buf.size < n:
+            buf = self.bufs[name] = np.empty(max(n, 64), np.uint8)
+        return buf[:n].view(dtype).reshape(shape)
+
+    def qbufs(self, name: str, P: int, K: int):
+        """int8 codes [P, K], scales [P, K/32], 16-sums [P, K/16], scaled sums [P, K/32] (quantize.py)."""
+        return (self.get(name + "q", (P, K), np.int8), self.get(name + "d", (P, K // 32), np.float32),
+                self.get(name + "s", (P, K // 16), np.int32), self.get(name + "f", (P, K // 32), np.float32))
 

@@ -167,12 +167,17 @@ def plan_slots(ids, w, E, nt_one, nt_many, amx_min, amx_tile):
 
 @njit(nogil=True, cache=True)
 def quantize_slots(x, slot_tok, lo, hi, xq, xd, xs, xsf, per256):
-    """Quantized copy of x[slot_tok[s]] into slot rows s in [lo, hi) (padding slots stay zero), per 32 or
-    (per256) per 256. A token routed to k experts is quantized once and its rows copied to its other slots."""
+    """Quantized copy of x[slot_tok[s]] into slot rows s in [lo, hi), per 32 or (per256) per 256; padding slots
+    are zeroed (the buffers are reused scratch, moe.py), so their tile rows come out 0. A token routed to k experts
+    is quantized once per call and its rows copied to its other slots."""
     first = np.full(x.shape[0], -1, np.int64)  # slot that holds each token's quantized row
     for s in range(lo, hi):
         t = slot_tok[s]
         if t < 0:
+            xq[s] = 0
+            xd[s] = 0.0
+            xs[s] = 0
+            xsf[s] = 0.0
             continue
         f = first[t]
         if f >= 0:
@@ -233,7 +238,8 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
             o = (s * ld + rg * 16) * 4
             silu_mul(g.ctypes.data + o, u.ctypes.data + o, g.ctypes.data + o, NR * 16)
         if fetch_add(remaining, j, -1) == 1:  # last block of this expert: its h is complete
-            for s in range(s0, s0 + n):
+            s1 = exp_s0[j + 1] if j + 1 < exp_e.shape[0] else g.shape[0]  # padding slots too: their h is 0
+            for s in range(s0, s1):
                 if h256:  # the down tiles are per-256 variants (moe.py)
                     quantize_row256(g[s], hq[s], hd[s], hs[s], hsf[s])
                 else:

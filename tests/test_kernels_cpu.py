@@ -359,6 +359,32 @@ def _prefill_40_tokens(pool, t_gu, t_down, p256, H, I, seed):
     return [V for key in ex._entries for V in key[1:]]
 
 
+def test_forward_reads_no_stale_scratch(pool):
+    """MoEExperts reuses its buffers (quantized x and h, g, u) between forwards without zeroing them: poisoned
+    with 0xFF (NaN floats, -1 codes), a prefill with padding slots and skipped choices, then a decode, must still
+    match the int8-activation reference."""
+    from ktx.kernels_cpu.moe import _Scratch
+
+    rng = np.random.default_rng(7)
+    E, H, I, t = 5, 256, 256, QT.Q4_K
+    g, u, d = rand_raw(rng, t, E, I, H), rand_raw(rng, t, E, I, H), rand_raw(rng, t, E, H, I)
+    ex = MoEExperts((g, t), (u, t), (d, t), hidden=H, inter=I, pool=pool, path=PATHS[-1])
+    Ws = {e: (deq(g[e], t), deq(u[e], t), deq(d[e], t)) for e in range(E)}
+    ex.forward(rng.standard_normal((90, H)).astype(np.float32), rng.integers(0, E, (90, 3)).astype(np.int32),
+               np.ones((90, 3), np.float32))  # sizes the scratch beyond what follows
+    for T in (37, 1):
+        for s in _Scratch._free:
+            for buf in s.bufs.values():
+                buf[:] = 0xFF
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        ids = rng.integers(-1, E, (T, 3)).astype(np.int32)
+        w = rng.random((T, 3)).astype(np.float32)
+        y = ex.forward(x, ids, w)
+        emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=act_blocks(ids, t, t, None, H, I))
+        assert np.isfinite(y).all()
+        assert np.abs(y - emulated).max() <= 2e-3 * np.abs(emulated).max()
+
+
 def test_quantize_row256_matches_numpy_per_256():
     """quantize_row256 against q8_emulate(block=256); xs/xsf as the per-32 format defines them; one loud
     superblock must not change the next one's scale."""
