@@ -521,3 +521,62 @@ def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
             now = cycles()
             TS[1 + i] += now - TS[0]
             TS[0] = now
+
+
+@intrinsic
+def compare_swap(typingctx, arr, idx, expected, new):
+    """Atomically: if arr[idx] == expected, arr[idx] = new (int64 array); True when it swapped."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+    sig = types.boolean(arr, types.intp, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [args[1]])
+        res = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(res, 1)
+
+    return sig, codegen
+
+
+# Spinning workers (hot_program). ctl, int64: [0] leave (nonzero: spinning workers go idle), [1] the posted
+# token's position, [2 + tid] worker tid's word: (number of tokens posted) << 1 | idle.
+CTL_LEAVE, CTL_POS, CTL_WORDS = 0, 1, 2
+
+
+@njit(nogil=True, cache=True)
+def hot_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, VC, C2, TS, ctl, spin_cycles):
+    """Worker tid's side of run_program over a run of tokens: the token its word announces, then the next ones
+    as the caller posts them (post_tokens), spinning up to spin_cycles between two, until the wait runs out or
+    ctl[CTL_LEAVE] is set; then it marks its word idle and returns (the caller submits a job again). Token n
+    runs on counters C2[n % 2]: the caller zeroes a buffer for token n + 1 once token n is done, and every thread
+    left token n - 1's barriers before it could pass token n's first one."""
+    wi = CTL_WORDS + tid
+    w = fetch_add(ctl, wi, -1) - 1  # the caller posted this token to an idle word: clear the idle bit
+    while True:
+        run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, VC, C2[(w >> 1) & 1],
+                    atomic_read(ctl, CTL_POS), TS)
+        t0 = cycles()
+        while True:
+            cur = atomic_read(ctl, wi)
+            if cur != w:  # the next token
+                w = cur
+                break
+            if (atomic_read(ctl, CTL_LEAVE) != 0 or cycles() - t0 > spin_cycles) and compare_swap(ctl, wi, w, w | 1):
+                return
+            sched_yield()
+
+
+@njit(nogil=True, cache=True)
+def post_tokens(ctl, pos, idle):
+    """Announce the next token (at pos) to every worker word; idle[tid] = 1 where that worker had gone idle (its
+    word had the idle bit), so the caller must start it with a job."""
+    ctl[CTL_POS] = pos
+    for wi in range(CTL_WORDS, ctl.shape[0]):
+        idle[wi - CTL_WORDS] = fetch_add(ctl, wi, 2) & 1
+
+
+@njit(nogil=True, cache=True)
+def read_cycles():
+    """The cycle counter that run_program's profile and hot_program's spin use, from Python."""
+    return cycles()

@@ -58,6 +58,7 @@ class WorkerPool:
         self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"ktx-cpu-{i}")
                          for i in range(n_threads)]
         self._submit_lock = threading.Lock()
+        self._spinners: list[Callable[[], None]] = []
         for t in self._threads:
             t.start()
 
@@ -69,13 +70,23 @@ class WorkerPool:
                 return
             job._run(wid, self.n_threads)
 
+    def add_spinner(self, leave: Callable[[], None]) -> None:
+        """Register a user whose jobs may keep a worker spinning after their work is done (the decode program's
+        workers wait for the next token): every other submit, and close, call leave() first, so their job does
+        not queue behind a spin."""
+        self._spinners.append(leave)
+
     def submit(self, fn: Callable[[int, int], None], finish: Callable[[], object] | None = None,
-               workers: int | None = None) -> Job:
+               workers: int | None = None, spinner: Callable[[], None] | None = None) -> Job:
         """Run fn(worker_id, n_threads) on workers 0 .. workers - 1 (default: all). Callers that work beside the
         pool themselves (the decode program, QuantLinear) take one worker fewer: waking one only to run nothing
-        cost a thread switch and a GIL hand-off per call."""
+        cost a thread switch and a GIL hand-off per call. spinner: the leave function of the registered spinner
+        (add_spinner) submitting this job, which is not asked to leave; all others are."""
         if not self._threads:
             raise RuntimeError("WorkerPool is closed")
+        for leave in self._spinners:
+            if leave is not spinner:
+                leave()
         k = self.n_threads if workers is None else max(1, min(workers, self.n_threads))
         job = Job(fn, k, finish)
         with self._submit_lock:  # every queue sees jobs in the same order
@@ -87,6 +98,8 @@ class WorkerPool:
         self.submit(fn).wait()
 
     def close(self) -> None:
+        for leave in self._spinners:
+            leave()
         for q in self._queues:
             q.put(None)
         for t in self._threads:

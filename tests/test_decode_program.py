@@ -8,6 +8,8 @@ reference path (dequantized weights, no int8 activations), within the error int8
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 from test_kernels_cpu import deq, q8_emulate, rand_raw, silu
 
 import ktx
+from ktx.errors import KtxError
 from ktx.kernels_cpu import MoEExperts, QuantLinear, WorkerPool
 from ktx.layers.mla import mla_latent
 from ktx.layers.program import DecodeProgram
@@ -64,6 +67,59 @@ def test_gemv_ops_match_dequantized_matmul(pool, data):
         assert np.all(np.abs(P.F[o:o + R] - want) <= tol), f"batch {b}"
         got = P.F[acc + b * R: acc + (b + 1) * R] - before[b * R:(b + 1) * R]
         assert np.all(np.abs(got - want) <= tol + 1e-5 * np.abs(before[b * R:(b + 1) * R])), f"accumulated batch {b}"
+
+
+def _gemv_program(pool, rng, R=128, K=512):
+    raw = rand_raw(rng, QT.Q4_K, 1, R, K)[0]
+    lin = QuantLinear(raw, QT.Q4_K, R, K, pool, name="w")
+    P = DecodeProgram(pool)
+    x, q, y = P.f32(K), P.qbuf(1, K), P.f32(R)
+    P.quant(x, K, q)
+    P.gemv(lin, q, y)
+    P.finish()
+    W = deq(raw, QT.Q4_K)
+
+    def step():  # a fresh x through the program, checked against the int8-activation reference
+        xv = rng.standard_normal(K).astype(np.float32)
+        P.F[x:x + K] = xv
+        _run(P)
+        want = q8_emulate(xv[None])[0] @ W.T
+        assert np.all(np.abs(P.F[y:y + R] - want) <= 1e-5 * (np.abs(W) @ np.abs(xv)) + 1e-6)
+    return P, step
+
+
+def test_spinning_workers_leave_for_other_jobs_and_after_their_spin(pool, monkeypatch):
+    """Between steps the program's workers spin (program.py). Another job on their pool must not wait for a
+    spin to end (a minute here), a spin that ran out must leave the worker startable, and every step must be
+    right either way."""
+    from ktx.layers.program import CTL_WORDS
+
+    rng = np.random.default_rng(3)
+    monkeypatch.setenv("KTX_SPIN_US", "60000000")
+    P, step = _gemv_program(pool, rng)
+    assert "spin" in P.describe()
+    for _ in range(3):
+        step()
+    assert not P._ctl[CTL_WORDS + 1] & 1, "the worker should be spinning between steps"
+    seen = []
+    job = pool.submit(lambda wid, n: seen.append(wid))
+    assert job._done.wait(10), "a job queued behind a spinning worker"
+    assert sorted(seen) == [0, 1]
+    for _ in range(3):
+        step()
+
+    monkeypatch.setenv("KTX_SPIN_US", "200")
+    P, step = _gemv_program(pool, rng)
+    for _ in range(3):
+        step()
+        deadline = time.monotonic() + 10
+        while not P._ctl[CTL_WORDS + 1] & 1:  # the spin runs out: the worker goes idle
+            assert time.monotonic() < deadline, "the worker never stopped spinning"
+            time.sleep(0.001)
+
+    monkeypatch.setenv("KTX_SPIN_US", "soon")
+    with pytest.raises(KtxError, match="KTX_SPIN_US"):
+        _gemv_program(pool, rng)
 
 
 @settings(max_examples=6, deadline=None)

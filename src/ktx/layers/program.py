@@ -7,6 +7,12 @@ vc, pos)` runs the table on the calling thread plus the pools' workers (pools[0]
 kernels_cpu/linear.py, so n threads run on n cores). With one pool per NUMA node, each expert shard's ops are
 run by its own node's threads (decode_loops.run_program).
 
+Between tokens the workers spin (decode_loops.hot_program) for up to KTX_SPIN_US microseconds (default
+SPIN_US) instead of going back to their pool's queue: waking a blocked worker, which then needs the GIL to
+enter the program, made the step's first barrier wait 25-50 us, and now and then 0.5-2 ms (dsv3-bench, 2
+threads). A worker that waited out its spin, or that another job on its pool asked to leave (WorkerPool's
+spinner hook), returns to its pool and is started again by a job at the next token. KTX_SPIN_US=0 turns this off.
+
 Which matrices a program can take: the quantized CPU kernels' repacked layouts (`QuantLinear`, `MoEExperts`
 on a vector path), since the decode tile is called through its address; float weights (norms, router, bias)
 are read in place through their addresses, so the arrays are kept alive here.
@@ -14,13 +20,17 @@ are read in place through their addresses, so the arrays are kept alive here.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import numpy as np
 
 from ktx.kernels_cpu.decode_loops import (N_COLS, OP_ADD, OP_CACHE, OP_GEMV, OP_GQA, OP_MLA, OP_MOE_DOWN, OP_MOE_SUM,
                                           OP_MOE_UP, OP_NORM, OP_QUANT, OP_ROPE, OP_ROUTER, OP_SIGMOID, OP_TOPK,
-                                          PARALLEL_OPS, TILE_ROWS, run_program)
+                                          PARALLEL_OPS, TILE_ROWS, CTL_LEAVE, CTL_WORDS, hot_program, post_tokens,
+                                          read_cycles, run_program)
+from ktx.errors import KtxError
 from ktx.kernels_cpu.attn_simd import kernel_addresses
 from ktx.kernels_cpu.simd import tile_address, variant
 
@@ -41,6 +51,7 @@ class DecodeProgram:
         self._md: list[np.ndarray] = []
         self._weights: list[np.ndarray] = []  # float32 arrays the program reads by address (kept alive here)
         self._wids: dict[int, int] = {}
+        self._keep: list = []  # the matrices behind MD's addresses
         self.sizes = {"F": 0, "Q": 0, "QD": 0, "QS": 0, "QF": 0, "IX": 0, "C": 1}
         self._lock = threading.Lock()  # one step at a time: the arenas are the program's state
         self._part = (0, 0)  # (F offset, H) of the MoE layers' per-thread partial sums
@@ -80,6 +91,7 @@ class DecodeProgram:
             row[15] = tile_address(variant(layout, isa, 1, TILE_ROWS // 16))
             self._mats[id(obj)] = len(self._md)
             self._md.append(row)
+            self._keep.append(obj)  # read by address: alive as long as the program (and its id never reused)
         return self._mats[id(obj)]
 
     # -- ops ----------------------------------------------------------------------------------------
@@ -228,6 +240,20 @@ class DecodeProgram:
         self.IX = np.zeros(max(1, s["IX"]), np.int64)
         self.TS = np.zeros(len(self._ops) + 1, np.int64)  # run_program's scratch, then each op's cycles summed
         self._cycles = self.TS[1:]  # per op, summed over runs (take_profile)
+        spin_us = _spin_us()
+        self._spin = spin_us > 0 and self.n_threads > 1
+        if self._spin:  # spinning workers (module docstring): counters per token parity, control words
+            self._C2 = np.zeros((2, s["C"] + len(self._ops) * self.n_threads), np.int64)
+            self._ctl = np.zeros(CTL_WORDS + self.n_threads, np.int64)
+            self._ctl[CTL_WORDS:] = 1  # every worker idle
+            self._idle = np.zeros(self.n_threads, np.int64)
+            self._posted = 0
+            self._spin_cycles = int(spin_us * 1e-6 * _tsc_hz())
+            self._hot_key = None
+            ctl = self._ctl
+            self._leave = lambda: ctl.__setitem__(CTL_LEAVE, 1)
+            for pool in self.pools:
+                pool.add_spinner(self._leave)
         return self
 
     def rope_table(self, inv_freq, scale: float = 1.0, factor: float = 1.0) -> int:
@@ -254,6 +280,8 @@ class DecodeProgram:
 
     def run(self, kv: np.ndarray, vc: np.ndarray, pos: int) -> None:
         """One step at position pos (inputs already in F; outputs left there)."""
+        if self._spin:
+            return self._run_spinning(kv, vc, pos)
         C = np.zeros(self.sizes["C"] + len(self.ops) * self.n_threads, np.int64)  # barrier, countdowns, per op one counter a thread
         args = (self.ops, self.opf, self.MD, self.WA, self.F, self.Q, self.QD, self.QS, self.QF, self.IX, kv, vc, C,
                 pos, self.TS)
@@ -266,6 +294,37 @@ class DecodeProgram:
                 pool.submit(lambda wid, nw, base=base, j=j: run_program(base + wid, n, j, *args))
         run_program(0, n, 0, *args)
 
+    def _run_spinning(self, kv, vc, pos):
+        ctl = self._ctl
+        key = tuple((a.ctypes.data, a.shape, a.strides, a.dtype.str) for a in (kv, vc))  # fresh views per step
+        if self._hot_key != key or ctl[CTL_LEAVE]:  # other caches (workers hold the old ones) or a leave request
+            self._all_idle()
+            self._hot_key = key
+        n_tok = self._posted + 1
+        C = self._C2[n_tok & 1]
+        C[:] = 0  # every thread left token n_tok - 2's barriers (hot_program)
+        post_tokens(ctl, pos, self._idle)
+        self._posted = n_tok
+        idle = self._idle.copy()
+        args = (self.ops, self.opf, self.MD, self.WA, self.F, self.Q, self.QD, self.QS, self.QF, self.IX, kv, vc,
+                self._C2, self.TS, ctl, self._spin_cycles)
+        n, first = self.n_threads, self.pools[0].n_threads
+        for j, pool in enumerate(self.pools):  # thread ids as in run; only idle workers get a job
+            base = 1 if j == 0 else sum(p.n_threads for p in self.pools[:j])
+            k = first - 1 if j == 0 else pool.n_threads
+            if k > 0 and idle[base:base + k].any():
+                pool.submit(lambda wid, nw, base=base, j=j: hot_program(base + wid, n, j, *args) if idle[base + wid]
+                            else None, workers=k, spinner=self._leave)
+        run_program(0, n, 0, *args[:12], C, pos, self.TS)
+
+    def _all_idle(self) -> None:
+        """Ask spinning workers to return to their pools and wait until they have (they are between tokens)."""
+        ctl = self._ctl
+        ctl[CTL_LEAVE] = 1
+        while not (ctl[CTL_WORDS + 1:] & 1).all():
+            time.sleep(0)
+        ctl[CTL_LEAVE] = 0
+
     def take_profile(self) -> dict[str, float]:
         """Share of the time per "<section> <op kind>" over the runs since the last call (thread 0's cycle counter:
         an op's span includes its barrier, so a serial op's wait for the others is charged to the op before)."""
@@ -277,8 +336,9 @@ class DecodeProgram:
         return {k: v / total for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
     def describe(self) -> str:
+        spin = f", workers spin {_spin_us()} us between tokens" if self._spin else ""
         return (f"decode: one compiled program per token ({len(self._ops)} ops, {int(self.ops[:, 2].sum())} barriers, "
-                f"{self.n_threads} threads)")
+                f"{self.n_threads} threads{spin})")
 
 
 def model_pools(net) -> list:
@@ -354,6 +414,29 @@ def mlp_parts(net, p: str, kind: str):
         return op, 0, op, rows[0], down, rows[0]
     g, u = quant_linear(net, names[0]), quant_linear(net, names[1])
     return g, 0, u, 0, down, g.rows
+
+
+SPIN_US = 2000  # default KTX_SPIN_US: how long decode workers spin between tokens (module docstring)
+
+
+def _spin_us() -> int:
+    v = os.environ.get("KTX_SPIN_US", str(SPIN_US))
+    try:
+        return max(0, int(v))
+    except ValueError:
+        raise KtxError(f"KTX_SPIN_US={v!r}: want microseconds, an integer (0: workers never spin)") from None
+
+
+_TSC_HZ: list[float] = []
+
+
+def _tsc_hz() -> float:
+    """Rate of decode_loops.cycles (the TSC), measured once against perf_counter over 20 ms."""
+    if not _TSC_HZ:
+        c0, t0 = read_cycles(), time.perf_counter()
+        time.sleep(0.02)
+        _TSC_HZ.append((read_cycles() - c0) / (time.perf_counter() - t0))
+    return _TSC_HZ[0]
 
 
 MOE_ITEM_BLOCKS = 4  # 4 x 64 rows: a 300 KB stream of a 7168-wide Q4_K expert matrix
