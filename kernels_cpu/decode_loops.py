@@ -580,3 +580,18 @@ def post_tokens(ctl, pos, idle):
 def read_cycles():
     """The cycle counter that run_program's profile and hot_program's spin use, from Python."""
     return cycles()
+
+
+@njit(nogil=True, cache=True)
+def rope_fill(F, off, inv_freq, pos, scale, factor):
+    """F[off:off + n] = cos(a) * scale, F[off + n:off + 2n] = sin(a) * scale, a = (pos / factor) * inv_freq in
+    float32 (n = len(inv_freq); the same operations as Rope.cos_sin): a step's RoPE table in one call, not ten
+    numpy ones (~20 us a token)."""
+    n = inv_freq.shape[0]
+    p = np.float32(pos)
+    if factor != np.float32(1.0):
+        p = p / factor
+    for i in range(n):
+        a = p * inv_freq[i]
+        F[off + i] = np.cos(a) * scale
+        F[off + n + i] = np.sin(a) * scale

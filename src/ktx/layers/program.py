@@ -29,7 +29,7 @@ import numpy as np
 from ktx.kernels_cpu.decode_loops import (N_COLS, OP_ADD, OP_CACHE, OP_GEMV, OP_GQA, OP_MLA, OP_MOE_DOWN, OP_MOE_SUM,
                                           OP_MOE_UP, OP_NORM, OP_QUANT, OP_ROPE, OP_ROUTER, OP_SIGMOID, OP_TOPK,
                                           PARALLEL_OPS, TILE_ROWS, CTL_LEAVE, CTL_WORDS, hot_program, post_tokens,
-                                          read_cycles, run_program)
+                                          read_cycles, rope_fill, run_program)
 from ktx.errors import KtxError
 from ktx.kernels_cpu.attn_simd import kernel_addresses
 from ktx.kernels_cpu.simd import tile_address, variant
@@ -273,8 +273,7 @@ class DecodeProgram:
         with self._lock:
             F[self.x:self.x + x0.shape[0]] = x0
             for off, inv_freq, scale, factor in self._tables:  # float32 angles, as Rope.cos_sin
-                ang = (np.float32(pos) / factor if factor != 1 else np.float32(pos)) * inv_freq
-                F[off:off + len(ang)], F[off + len(ang):off + 2 * len(ang)] = np.cos(ang) * scale, np.sin(ang) * scale
+                rope_fill(F, off, inv_freq, pos, scale, factor)
             self.run(kv, vc, pos)
             return F[self.logits:self.logits + self.vocab].copy()
 
@@ -478,14 +477,17 @@ class ProgramDecoding:
                            "raise --cache-len or start a new conversation.")
         prog = None
         if T == 1 and self.decode_program and self.routing_counts is None:
-            with torch.inference_mode():  # a first call builds the program
-                prog = self.program_for(cache)
+            kv, vc = self._cache_arrays(cache)
+            prog = self.programs().get(kv.shape[1], False)
+            if prog is False:
+                with torch.inference_mode():  # a first call builds the program
+                    prog = self.program_for(cache)
         if prog is None:
             with torch.inference_mode(), torch_threads_for(T):
                 return self._forward(tokens, cache, last_only)
-        # the compiled program runs no torch op: no torch contexts around it (~25 us a token on cold caches)
-        kv, vc = self._cache_arrays(cache)
-        logits = prog.step(self.embed(tokens)[0].numpy(), kv, vc, cache.length)
+        # the compiled program runs no torch op: no torch contexts around it (~25 us a token on cold caches, and
+        # ~30 us more for the inference_mode that only a program's build needs)
+        logits = prog.step(self._embed_np(tokens.numpy())[0], kv, vc, cache.length)
         cache.length += 1
         return torch.from_numpy(logits)[None]
 
@@ -498,6 +500,10 @@ class ProgramDecoding:
             t = self.gguf.tensor("token_embd.weight")
             tab = self.__dict__["_embed_table"] = RowTable(t.data, t.qtype)
         return tab
+
+    def _embed_np(self, ids: np.ndarray) -> np.ndarray:
+        """embed() in numpy, float32 [T, H]: the decode step's path skips torch's conversions (~10 us a token)."""
+        return self._embed_rows()(ids)
 
     def programs(self) -> dict:
         return self.__dict__.setdefault("_programs", {})  # cache rows -> DecodeProgram, or None (cannot run)

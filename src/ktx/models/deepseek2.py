@@ -104,7 +104,7 @@ class Deepseek2(ProgramDecoding):
         return w
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._embed_rows()(tokens.numpy())).to(self.device)  # [T, H]
+        return torch.from_numpy(self._embed_np(tokens.numpy())).to(self.device)  # [T, H]
 
     def _uk_uv(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 W_UK [n_h, kv_lora, nope] and W_UV [n_h, v, kv_lora]: from attn_k_b/attn_v_b, or from older files'

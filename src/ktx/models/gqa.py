@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -102,8 +103,11 @@ class GQATransformer(ProgramDecoding):
         return rms_norm(x, self._w(name), self.cfg.rms_eps)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = torch.from_numpy(self._embed_rows()(tokens.numpy()))  # [T, H]
-        return x * math.sqrt(self.cfg.hidden) if self.cfg.embed_scale else x
+        return torch.from_numpy(self._embed_np(tokens.numpy()))  # [T, H]
+
+    def _embed_np(self, ids: np.ndarray) -> np.ndarray:
+        x = self._embed_rows()(ids)
+        return x * np.float32(math.sqrt(self.cfg.hidden)) if self.cfg.embed_scale else x
 
     def _rotate(self, x: torch.Tensor, pos: torch.Tensor, rope: Rope) -> torch.Tensor:
         """RoPE on the first rope_dim dims of each head (all of them unless the file says otherwise)."""
