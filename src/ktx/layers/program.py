@@ -240,8 +240,12 @@ class DecodeProgram:
         self.IX = np.zeros(max(1, s["IX"]), np.int64)
         self.TS = np.zeros(len(self._ops) + 1, np.int64)  # run_program's scratch, then each op's cycles summed
         self._cycles = self.TS[1:]  # per op, summed over runs (take_profile)
-        spin_us = _spin_us()
+        spin_us = self._spin_us = _spin_us()
         self._spin = spin_us > 0 and self.n_threads > 1
+        # per pool: (node j, first thread id, workers): the caller is thread 0, pools[0]'s workers 1.. (its last
+        # one sits out), then each further pool's in turn
+        self._slots = [(j, 1 if j == 0 else sum(p.n_threads for p in self.pools[:j]),
+                        p.n_threads - (j == 0)) for j, p in enumerate(self.pools)]
         if self._spin:  # spinning workers (module docstring): counters per token parity, control words
             self._C2 = np.zeros((2, s["C"] + len(self._ops) * self.n_threads), np.int64)
             self._ctl = np.zeros(CTL_WORDS + self.n_threads, np.int64)
@@ -284,13 +288,10 @@ class DecodeProgram:
         C = np.zeros(self.sizes["C"] + len(self.ops) * self.n_threads, np.int64)  # barrier, countdowns, per op one counter a thread
         args = (self.ops, self.opf, self.MD, self.WA, self.F, self.Q, self.QD, self.QS, self.QF, self.IX, kv, vc, C,
                 pos, self.TS)
-        n, first = self.n_threads, self.pools[0].n_threads
-        for j, pool in enumerate(self.pools):  # thread ids: caller 0, pools[0]'s workers 1.., then each pool's in turn
-            base = sum(p.n_threads for p in self.pools[:j])
-            if j == 0 and first > 1:
-                pool.submit(lambda wid, nw: run_program(wid + 1, n, 0, *args), workers=first - 1)
-            elif j > 0:
-                pool.submit(lambda wid, nw, base=base, j=j: run_program(base + wid, n, j, *args))
+        n = self.n_threads
+        for pool, (j, base, k) in zip(self.pools, self._slots):
+            if k > 0:
+                pool.submit(lambda wid, nw, base=base, j=j: run_program(base + wid, n, j, *args), workers=k)
         run_program(0, n, 0, *args)
 
     def _run_spinning(self, kv, vc, pos):
@@ -307,10 +308,8 @@ class DecodeProgram:
         idle = self._idle.copy()
         args = (self.ops, self.opf, self.MD, self.WA, self.F, self.Q, self.QD, self.QS, self.QF, self.IX, kv, vc,
                 self._C2, self.TS, ctl, self._spin_cycles)
-        n, first = self.n_threads, self.pools[0].n_threads
-        for j, pool in enumerate(self.pools):  # thread ids as in run; only idle workers get a job
-            base = 1 if j == 0 else sum(p.n_threads for p in self.pools[:j])
-            k = first - 1 if j == 0 else pool.n_threads
+        n = self.n_threads
+        for pool, (j, base, k) in zip(self.pools, self._slots):  # only idle workers get a job
             if k > 0 and idle[base:base + k].any():
                 pool.submit(lambda wid, nw, base=base, j=j: hot_program(base + wid, n, j, *args) if idle[base + wid]
                             else None, workers=k, spinner=self._leave)
@@ -335,7 +334,7 @@ class DecodeProgram:
         return {k: v / total for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
     def describe(self) -> str:
-        spin = f", workers spin {_spin_us()} us between tokens" if self._spin else ""
+        spin = f", workers spin {self._spin_us} us between tokens" if self._spin else ""
         return (f"decode: one compiled program per token ({len(self._ops)} ops, {int(self.ops[:, 2].sum())} barriers, "
                 f"{self.n_threads} threads{spin})")
 
