@@ -10,7 +10,7 @@ import pytest
 import tokenizers
 from tokenizers import models
 
-from ktx.chat_template import DEEPSEEK_V3_TEMPLATE, render
+from ktx.chat_template import DEEPSEEK_V3_TEMPLATE, GEMMA_TEMPLATE, TRANSCRIPT_TEMPLATE, render
 from ktx.errors import KtxError
 from ktx.tokenizer import Tokenizer
 
@@ -87,7 +87,8 @@ def _transformers(template: str):
                                    unk_token="<unk>")
 
 
-@pytest.mark.parametrize("template", [DEEPSEEK_V3_TEMPLATE, CHATML, EXTRAS], ids=["deepseek", "chatml", "extras"])
+@pytest.mark.parametrize("template", [DEEPSEEK_V3_TEMPLATE, GEMMA_TEMPLATE, TRANSCRIPT_TEMPLATE, CHATML, EXTRAS],
+                         ids=["deepseek", "gemma", "transcript", "chatml", "extras"])
 @pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_matches_transformers(template, conv, add_generation_prompt):
@@ -151,10 +152,40 @@ def test_tokenizer_uses_file_template():
     assert tok.eos_ids == {4, 6}  # eos + <|im_end|>
 
 
-def test_tokenizer_falls_back_to_deepseek():
+def test_tokenizer_without_turn_tokens_gets_the_transcript():
     tok = Tokenizer.from_metadata(_vocab_md())
+    assert tok.chat_format == "transcript" and tok.chat_stop == ("\nQuestion:",)
+    assert tok.apply_chat_template(CONVERSATIONS[0]) == "<s>Question: Hello!\nAnswer:"
+    assert tok.apply_chat_template(CONVERSATIONS[1]) == ("<s>Be terse.\n\nQuestion: What is 2+2?\nAnswer: 4\n"
+                                                         "Question: And 3+3?\nAnswer:")
+    assert tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=False) == "<s>Question: Hello!\n"
+
+
+def _turn_vocab_md(turn_tokens, **extra):
+    md = _vocab_md(**extra)
+    md["tokenizer.ggml.tokens"] = md["tokenizer.ggml.tokens"] + turn_tokens
+    md["tokenizer.ggml.token_type"] = md["tokenizer.ggml.token_type"] + [3] * len(turn_tokens)
+    return md
+
+
+def test_tokenizer_falls_back_to_deepseek_for_a_deepseek_vocabulary():
+    tok = Tokenizer.from_metadata(_turn_vocab_md(["<｜User｜>", "<｜Assistant｜>"]))
+    assert tok.chat_format == "deepseek" and tok.chat_stop == ()
     assert tok.apply_chat_template(CONVERSATIONS[0]) == "<s><｜User｜>Hello!<｜Assistant｜>"
     assert tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=False) == "<s><｜User｜>Hello!"
+
+
+@pytest.mark.parametrize("name, finetune, fmt", [
+    ("Gemma 3 270m", None, "transcript"),              # google/gemma-3-270m, the pretrained model
+    ("Gemma 3 270m It", None, "gemma"), ("gemma-3-270m-it", None, "gemma"), ("Gemma 3 270m", "it", "gemma"),
+    ("Gemma 3 1b Instruct", None, "gemma"), ("Gemma Italian", None, "transcript"), ("Gemma 3 Edit", None, "transcript"),
+])
+def test_gemma_vocabulary_gets_turns_only_when_instruction_tuned(name, finetune, fmt):
+    extra = {"general.name": name} | ({"general.finetune": finetune} if finetune else {})
+    tok = Tokenizer.from_metadata(_turn_vocab_md(["<start_of_turn>", "<end_of_turn>"], **extra))
+    assert tok.chat_format == fmt
+    if fmt == "gemma":
+        assert tok.apply_chat_template(CONVERSATIONS[0]) == "<s><start_of_turn>user\nHello!<end_of_turn>\n<start_of_turn>model\n"
 
 
 def test_fixture_gguf_has_no_template_and_gets_deepseek():
@@ -163,7 +194,7 @@ def test_fixture_gguf_has_no_template_and_gets_deepseek():
         pytest.skip(f"fixture {path} absent")
     import gguf
 
-    md = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.")}
+    md = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith(("tokenizer.", "general."))}
     assert "tokenizer.chat_template" not in md
     tok = Tokenizer.from_metadata(md)
     prompt = tok.apply_chat_template(CONVERSATIONS[1])

@@ -106,10 +106,21 @@ def test_logits_match_transformers_with_the_dequantized_weights(model):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_builtin_gemma_chat_template(model):
-    """The file has no tokenizer.chat_template: Gemma's turn format is built in for Gemma vocabularies."""
+def test_base_model_chats_through_the_transcript(model):
+    """google/gemma-3-270m is the pretrained model and the file has no tokenizer.chat_template: Gemma's turn
+    tokens, which it never learned, made it repeat the question; the Question/Answer transcript gets answers."""
     tok = model.tokenizer
+    assert model.gguf.metadata["general.name"] == "Gemma 3 270m" and tok.chat_format == "transcript"
     text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi "}])
-    assert text == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
-    ids = tok.encode(text, add_bos=False)
-    assert ids[:2] == [tok.bos_id, tok.token_to_id("<start_of_turn>")] and ids.count(tok.token_to_id("<end_of_turn>")) == 1
+    assert text == "<bos>Be brief.\n\nQuestion: Hi\nAnswer:"
+    assert tok.encode(text, add_bos=False)[:1] == [tok.bos_id]
+
+
+def test_chat_answers_and_stops_at_the_next_question(model):
+    history = []
+    for question, answer in [("What is the capital of France?", "Paris"), ("What is the capital of Italy?", "Rome")]:
+        history.append({"role": "user", "content": question})
+        reply = model.chat(history, max_new_tokens=24)
+        assert answer in reply and "Question" not in reply and reply == reply.strip(), reply
+        assert model.stats.finish_reason == "stop"
+        history.append({"role": "assistant", "content": reply})

@@ -288,11 +288,26 @@ class Model:
         if think:
             prompt += "<think>\n"
         ids = self.tokenizer.encode(prompt, add_bos=False) if self._template_has_bos(prompt) else self.tokenizer.encode(prompt)
-        return self.generate(ids, max_new_tokens, stream=stream, **kw)
+        kw["stop"] = list(kw.get("stop") or []) + list(self.tokenizer.chat_stop)
+        pieces = self.generate(ids, max_new_tokens, stream=True, **kw)
+        if self.tokenizer.chat_format == "transcript":
+            pieces = _lstrip_first(pieces)  # "Answer:" is followed by the reply's own leading space
+        return pieces if stream else "".join(pieces)
 
     def _template_has_bos(self, prompt: str) -> bool:
         bos = self.tokenizer.bos_id
         return bos is not None and prompt.startswith(self.tokenizer.decode([bos]))
+
+
+def _lstrip_first(pieces: Iterator[str]) -> Iterator[str]:
+    """The text pieces with the leading whitespace of the whole text dropped."""
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            yield piece
 
 
 def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None, experts: str = "auto",

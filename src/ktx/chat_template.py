@@ -9,7 +9,8 @@ text and takes indent/separators/sort_keys, and the globals `raise_exception(msg
 (`enable_thinking=False`, ...). `{% generation %}` blocks, which mark assistant text for training, render
 their body.
 
-Files without a template get DEEPSEEK_V3_TEMPLATE, the DeepSeek-V3/R1 format:
+Files without a template whose vocabulary has DeepSeek's `<｜User｜>`, or whose architecture is deepseek2, get
+DEEPSEEK_V3_TEMPLATE, the DeepSeek-V3/R1 format:
 
     <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{answer}<｜end▁of▁sentence｜><｜User｜>...<｜Assistant｜>
 
@@ -20,6 +21,15 @@ Gemma-3 GGUFs (a vocabulary with `<start_of_turn>`) that carry no template get G
 turn format; a system message has no turn of its own and goes in front of the first user text:
 
     <bos><start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n{answer}<end_of_turn>\n...<start_of_turn>model\n
+
+Only when the file's name says it was instruction-tuned, though (`general.finetune` or `general.name`
+holding "it", "instruct" or "chat"): a pretrained base model, such as the default Gemma-3-270M, has the
+turn tokens in its vocabulary but was never taught them, and answers them by repeating the question.
+Such models, and vocabularies with neither Gemma's nor DeepSeek's turn tokens, get TRANSCRIPT_TEMPLATE, a
+plain text exchange that a base model continues sensibly; the reply ends at TRANSCRIPT_STOP, where the
+model starts the next question itself:
+
+    {system}\n\nQuestion: {user}\nAnswer: {answer}\nQuestion: ...\nAnswer:
 """
 
 from __future__ import annotations
@@ -67,6 +77,19 @@ GEMMA_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
 )
+
+TRANSCRIPT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages if message['role'] == 'system' -%}"
+    "{{- message['content'] | trim + '\\n\\n' -}}"
+    "{%- endfor -%}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{%- set text = message['content'].split('</think>')[-1] if message['role'] == 'assistant' else message['content'] -%}"
+    "{{- ('Answer: ' if message['role'] == 'assistant' else 'Question: ') + text | trim + '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Answer:' -}}{%- endif -%}"
+)
+TRANSCRIPT_STOP = ("\nQuestion:",)
 
 
 class _GenerationBlock(jinja2.ext.Extension):

@@ -99,6 +99,11 @@ def chat(
     m = ktx.load(path, cache_len=cache_len, threads=cpu_threads, experts=experts, verbose=verbose, show_plan=True,
                  **_load_kwargs(cpu_moe, gpu_experts, routing_profile, override_tensor, placement, experts_per_token, numa_shards, device))
     gen = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+    if not raw and m.tokenizer.chat_format == "transcript":
+        name = m.gguf.metadata.get("general.name", Path(m.gguf.path).name)
+        _eprint(f"ktx: {name!s} has no chat template and its name does not say instruction-tuned, so it is taken "
+                "for a pretrained base model: the conversation goes to it as a plain 'Question: ... Answer:' "
+                "transcript. --raw continues your text as is; an instruction-tuned GGUF (-it, Instruct) chats properly.")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def reply(user_text: str) -> None:

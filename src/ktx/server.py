@@ -277,6 +277,8 @@ def create_app(model, model_id: str, api_key: str | None = None) -> FastAPI:
         if name is not None and name != model_id:
             raise ApiError(404, f"model '{name}' does not exist; this server runs '{model_id}'", "model", "model_not_found")
         opts = _common(body, capacity)
+        if prompt_ids is chat_prompt_ids:  # a base model's transcript ends its reply at the next question
+            opts["stop"] = opts["stop"] + list(model.tokenizer.chat_stop)
         ids = prompt_ids(body, model.tokenizer)
         if len(ids) >= capacity:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the KV cache holds {capacity}; "

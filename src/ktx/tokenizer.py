@@ -33,6 +33,7 @@ encoding put in front of a stretch of text is dropped again, so decode(encode(s)
 from __future__ import annotations
 
 import codecs
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -50,6 +51,8 @@ _END_TEXTS = (
     "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>",
     "<｜end▁of▁sentence｜>", "<|EOT|>", "<EOT>",
 )
+# A GGUF name or finetune tag of an instruction-tuned model: "gemma-3-270m-it", "Qwen2.5 0.5B Instruct", "chat".
+_TUNED_RE = re.compile(r"(?i)(?:^|[^a-z])(?:it|instruct|chat)(?:[^a-z]|$)")
 
 # ---- pre-tokenizer regex lists (the splits llama.cpp applies for each `tokenizer.ggml.pre`) ----
 
@@ -211,7 +214,7 @@ class Tokenizer:
 
     def __init__(self, hf: tokenizers.Tokenizer, tokens: list[str], vocab: dict[str, int], types: list[int], *,
                  byte_level: bool, bos_id: int | None, eos_id: int | None, eos_ids: set[int], add_bos: bool,
-                 add_space_prefix: bool, chat_template: str | None):
+                 add_space_prefix: bool, chat_template: str | None, tuned_name: bool = False, arch: str = ""):
         self._hf = hf
         self._tokens = tokens
         self._types = types
@@ -224,6 +227,8 @@ class Tokenizer:
         self.add_bos = add_bos
         self.add_space_prefix = add_space_prefix
         self.chat_template = chat_template
+        self.tuned_name = tuned_name  # the file's name says instruction-tuned ("-it", "Instruct", "Chat")
+        self.arch = arch  # general.architecture
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any], path: str = "GGUF") -> Tokenizer:
@@ -263,7 +268,9 @@ class Tokenizer:
         eos_ids |= {vocab[t] for t in _END_TEXTS if t in vocab and types[vocab[t]] in (CONTROL, USER_DEFINED)}
         return cls(hf, tokens, vocab, types, byte_level=kind == "gpt2", bos_id=bos_id, eos_id=eos_id, eos_ids=eos_ids,
                    add_bos=bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos_id is not None,
-                   add_space_prefix=add_space_prefix, chat_template=md.get("tokenizer.chat_template"))
+                   add_space_prefix=add_space_prefix, chat_template=md.get("tokenizer.chat_template"),
+                   tuned_name=any(_TUNED_RE.search(str(md.get(k, ""))) for k in ("general.finetune", "general.name")),
+                   arch=str(md.get("general.architecture", "")))
 
     @property
     def vocab_size(self) -> int:
@@ -296,15 +303,35 @@ class Tokenizer:
             out += piece
         return out.decode("utf-8", errors="replace")
 
+    @property
+    def chat_format(self) -> str:
+        """How chat() renders a conversation: 'file' (the GGUF's own template), 'gemma' or 'deepseek' (the
+        built-in turn formats, for files without one: Gemma's for an instruction-tuned Gemma, DeepSeek-V3's for
+        a DeepSeek vocabulary or architecture) or 'transcript' (any other model, taken for a pretrained base
+        model: a plain Question/Answer exchange); see ktx.chat_template."""
+        if self.chat_template:
+            return "file"
+        if "<start_of_turn>" in self._ids and self.tuned_name:
+            return "gemma"
+        if "<｜User｜>" in self._ids or self.arch == "deepseek2":
+            return "deepseek"
+        return "transcript"
+
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Stop strings that end a chat reply besides the EOS tokens (the transcript's next question)."""
+        from ktx.chat_template import TRANSCRIPT_STOP
+
+        return TRANSCRIPT_STOP if self.chat_format == "transcript" else ()
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        """Render a conversation with the GGUF's chat template (if it has none: the built-in Gemma one for a
-        Gemma vocabulary, else the DeepSeek-V3/R1 one)."""
-        from ktx.chat_template import DEEPSEEK_V3_TEMPLATE, GEMMA_TEMPLATE, render
+        """Render a conversation in `chat_format`: the GGUF's chat template, or a built-in one."""
+        from ktx.chat_template import DEEPSEEK_V3_TEMPLATE, GEMMA_TEMPLATE, TRANSCRIPT_TEMPLATE, render
 
         special = {"bos_token": self._text_of(self.bos_id), "eos_token": self._text_of(self.eos_id)}
-        builtin = GEMMA_TEMPLATE if "<start_of_turn>" in self._ids else DEEPSEEK_V3_TEMPLATE
-        return render(self.chat_template or builtin, messages,
-                      add_generation_prompt=add_generation_prompt, **{**special, **kwargs})
+        template = {"file": self.chat_template, "gemma": GEMMA_TEMPLATE, "deepseek": DEEPSEEK_V3_TEMPLATE,
+                    "transcript": TRANSCRIPT_TEMPLATE}[self.chat_format]
+        return render(template, messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs})
 
     def _text_of(self, token_id: int | None) -> str:
         return "" if token_id is None else self._tokens[token_id]
