@@ -6,8 +6,10 @@ caches), which added up to half the step time. Here the model's builder (ktx.lay
 step once as a table of ops, and `run_program` executes the table on every thread:
 
     for each op:   parallel ops: claim items from the op's own counter (atomic fetch-add: work stealing)
-                   serial ops:   thread 0 runs them (norms, RoPE, routing: a few microseconds each)
-                   barrier after the op when it, or the next op, is parallel (the builder sets the flag)
+                   serial ops:   the first thread to reach a run of them runs it (norms, RoPE, routing: a few
+                                 microseconds each)
+                   barrier after the op when it, or the next op, is parallel (the builder sets the flag): wait
+                   until the work of every op so far is done (counted in units of work, not threads)
 
 State lives in flat arenas addressed by element offsets: F float32 (activations, logits, scratch), Q/QD/QS/QF
 (int8 activations with their per-32 scales, per-16 sums and scale x sum: quantize.py's four arrays), IX int64
@@ -33,10 +35,10 @@ Ops (columns of a row of `ops`: code, parallel, barrier, then the arguments name
     MOE_DOWN  w_j down_j h_j and shared down h, items of row blocks of one matrix, into per-thread sums (parallel)
     MOE_SUM   add the per-thread sums into the residual (or store them), column items  (parallel)
 
-Counters C (int64, fresh zeros per call): C[0] the barrier, then the MoE countdowns at offsets the builder
+Counters C (int64, fresh zeros per call): C[0] the units of work done (run_program), then the MoE countdowns at offsets the builder
 reserves, then n_threads item counters per op (the last n_threads x len(ops) entries: moe_loops.claim's segments; ops
-that need no locality use the first). A fresh array per call also means a thread
-still spinning out of the last barrier can never see the next call's counts.
+that need no locality use the first; a serial run's claim is its first op's). A fresh array per call also means
+a thread still catching up through the last call can never see the next call's counts.
 
 Threads: with one pool per NUMA node, an MoE op may name a node; only that node's threads run it (each expert
 shard is read where its memory is), and the builder leaves out the barriers between the ops of one phase so a
@@ -139,17 +141,47 @@ def _quant(a, F, Q, QD, QS, QF):
                      QS[s + r * (K // 16): s + (r + 1) * (K // 16)], QF[f + r * (K // 32): f + (r + 1) * (K // 32)])
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@njit(nogil=True, cache=True)
+def _units(a):
+    """Op row a's units of work, the amount its threads add to the completion counter C[0] when it is done: the
+    items of a parallel op (as each op's loop counts them), 1 for a serial op."""
+    code = a[0]
+    if code == OP_GEMV:
+        return a[4] * _cdiv(_cdiv(a[5], TILE_ROWS), a[14])
+    if code == OP_MLA:
+        return _cdiv(a[5], a[9])
+    if code == OP_GQA:
+        return _cdiv(a[5], a[11])
+    if code == OP_ROUTER:
+        return _cdiv(a[4], a[8])
+    if code == OP_MOE_UP:
+        return a[5] * _cdiv(a[6] // TILE_ROWS, a[28]) + _cdiv(a[12] // TILE_ROWS, a[28])
+    if code == OP_MOE_DOWN:
+        i_h = _cdiv(a[6] // TILE_ROWS, a[20])
+        return a[4] * i_h + (i_h if a[7] >= 0 else 0)
+    if code == OP_MOE_SUM:
+        return _cdiv(a[4], TILE_ROWS)
+    return 1
+
+
 @njit(nogil=True, cache=True)
 def _gemv(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF):
     mat, B, R, K, q, d, s, f, dst, bstride, acc, IB = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14]
     md = MD[mat]
     tmp = np.empty(TILE_ROWS, np.float32)
-    n_rb = (R + TILE_ROWS - 1) // TILE_ROWS
-    n_ib = (n_rb + IB - 1) // IB
+    n_ib = _cdiv(_cdiv(R, TILE_ROWS), IB)
+    n_rb = _cdiv(R, TILE_ROWS)
+    done = 0
     while True:
         item = claim(C, ci, tid, n_threads, B * n_ib)
         if item < 0:
-            break
+            return done
+        done += 1
         b = item // n_ib
         xq, xd, xs, xsf = _qrow(Q, QD, QS, QF, q, d, s, f, b, K)
         for rb in range(item % n_ib * IB, min(n_rb, (item % n_ib + 1) * IB)):
@@ -162,6 +194,7 @@ def _gemv(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF):
             else:
                 for r in range(min(TILE_ROWS, R - r0)):
                     F[o + r] = tmp[r]
+    return done
 
 
 @njit(nogil=True, cache=True)
@@ -254,12 +287,14 @@ def _mla(a, C, ci, F, KV, pos, scale):
     Qm = F[qo:qo + n_h * D].reshape((n_h, D))
     Om = F[oo:oo + n_h * lat].reshape((n_h, lat))
     zero = np.zeros(n_h, np.int64)
+    done = 0
     while True:
         h0 = fetch_add(C, ci, 1) * chunk
         if h0 >= n_h:
-            break
+            return done
         _attend(Qm, Om, F[so:so + n_h * cap], cap, KV, KV, layer, h0, min(n_h, h0 + chunk), 0, pos + 1, zero, zero,
                 D, lat, scale, fs, fp)
+        done += 1
 
 
 @njit(nogil=True, cache=True)
@@ -274,25 +309,29 @@ def _gqa(a, C, ci, F, K, V, pos, scale):
     Qm = F[qo:qo + n_h * d].reshape((n_h, d))
     Om = F[oo:oo + n_h * dv].reshape((n_h, dv))
     kc, vc = np.arange(n_h) // group * d, np.arange(n_h) // group * dv
+    done = 0
     while True:
         h0 = fetch_add(C, ci, 1) * chunk
         if h0 >= n_h:
-            break
+            return done
         _attend(Qm, Om, F[so:so + n_h * cap], cap, K, V, layer, h0, min(n_h, h0 + chunk), t0, S, kc, vc, d, dv, scale,
                 fs, fp)
+        done += 1
 
 
 @njit(nogil=True, cache=True, fastmath=True)
 def _router(a, C, ci, WA, F):
     w, E, H, src, dst, chunk = a[3], a[4], a[5], a[6], a[7], a[8]
     W = carray(f32_ptr(WA[w]), (E, H))
+    done = 0
     while True:
         e0 = fetch_add(C, ci, 1) * chunk
         if e0 >= E:
-            break
+            return done
         x = F[src:src + H]
         for e in range(e0, min(E, e0 + chunk)):
             F[dst + e] = _dot(W[e], x)
+        done += 1
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -376,14 +415,16 @@ def _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
     ho, hq, hd, hs, hf = a[17], a[18], a[19], a[20], a[21]
     shq, shd, shs, shf, ids, cd, IB, gelu = a[22], a[23], a[24], a[25], a[26], a[27], a[28], a[29]
     n_r, n_s = I // TILE_ROWS, Is // TILE_ROWS
-    i_r, i_s = (n_r + IB - 1) // IB, (n_s + IB - 1) // IB  # items per routed expert, for the shared MLP
+    i_r, i_s = _cdiv(n_r, IB), _cdiv(n_s, IB)  # items per routed expert, for the shared MLP
     g = np.empty(TILE_ROWS, np.float32)
     u = np.empty(TILE_ROWS, np.float32)
     xq, xd, xs, xf = _qrow(Q, QD, QS, QF, xq_, xd_, xs_, xf_, 0, H)
+    done = 0
     while True:
         item = claim(C, ci, tid, n_threads, k * i_r + i_s)
         if item < 0:
-            break
+            return done
+        done += 1
         if item < k * i_r:
             j, b0 = item // i_r, item % i_r * IB
             e, mdg, mdu, r0g, r0u, o, n, K = IX[ids + j], MD[mg], MD[mu], 0, 0, ho + j * I, n_r, I
@@ -417,14 +458,15 @@ def _moe_down(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
     hq, hd, hs, hf, shq, shd, shs, shf, ids, wo, part, IB, sw = (a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16],
                                                                  a[17], a[18], a[19], a[20], a[21])
     n_h = H // TILE_ROWS
-    i_h = (n_h + IB - 1) // IB
-    n_items = k * i_h + (i_h if sd >= 0 else 0)
+    i_h = _cdiv(n_h, IB)
     tmp = np.empty(TILE_ROWS, np.float32)
     dst = part + tid * H
+    done = 0
     while True:
-        item = claim(C, ci, tid, n_threads, n_items)
+        item = claim(C, ci, tid, n_threads, _units(a))
         if item < 0:
-            break
+            return done
+        done += 1
         j, b0 = item // i_h, item % i_h * IB
         if j < k:
             xq, xd, xs, xf = _qrow(Q, QD, QS, QF, hq, hd, hs, hf, j, I)
@@ -444,10 +486,12 @@ def _moe_sum(a, C, ci, F, n_threads):
     """dst (+)= sum over threads of part[t], items of 64 columns (O(threads x H): serial on thread 0 it would grow
     with the machine); the partial sums are zeroed for the next layer."""
     part, H, dst, acc = a[3], a[4], a[5], a[6]
+    done = 0
     while True:
         c0 = fetch_add(C, ci, 1) * TILE_ROWS
         if c0 >= H:
-            break
+            return done
+        done += 1
         c1 = min(H, c0 + TILE_ROWS)
         if not acc:
             F[dst + c0:dst + c1] = 0.0
@@ -463,59 +507,79 @@ def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
     """Run the op table on thread tid of n_threads, which runs on NUMA node `node` (every thread calls this with
     the same other arguments). An MoE op with a node (its last argument, -1 = any) is run by that node's threads
     only: each expert shard is read where its memory is. Thread 0 adds each op's cycles (with its barrier) into
-    TS[1 + i], summed over runs; TS[0] is its scratch."""
+    TS[1 + i], summed over runs; TS[0] is its scratch.
+
+    Barriers count work, not threads: each thread adds the items it finished to C[0], and a barrier after op i
+    waits until C[0] holds the units (_units) of ops 0..i. A run of serial ops belongs to the first thread that
+    reaches it (a claim on the run's first op), which waits until everything before is done. So a thread the
+    OS took off its core holds up nobody unless it holds an item: the others take its share (claim steals) and
+    go on, and when it comes back it finds the ops done and catches up. With thread-counting barriers, one busy
+    process beside a 2-thread decode cut it to a third (117 -> 32 tok/s, Gemma-3-270M), below one thread's 87."""
     if tid == 0:
         TS[0] = cycles()
-    passed = 0
+    target = 0  # units of the ops before this one
+    serial = 0  # in a run of serial ops: 1 this thread runs it, -1 another does; 0 outside
     c0 = C.shape[0] - ops.shape[0] * n_threads  # op i's item counters are C[c0 + n_threads i ..] (claim)
     for i in range(ops.shape[0]):
         a = ops[i]
         code = a[0]
         ci = c0 + i * n_threads
-        if a[1] or tid == 0:
-            if code == OP_NORM:
-                _norm(a, WA, F, opf[i, 0])
-            elif code == OP_QUANT:
-                _quant(a, F, Q, QD, QS, QF)
-            elif code == OP_GEMV:
-                _gemv(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF)
-            elif code == OP_ROPE:
-                _rope(a, F)
-            elif code == OP_CACHE:
-                src, n, layer = a[3], a[4], a[5]
-                if a[6]:
-                    VC[layer, pos, :n] = F[src:src + n]
-                else:
-                    KV[layer, pos, :n] = F[src:src + n]
+        done = 0
+        if a[1]:
+            serial = 0
+            if code == OP_GEMV:
+                done = _gemv(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF)
             elif code == OP_GQA:
-                _gqa(a, C, ci, F, KV, VC, pos, np.float32(opf[i, 0]))
-            elif code == OP_ADD:
-                src, dst, n = a[3], a[4], a[5]
-                if a[6]:
-                    F[dst:dst + n] += carray(f32_ptr(WA[src]), n)
-                else:
-                    F[dst:dst + n] += F[src:src + n]
-            elif code == OP_SIGMOID:
-                for j in range(a[3], a[3] + a[4]):
-                    F[j] = np.float32(1.0) / (np.float32(1.0) + np.exp(-F[j]))
+                done = _gqa(a, C, ci, F, KV, VC, pos, np.float32(opf[i, 0]))
             elif code == OP_MLA:
-                _mla(a, C, ci, F, KV, pos, np.float32(opf[i, 0]))
+                done = _mla(a, C, ci, F, KV, pos, np.float32(opf[i, 0]))
             elif code == OP_ROUTER:
-                _router(a, C, ci, WA, F)
-            elif code == OP_TOPK:
-                _topk(a, WA, F, IX, opf[i, 0])
+                done = _router(a, C, ci, WA, F)
             elif code == OP_MOE_UP:
                 if a[30] < 0 or a[30] == node:
-                    _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX)
+                    done = _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX)
             elif code == OP_MOE_DOWN:
                 if a[22] < 0 or a[22] == node:
-                    _moe_down(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX)
+                    done = _moe_down(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX)
             elif code == OP_MOE_SUM:
-                _moe_sum(a, C, ci, F, n_threads)
+                done = _moe_sum(a, C, ci, F, n_threads)
+        else:
+            if serial == 0:
+                serial = 1 if fetch_add(C, ci, 1) == 0 else -1
+                if serial == 1:
+                    while atomic_read(C, 0) < target:
+                        sched_yield()
+            if serial == 1:
+                done = 1
+                if code == OP_NORM:
+                    _norm(a, WA, F, opf[i, 0])
+                elif code == OP_QUANT:
+                    _quant(a, F, Q, QD, QS, QF)
+                elif code == OP_ROPE:
+                    _rope(a, F)
+                elif code == OP_CACHE:
+                    src, n, layer = a[3], a[4], a[5]
+                    if a[6]:
+                        VC[layer, pos, :n] = F[src:src + n]
+                    else:
+                        KV[layer, pos, :n] = F[src:src + n]
+                elif code == OP_ADD:
+                    src, dst, n = a[3], a[4], a[5]
+                    if a[6]:
+                        F[dst:dst + n] += carray(f32_ptr(WA[src]), n)
+                    else:
+                        F[dst:dst + n] += F[src:src + n]
+                elif code == OP_SIGMOID:
+                    for j in range(a[3], a[3] + a[4]):
+                        F[j] = np.float32(1.0) / (np.float32(1.0) + np.exp(-F[j]))
+                elif code == OP_TOPK:
+                    _topk(a, WA, F, IX, opf[i, 0])
+        if done:
+            fetch_add(C, 0, done)  # after the op's writes (a locked add orders them before it)
+        target += _units(a)
         if a[2]:
-            passed += 1
-            fetch_add(C, 0, 1)
-            while atomic_read(C, 0) < passed * n_threads:
+            serial = 0
+            while atomic_read(C, 0) < target:
                 sched_yield()
         if tid == 0:
             now = cycles()
@@ -540,22 +604,33 @@ def compare_swap(typingctx, arr, idx, expected, new):
 
 
 # Spinning workers (hot_program). ctl, int64: [0] leave (nonzero: spinning workers go idle), [1] the posted
-# token's position, [2 + tid] worker tid's word: (number of tokens posted) << 1 | idle.
-CTL_LEAVE, CTL_POS, CTL_WORDS = 0, 1, 2
+# token's position, [2] the number of tokens done, then per worker tid its word (number of tokens posted) << 1 |
+# idle at [CTL_WORDS + tid], then the token it is inside (0: none) at [CTL_WORDS + n_threads + tid]. Token n
+# runs on counters C2[n % RING].
+CTL_LEAVE, CTL_POS, CTL_DONE, CTL_WORDS = 0, 1, 2, 3
+RING = 4
 
 
 @njit(nogil=True, cache=True)
 def hot_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, VC, C2, TS, ctl, spin_cycles):
     """Worker tid's side of run_program over a run of tokens: the token its word announces, then the next ones
     as the caller posts them (post_tokens), spinning up to spin_cycles between two, until the wait runs out or
-    ctl[CTL_LEAVE] is set; then it marks its word idle and returns (the caller submits a job again). Token n
-    runs on counters C2[n % 2]: the caller zeroes a buffer for token n + 1 once token n is done, and every thread
-    left token n - 1's barriers before it could pass token n's first one."""
-    wi = CTL_WORDS + tid
-    w = fetch_add(ctl, wi, -1) - 1  # the caller posted this token to an idle word: clear the idle bit
+    ctl[CTL_LEAVE] is set; then it marks its word idle and returns (the caller submits a job again).
+
+    Barriers count work (run_program), so the others can finish a token without a worker the OS has descheduled,
+    and it may wake up behind: inside a done token, or with tokens posted that it never entered. It says which
+    token it is inside before it checks that the token is still undone (a locked add, then a read: the caller
+    writes CTL_DONE and then reads these words, so one of the two sees the other), and the caller zeroes token n's
+    counters C2[n % RING] only when no worker is inside token n - RING (wait_left)."""
+    wi, ei = CTL_WORDS + tid, CTL_WORDS + n_threads + tid
+    w = atomic_read(ctl, wi)  # post_tokens cleared the idle bit when it started this job; tokens may have come since
     while True:
-        run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, VC, C2[(w >> 1) & 1],
-                    atomic_read(ctl, CTL_POS), TS)
+        t = w >> 1
+        fetch_add(ctl, ei, t - ctl[ei])
+        if atomic_read(ctl, CTL_DONE) < t:
+            run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV, VC, C2[t % RING],
+                        atomic_read(ctl, CTL_POS), TS)
+        fetch_add(ctl, ei, -t)
         t0 = cycles()
         while True:
             cur = atomic_read(ctl, wi)
@@ -570,10 +645,30 @@ def hot_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
 @njit(nogil=True, cache=True)
 def post_tokens(ctl, pos, idle):
     """Announce the next token (at pos) to every worker word; idle[tid] = 1 where that worker had gone idle (its
-    word had the idle bit), so the caller must start it with a job."""
+    word had the idle bit), so the caller must start it with a job. The bit is cleared here, not by the job: a
+    job that starts late (its thread not yet scheduled) must not be started twice while the caller runs tokens
+    without it."""
     ctl[CTL_POS] = pos
-    for wi in range(CTL_WORDS, ctl.shape[0]):
-        idle[wi - CTL_WORDS] = fetch_add(ctl, wi, 2) & 1
+    for tid in range(idle.shape[0]):
+        while True:
+            old = atomic_read(ctl, CTL_WORDS + tid)
+            if compare_swap(ctl, CTL_WORDS + tid, old, (old + 2) & ~np.int64(1)):
+                idle[tid] = old & 1
+                break
+
+
+@njit(nogil=True, cache=True)
+def token_done(ctl, n):
+    """Token n is done (every unit of its program): CTL_DONE = n, as a locked write (see hot_program)."""
+    fetch_add(ctl, CTL_DONE, n - ctl[CTL_DONE])
+
+
+@njit(nogil=True, cache=True)
+def wait_left(ctl, n_threads, t):
+    """Wait until no worker is inside token t (hot_program)."""
+    for tid in range(n_threads):
+        while atomic_read(ctl, CTL_WORDS + n_threads + tid) == t:
+            sched_yield()
 
 
 @njit(nogil=True, cache=True)

@@ -284,6 +284,52 @@ def test_decode_steps_match_float_reference(tmp_path, shards, path):
     assert np.sum(np.array(errs) >= 0.06) <= 1 and np.mean(same) >= 0.7, (errs, same)
 
 
+@pytest.mark.parametrize("spin_us", ["0", "60000000"])
+def test_a_worker_held_back_holds_up_nobody(tmp_path, monkeypatch, spin_us):
+    """Barriers count work, not threads (decode_loops.run_program): while the program's worker is held back (here
+    by a job that blocks its thread; in life, by the OS giving its core to another process) the caller decodes
+    alone, and the worker that turns up late, inside or after tokens that are done, changes nothing. Each step's
+    logits against the same steps decoded with both threads free (checked against the float path above), to
+    float rounding: one thread's sums add up in another order. Without a spin, a held-back worker gets one
+    queued job per step; with one, a single job (post_tokens clears the idle bit when it starts it)."""
+    import threading
+
+    from ktx.synthetic import PRESETS, write_synthetic
+
+    monkeypatch.setenv("KTX_SPIN_US", spin_us)
+    path = write_synthetic(PRESETS["dsv3-tiny"], tmp_path / "dsv3-tiny.gguf")
+    m = ktx.load(path, cache_len=64, threads=2)
+    prog = m.net.program_for(m.engine.cache)
+    assert prog is not None and prog.n_threads == 2, m.net.program_note
+    pool = prog.pools[0]
+    prompt, steps = torch.arange(12) + 5, [3, 9, 11, 2, 17, 5, 8, 30, 41, 7, 12, 13]
+
+    def decode(tokens):
+        return [m.net.forward(torch.tensor([t]), m.engine.cache).numpy()[0] for t in tokens]
+
+    m.engine.reset()
+    m.net.forward(prompt, m.engine.cache)
+    want = decode(steps)
+
+    m.engine.reset()
+    m.net.forward(prompt, m.engine.cache)
+    got = decode(steps[:2])
+    release = threading.Event()
+    pool.submit(lambda wid, n: release.wait(), workers=1)
+    held: list = []
+    runner = threading.Thread(target=lambda: held.extend(decode(steps[2:9])))  # 7 steps, more than the ring of 4
+    runner.start()
+    runner.join(60)
+    queued = pool._queues[0].qsize()
+    release.set()
+    runner.join()
+    assert len(held) == 7, "decode waited for the held-back worker"
+    assert queued == (1 if spin_us != "0" else 7)
+    got += held + decode(steps[9:])
+    for i, (a, b) in enumerate(zip(want, got)):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max(), f"step {i}"
+
+
 GQA_SIZES = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
 GQA_CASES = {  # kernel-sized tiny models (the CPU expert kernels take multiples of 64, K-quant rows of 256)
     "qwen3moe": ("make_qwen3_moe", dict(moe_intermediate_size=256)),

@@ -28,8 +28,8 @@ import numpy as np
 
 from ktx.kernels_cpu.decode_loops import (N_COLS, OP_ADD, OP_CACHE, OP_GEMV, OP_GQA, OP_MLA, OP_MOE_DOWN, OP_MOE_SUM,
                                           OP_MOE_UP, OP_NORM, OP_QUANT, OP_ROPE, OP_ROUTER, OP_SIGMOID, OP_TOPK,
-                                          PARALLEL_OPS, TILE_ROWS, CTL_LEAVE, CTL_WORDS, hot_program, post_tokens,
-                                          read_cycles, rope_fill, run_program)
+                                          PARALLEL_OPS, RING, TILE_ROWS, CTL_LEAVE, CTL_WORDS, hot_program, post_tokens,
+                                          read_cycles, rope_fill, run_program, token_done, wait_left)
 from ktx.errors import KtxError
 from ktx.kernels_cpu.attn_simd import kernel_addresses
 from ktx.kernels_cpu.simd import tile_address, variant
@@ -247,9 +247,9 @@ class DecodeProgram:
         self._slots = [(j, 1 if j == 0 else sum(p.n_threads for p in self.pools[:j]),
                         p.n_threads - (j == 0)) for j, p in enumerate(self.pools)]
         if self._spin:  # spinning workers (module docstring): counters per token parity, control words
-            self._C2 = np.zeros((2, s["C"] + len(self._ops) * self.n_threads), np.int64)
-            self._ctl = np.zeros(CTL_WORDS + self.n_threads, np.int64)
-            self._ctl[CTL_WORDS:] = 1  # every worker idle
+            self._C2 = np.zeros((RING, s["C"] + len(self._ops) * self.n_threads), np.int64)
+            self._ctl = np.zeros(CTL_WORDS + 2 * self.n_threads, np.int64)
+            self._ctl[CTL_WORDS:CTL_WORDS + self.n_threads] = 1  # every worker idle
             self._idle = np.zeros(self.n_threads, np.int64)
             self._posted = 0
             self._spin_cycles = int(spin_us * 1e-6 * _tsc_hz())
@@ -301,8 +301,10 @@ class DecodeProgram:
             self._all_idle()
             self._hot_key = key
         n_tok = self._posted + 1
-        C = self._C2[n_tok & 1]
-        C[:] = 0  # every thread left token n_tok - 2's barriers (hot_program)
+        if n_tok > RING:
+            wait_left(ctl, self.n_threads, n_tok - RING)  # a worker the OS held back may still be inside it
+        C = self._C2[n_tok % RING]
+        C[:] = 0
         post_tokens(ctl, pos, self._idle)
         self._posted = n_tok
         idle = self._idle.copy()
@@ -314,12 +316,13 @@ class DecodeProgram:
                 pool.submit(lambda wid, nw, base=base, j=j: hot_program(base + wid, n, j, *args) if idle[base + wid]
                             else None, workers=k, spinner=self._leave)
         run_program(0, n, 0, *args[:12], C, pos, self.TS)
+        token_done(ctl, n_tok)
 
     def _all_idle(self) -> None:
         """Ask spinning workers to return to their pools and wait until they have (they are between tokens)."""
         ctl = self._ctl
         ctl[CTL_LEAVE] = 1
-        while not (ctl[CTL_WORDS + 1:] & 1).all():
+        while not (ctl[CTL_WORDS + 1:CTL_WORDS + self.n_threads] & 1).all():
             time.sleep(0)
         ctl[CTL_LEAVE] = 0
 
