@@ -124,3 +124,22 @@ def test_chat_answers_and_stops_at_the_next_question(model):
         assert answer in reply and "Question" not in reply and reply == reply.strip(), reply
         assert model.stats.finish_reason == "stop"
         history.append({"role": "assistant", "content": reply})
+
+
+def test_server_chat_replies_like_model_chat(model):
+    """`ktx serve` on a base model: the transcript's stop and the dropped leading space, as Model.chat has them."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from live_server import running_server
+
+    from ktx.server import create_app
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ref = model.chat(messages, 24)
+    with running_server(create_app(model, "gemma", api_key="k")) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="gemma", messages=messages, max_tokens=24, temperature=0)
+        chunks = list(client.chat.completions.create(model="gemma", messages=messages, max_tokens=24, temperature=0,
+                                                     stream=True))
+    assert r.choices[0].message.content == ref and "Paris" in ref and r.choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref

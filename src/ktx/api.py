@@ -291,7 +291,7 @@ class Model:
         kw["stop"] = list(kw.get("stop") or []) + list(self.tokenizer.chat_stop)
         pieces = self.generate(ids, max_new_tokens, stream=True, **kw)
         if self.tokenizer.chat_format == "transcript":
-            pieces = _lstrip_first(pieces)  # "Answer:" is followed by the reply's own leading space
+            pieces = lstrip_first(pieces)  # "Answer:" is followed by the reply's own leading space
         return pieces if stream else "".join(pieces)
 
     def _template_has_bos(self, prompt: str) -> bool:
@@ -299,15 +299,18 @@ class Model:
         return bos is not None and prompt.startswith(self.tokenizer.decode([bos]))
 
 
-def _lstrip_first(pieces: Iterator[str]) -> Iterator[str]:
-    """The text pieces with the leading whitespace of the whole text dropped."""
+def lstrip_first(pieces: Iterator[str]) -> Iterator[str]:
+    """The text pieces with the leading whitespace of the whole text dropped (closing it closes `pieces`)."""
     started = False
-    for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        if piece:
-            yield piece
+    try:
+        for piece in pieces:
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                yield piece
+    finally:
+        pieces.close()
 
 
 def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None, experts: str = "auto",

@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ktx.api import lstrip_first
 from ktx.errors import KtxError
 
 
@@ -56,6 +57,7 @@ class GenRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    lstrip: bool = False  # drop the reply's leading whitespace (a base model's transcript: "Answer: Paris")
 
 
 def _number(body: dict, name: str, default, lo: float | None = None, hi: float | None = None, *, integer: bool = False,
@@ -193,6 +195,8 @@ class Worker:
                 return
             try:
                 pieces = self.model.generate(req.ids, req.max_tokens, stop=req.stop, stream=True, **req.sampling)
+                if req.lstrip:
+                    pieces = lstrip_first(pieces)
                 for piece in pieces:
                     if job.cancel.is_set():
                         pieces.close()
@@ -279,6 +283,7 @@ def create_app(model, model_id: str, api_key: str | None = None) -> FastAPI:
         opts = _common(body, capacity)
         if prompt_ids is chat_prompt_ids:  # a base model's transcript ends its reply at the next question
             opts["stop"] = opts["stop"] + list(model.tokenizer.chat_stop)
+            opts["lstrip"] = model.tokenizer.chat_format == "transcript"
         ids = prompt_ids(body, model.tokenizer)
         if len(ids) >= capacity:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the KV cache holds {capacity}; "
