@@ -33,9 +33,11 @@ def pool():
         yield p
 
 
+_NO_CACHE = np.zeros((1, 1, 1), np.float32)  # one array: the spinning path restarts its workers for new caches
+
+
 def _run(P, kv=None, pos=0, vc=None):
-    none = np.zeros((1, 1, 1), np.float32)
-    P.run(none if kv is None else kv, none if vc is None else vc, pos)
+    P.run(_NO_CACHE if kv is None else kv, _NO_CACHE if vc is None else vc, pos)
 
 
 @settings(max_examples=6, deadline=None)
@@ -289,9 +291,13 @@ def test_a_worker_held_back_holds_up_nobody(tmp_path, monkeypatch, spin_us):
     """Barriers count work, not threads (decode_loops.run_program): while the program's worker is held back (here
     by a job that blocks its thread; in life, by the OS giving its core to another process) the caller decodes
     alone, and the worker that turns up late, inside or after tokens that are done, changes nothing. Each step's
-    logits against the same steps decoded with both threads free (checked against the float path above), to
-    float rounding: one thread's sums add up in another order. Without a spin, a held-back worker gets one
-    queued job per step; with one, a single job (post_tokens clears the idle bit when it starts it)."""
+    logits against the same steps decoded with both threads free (checked against the float path above). Not
+    bit for bit: one thread's sums add up in another order, which can move an activation across an int8 rounding
+    step (~1e-3 of the largest logit) or flip a near-tied expert choice (1.1e-2 at one step of this model, seen
+    with the old thread-counting barriers too, between two plain 2-thread decodes under load); a wrong op shows
+    as far more (editing the op table: the last layer's experts skipped 0.5, a GEMV added twice 0.34). Without a
+    spin, a held-back worker gets a queued job per step; with one, a single job (post_tokens clears the idle bit
+    when it starts it; one more may still wait from before the hold)."""
     import threading
 
     from ktx.synthetic import PRESETS, write_synthetic
@@ -324,10 +330,43 @@ def test_a_worker_held_back_holds_up_nobody(tmp_path, monkeypatch, spin_us):
     release.set()
     runner.join()
     assert len(held) == 7, "decode waited for the held-back worker"
-    assert queued == (1 if spin_us != "0" else 7)
+    assert queued >= 7 if spin_us == "0" else queued <= 2, queued
     got += held + decode(steps[9:])
     for i, (a, b) in enumerate(zip(want, got)):
-        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max(), f"step {i}"
+        assert np.abs(a - b).max() <= 0.05 * np.abs(a).max(), f"step {i}"
+
+
+def test_counters_are_not_reused_under_a_worker_still_inside_their_token(pool, monkeypatch):
+    """The spinning path's ring of counter sets (decode_loops.RING): token n reuses token n - RING's set, so it must
+    wait while a worker says it is inside token n - RING (a worker the OS held back there), and go on once it
+    leaves. The pool's worker is kept busy, and its enter word is set here as if it were inside token 1."""
+    import threading
+
+    from ktx.kernels_cpu.decode_loops import RING
+    from ktx.layers.program import CTL_WORDS
+
+    monkeypatch.setenv("KTX_SPIN_US", "60000000")
+    rng = np.random.default_rng(5)
+    P, step = _gemv_program(pool, rng)
+    release = threading.Event()
+    pool.submit(lambda wid, n: release.wait(), workers=1)
+    enter = CTL_WORDS + P.n_threads + 1  # worker 1's "inside token" word
+    P._ctl[enter] = 1
+    try:
+        for _ in range(RING):  # tokens 1 .. RING: each on its own counter set
+            step()
+        blocked = threading.Thread(target=step)  # token RING + 1 reuses token 1's set
+        blocked.start()
+        blocked.join(0.5)
+        assert blocked.is_alive(), "token RING + 1 zeroed the counters of a token a worker is still inside"
+        P._ctl[enter] = 0
+        blocked.join(10)
+        assert not blocked.is_alive()
+    finally:
+        P._ctl[enter] = 0
+        release.set()
+    for _ in range(3):
+        step()
 
 
 GQA_SIZES = dict(hidden_size=256, intermediate_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
