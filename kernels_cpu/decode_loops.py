@@ -35,8 +35,8 @@ Ops (columns of a row of `ops`: code, parallel, barrier, then the arguments name
     MOE_DOWN  w_j down_j h_j and shared down h, items of row blocks of one matrix, into per-thread sums (parallel)
     MOE_SUM   add the per-thread sums into the residual (or store them), column items  (parallel)
 
-Counters C (int64, fresh zeros per call): C[0] the units of work done (run_program), then the MoE countdowns at offsets the builder
-reserves, then n_threads item counters per op (the last n_threads x len(ops) entries: moe_loops.claim's segments; ops
+Counters C (int64, fresh zeros per call): C[0] the units of work done (run_program), then the MoE countdowns at
+offsets the builder reserves, then n_threads item counters per op (the last n_threads x len(ops) entries: moe_loops.claim's segments; ops
 that need no locality use the first; a serial run's claim is its first op's). A fresh array per call also means
 a thread still catching up through the last call can never see the next call's counts.
 
@@ -171,14 +171,14 @@ def _units(a):
 
 @njit(nogil=True, cache=True)
 def _gemv(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF):
-    mat, B, R, K, q, d, s, f, dst, bstride, acc, IB = a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14]
+    mat, R, K, q, d, s, f, dst, bstride, acc, IB = a[3], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14]
     md = MD[mat]
     tmp = np.empty(TILE_ROWS, np.float32)
-    n_ib = _cdiv(_cdiv(R, TILE_ROWS), IB)
     n_rb = _cdiv(R, TILE_ROWS)
+    n_ib = _cdiv(n_rb, IB)
     done = 0
     while True:
-        item = claim(C, ci, tid, n_threads, B * n_ib)
+        item = claim(C, ci, tid, n_threads, _units(a))  # batches x n_ib
         if item < 0:
             return done
         done += 1
@@ -415,13 +415,13 @@ def _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
     ho, hq, hd, hs, hf = a[17], a[18], a[19], a[20], a[21]
     shq, shd, shs, shf, ids, cd, IB, gelu = a[22], a[23], a[24], a[25], a[26], a[27], a[28], a[29]
     n_r, n_s = I // TILE_ROWS, Is // TILE_ROWS
-    i_r, i_s = _cdiv(n_r, IB), _cdiv(n_s, IB)  # items per routed expert, for the shared MLP
+    i_r = _cdiv(n_r, IB)  # items per routed expert (the shared MLP's follow: _units)
     g = np.empty(TILE_ROWS, np.float32)
     u = np.empty(TILE_ROWS, np.float32)
     xq, xd, xs, xf = _qrow(Q, QD, QS, QF, xq_, xd_, xs_, xf_, 0, H)
     done = 0
     while True:
-        item = claim(C, ci, tid, n_threads, k * i_r + i_s)
+        item = claim(C, ci, tid, n_threads, _units(a))  # k * i_r + the shared MLP's
         if item < 0:
             return done
         done += 1

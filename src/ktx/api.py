@@ -288,18 +288,22 @@ class Model:
         if think:
             prompt += "<think>\n"
         ids = self.tokenizer.encode(prompt, add_bos=False) if self._template_has_bos(prompt) else self.tokenizer.encode(prompt)
-        kw["stop"] = list(kw.get("stop") or []) + list(self.tokenizer.chat_stop)
-        pieces = self.generate(ids, max_new_tokens, stream=True, **kw)
-        if self.tokenizer.chat_format == "transcript":
-            pieces = lstrip_first(pieces)  # "Answer:" is followed by the reply's own leading space
+        pieces = self.reply(ids, max_new_tokens, **kw)
         return pieces if stream else "".join(pieces)
+
+    def reply(self, ids: list[int], max_new_tokens: int, *, stop: list[str] | None = None, **sampling) -> Iterator[str]:
+        """Stream the reply to a rendered conversation (token ids): generate(), ending also at the chat format's
+        stop strings; a base model's transcript reply loses the space that follows its "Answer:"."""
+        pieces = self.generate(ids, max_new_tokens, stop=list(stop or []) + list(self.tokenizer.chat_stop), stream=True,
+                               **sampling)
+        return _lstrip_first(pieces) if self.tokenizer.chat_format == "transcript" else pieces
 
     def _template_has_bos(self, prompt: str) -> bool:
         bos = self.tokenizer.bos_id
         return bos is not None and prompt.startswith(self.tokenizer.decode([bos]))
 
 
-def lstrip_first(pieces: Iterator[str]) -> Iterator[str]:
+def _lstrip_first(pieces: Iterator[str]) -> Iterator[str]:
     """The text pieces with the leading whitespace of the whole text dropped (closing it closes `pieces`)."""
     started = False
     try:

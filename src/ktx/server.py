@@ -31,7 +31,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ktx.api import lstrip_first
 from ktx.errors import KtxError
 
 
@@ -57,7 +56,7 @@ class GenRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
-    lstrip: bool = False  # drop the reply's leading whitespace (a base model's transcript: "Answer: Paris")
+    chat: bool = False  # ids are a rendered conversation: Model.reply (the chat format's stop strings)
 
 
 def _number(body: dict, name: str, default, lo: float | None = None, hi: float | None = None, *, integer: bool = False,
@@ -194,9 +193,8 @@ class Worker:
                 put("end", Finish("cancelled", len(req.ids), 0))
                 return
             try:
-                pieces = self.model.generate(req.ids, req.max_tokens, stop=req.stop, stream=True, **req.sampling)
-                if req.lstrip:
-                    pieces = lstrip_first(pieces)
+                pieces = (self.model.reply(req.ids, req.max_tokens, stop=req.stop, **req.sampling) if req.chat else
+                          self.model.generate(req.ids, req.max_tokens, stop=req.stop, stream=True, **req.sampling))
                 for piece in pieces:
                     if job.cancel.is_set():
                         pieces.close()
@@ -281,15 +279,12 @@ def create_app(model, model_id: str, api_key: str | None = None) -> FastAPI:
         if name is not None and name != model_id:
             raise ApiError(404, f"model '{name}' does not exist; this server runs '{model_id}'", "model", "model_not_found")
         opts = _common(body, capacity)
-        if prompt_ids is chat_prompt_ids:  # a base model's transcript ends its reply at the next question
-            opts["stop"] = opts["stop"] + list(model.tokenizer.chat_stop)
-            opts["lstrip"] = model.tokenizer.chat_format == "transcript"
         ids = prompt_ids(body, model.tokenizer)
         if len(ids) >= capacity:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the KV cache holds {capacity}; "
                                 "shorten it or restart the server with a larger --cache-len",
                            "messages" if prompt_ids is chat_prompt_ids else "prompt", "context_length_exceeded")
-        return GenRequest(ids=ids, **opts)
+        return GenRequest(ids=ids, chat=prompt_ids is chat_prompt_ids, **opts)
 
     async def complete(request: Request, req: GenRequest, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)

@@ -246,7 +246,7 @@ class DecodeProgram:
         # one sits out), then each further pool's in turn
         self._slots = [(j, 1 if j == 0 else sum(p.n_threads for p in self.pools[:j]),
                         p.n_threads - (j == 0)) for j, p in enumerate(self.pools)]
-        if self._spin:  # spinning workers (module docstring): counters per token parity, control words
+        if self._spin:  # spinning workers (module docstring): a ring of counter sets, control words
             self._C2 = np.zeros((RING, s["C"] + len(self._ops) * self.n_threads), np.int64)
             self._ctl = np.zeros(CTL_WORDS + 2 * self.n_threads, np.int64)
             self._ctl[CTL_WORDS:CTL_WORDS + self.n_threads] = 1  # every worker idle
