@@ -1,6 +1,7 @@
 """CPU routed-expert kernels against this machine's own limits, measured in the same run.
 
     /work/venv/bin/python bench/bench_cpu_experts.py [--threads 2] [--types Q4_K,Q6_K,Q8_0] [--experts 16] [--tokens 64]
+                                                     [--paths vnni,amx]
 
 Limits: DRAM read bandwidth (kernels_cpu.membw: the best of read loops with and without prefetch, all workers
 reading disjoint parts of a 1 GiB buffer; during decode, also membw.ReadProbe's sustained read, 0.1 s
@@ -98,11 +99,12 @@ def rand_raw(rng, qt, E, R, K):
     return raw
 
 
-def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,)):
+def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,), paths=("auto",)):
     g, u, d = rand_raw(rng, qt, n_experts, I_FF, H), rand_raw(rng, qt, n_experts, I_FF, H), rand_raw(rng, qt, n_experts, H, I_FF)
     t = time.perf_counter()
-    ex = MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I_FF, pool=pool)
+    ex = MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I_FF, pool=pool, path=paths[0])
     t_repack = time.perf_counter() - t
+    print(f"{qt.name:5s} kernels: {ex.kernel_path}")
     bytes_expert = sum(m.nbytes_per_expert() for m in ex.mats)
     gguf_expert = (g[0].nbytes + u[0].nbytes + d[0].nbytes)
     x = rng.standard_normal((max(tokens), H)).astype(np.float32)
@@ -122,18 +124,26 @@ def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,)):
     print(f"{qt.name:5s} decode : {td * 1e3:7.2f} ms/token  {gbs:6.1f} GB/s repacked ({bytes_expert / 2**20:.1f} MiB/expert,"
           f" {bpw:.3f} B/weight) = {gbs / bw[0]:5.1%} of DRAM, {np.median(ratios[2:]):5.1%} of the read next to each token"
           f"   | GGUF bytes {8 * gguf_expert / td / 1e9:6.1f} GB/s   (repack {t_repack:.1f} s)")
+    # prefill: each path in `paths` on the same repacked weights (a second MoEExperts over the same arrays), the
+    # paths alternating per repetition, so that a comparison sees the same machine state
+    exs = [ex] + [MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I_FF, pool=pool, path=p) for p in paths[1:]]
     for T in tokens:
         ids = np.tile(np.arange(8, dtype=np.int32), (T, 1))
         wT = np.full((T, 8), 1 / 8, np.float32)
-        ex.forward(x[:T], ids, wT)
-        times = []
+        times = {p: [] for p in paths}
+        for e in exs:
+            e.forward(x[:T], ids, wT)
         for _ in range(4):
-            t = time.perf_counter()
-            ex.forward(x[:T], ids, wT)
-            times.append(time.perf_counter() - t)
-        tp = min(times)
-        gops = 2 * T * 8 * 3 * H * I_FF / tp / 1e9
-        print(f"{qt.name:5s} prefill: {tp * 1e3:7.1f} ms / {T} tok x 8 experts  {gops:6.0f} GOPS = {gops / peak:5.1%} of VNNI peak")
+            for p, e in zip(paths, exs):
+                t = time.perf_counter()
+                e.forward(x[:T], ids, wT)
+                times[p].append(time.perf_counter() - t)
+        for p in paths:
+            tp = min(times[p])
+            gops = 2 * T * 8 * 3 * H * I_FF / tp / 1e9
+            vs = f"  {min(times[paths[0]]) / tp:4.2f}x {paths[0]}" if p != paths[0] else ""
+            print(f"{qt.name:5s} prefill {p:5s}: {tp * 1e3:7.1f} ms / {T} tok x 8 experts  {gops:6.0f} GOPS = "
+                  f"{gops / peak:5.1%} of VNNI peak{vs}")
     return td, gbs
 
 
@@ -143,6 +153,8 @@ def main():
     ap.add_argument("--types", default="Q4_K,Q6_K,Q8_0")
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--tokens", default="64", help="prefill tokens per expert, a comma list")
+    ap.add_argument("--paths", default="auto", help="CPU kernel paths for prefill, a comma list (e.g. vnni,amx: "
+                    "measured alternately on the same weights; decode runs on the first)")
     a = ap.parse_args()
     print(cpu_features().describe())
     with WorkerPool(a.threads) as pool:
@@ -151,7 +163,8 @@ def main():
         print(f"limits ({a.threads} threads): DRAM read {bw[0]:.1f} GB/s (prefetch {bw[1]} B ahead), vpdpbusd peak {peak:.0f} GOPS")
         rng = np.random.default_rng(0)
         for name in a.types.split(","):
-            bench_type(QT[name], pool, rng, a.experts, bw, peak, tuple(int(t) for t in a.tokens.split(",")))
+            bench_type(QT[name], pool, rng, a.experts, bw, peak, tuple(int(t) for t in a.tokens.split(",")),
+                       tuple(a.paths.split(",")))
 
 
 if __name__ == "__main__":

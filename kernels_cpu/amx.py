@@ -278,6 +278,135 @@ def native_kernel(kind: str, ks: int, steps: bool = False):
     return run
 
 
+# ---------------------------------------------------------------- the whole tile: AMX dots + vector scales
+
+AMX_TILE_ROWS = 16  # tokens per full tile (rows of the A and C tiles)
+MAX_TILE_NR = 3  # row groups per full tile: A + NR B + NR C tiles <= 8 registers
+
+
+def tile_variant(layout: str, nr: int) -> int:
+    """Variant number of a full AMX tile: 1000 * layout id (simd.LAYOUT_IDS) + row groups."""
+    from .simd import LAYOUT_IDS
+
+    if not 0 < nr <= MAX_TILE_NR:
+        raise ValueError(f"a full AMX tile holds 1..{MAX_TILE_NR} row groups, not {nr}")
+    return 1000 * LAYOUT_IDS[layout] + nr
+
+
+def full_tile_module(V: int):
+    """llvmlite IR module of `void ktx_amx_tile_V(K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf,
+    out, ldo, scratch)`, all i64: simd.tile's ABI (simd._ARGS, with `scratch` in the place of pf) and its result,
+    out[t, 16 r + i] for 16 tokens x NR row groups, with the integer dots on AMX tiles.
+
+    codes must be a byte plane ([K/4, 64] per row group, cs bytes apart: repack.py's Q8_0 codes as they are, the
+    packed layouts widened first). Per scale group g of G weights (k0 = G g):
+
+        tilezero C_r;  tileloadd A <- xq[:, k0 : k0 + G] (lda K);  per r: tileloadd B_r <- codes_r rows k0/4..
+        tdpbsud C_r, A, B_r;  tilestored C_r -> scratch + 1024 r        (tiles: A tmm0, B_r tmm1+r, C_r tmm4+r)
+
+    then the 16 x NR int32 rows of scratch go through simd.scale_group, the same float code (same order of
+    operations) as the vector tiles' per-32 variants, with the code offset added from simd.code_offsets. So a
+    full tile's output equals the vnni tile's bit for bit. scratch: NR KiB, 64-byte aligned."""
+    from llvmlite import ir
+
+    from .simd import _ARGS, _LAYOUT_BY_ID, V16F, V16I, _fn, _ptr, code_offsets, i8, i64, scale_group
+
+    lay, nr = _LAYOUT_BY_ID[V // 1000 % 10], V % 10
+    G, nt = lay.G, AMX_TILE_ROWS
+    mod = ir.Module(name=f"ktx_amx_tile_{V}")
+    args = _ARGS[:-1] + ("scratch",)
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * len(args)), name=f"ktx_amx_tile_{V}")
+    a = dict(zip(args, fn.args))
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+    t8 = lambda v: ir.Constant(i8, v)  # noqa: E731
+    p8 = i8.as_pointer()
+    shapes = {0: (nt, G), **{1 + r: (G // 4, 64) for r in range(nr)}, **{4 + r: (16, 64) for r in range(nr)}}
+    cfg_t = ir.ArrayType(i8, 64)
+    cfg = ir.GlobalVariable(mod, cfg_t, name=f"ktx_amx_tile_{V}_cfg")
+    cfg.global_constant, cfg.linkage, cfg.align = True, "private", 64
+    cfg.initializer = ir.Constant(cfg_t, bytearray(tile_config(shapes)))
+    void = ir.VoidType()
+    ldtilecfg = _fn(b, "llvm.x86.ldtilecfg", void, [p8])
+    tilezero = _fn(b, "llvm.x86.tilezero", void, [i8])
+    tileload = _fn(b, "llvm.x86.tileloadd64", void, [i8, p8, i64])
+    tilestore = _fn(b, "llvm.x86.tilestored64", void, [i8, p8, i64])
+    dp = _fn(b, "llvm.x86.tdpbsud", void, [i8, i8, i8])
+    release = _fn(b, "llvm.x86.tilerelease", void, [])
+
+    b.call(ldtilecfg, [b.bitcast(cfg, p8)])
+    entry = b.block
+    loop, done = b.append_basic_block("amx_g"), b.append_basic_block("amx_done")
+    n_groups = b.sdiv(a["K"], c(G))
+    b.branch(loop)
+    b.position_at_end(loop)
+    g = b.phi(i64)
+    g.add_incoming(c(0), entry)
+    accs = [[b.phi(V16F) for _ in range(nr)] for _ in range(nt)]
+    for row in accs:
+        for p in row:
+            p.add_incoming(ir.Constant(V16F, [0.0] * 16), entry)
+    gk = b.mul(g, c(G))
+    for r in range(nr):
+        b.call(tilezero, [t8(4 + r)])
+    b.call(tileload, [t8(0), _ptr(b, a["xq"], gk, i8), a["K"]])
+    for r in range(nr):
+        b_rows = b.add(b.mul(c(r), a["cs"]), b.mul(gk, c(16)))  # B rows k0/4.., 64 bytes each
+        b.call(tileload, [t8(1 + r), _ptr(b, a["codes"], b_rows, i8), c(64)])
+        b.call(dp, [t8(4 + r), t8(0), t8(1 + r)])
+    for r in range(nr):
+        b.call(tilestore, [t8(4 + r), _ptr(b, a["scratch"], c(1024 * r), i8), c(64)])
+    xsum = code_offsets(b, a, G, nt, lay.zero, g)
+    iacc = [[b.add(b.load(_ptr(b, a["scratch"], c(1024 * r + 64 * t), V16I), align=64), xsum[t]) for r in range(nr)]
+            for t in range(nt)]
+    nxt = [list(row) for row in accs]
+    scale_group(b, a, lay, nt, nr, g, iacc, nxt)
+    g1 = b.add(g, c(1))
+    g.add_incoming(g1, b.block)
+    for t in range(nt):
+        for r in range(nr):
+            accs[t][r].add_incoming(nxt[t][r], b.block)
+    b.cbranch(b.icmp_signed("<", g1, n_groups), loop, done)
+    b.position_at_end(done)
+    b.call(release, [])
+    for t in range(nt):
+        for r in range(nr):
+            off = b.mul(b.add(b.mul(c(t), a["ldo"]), c(16 * r)), c(4))
+            b.store(nxt[t][r], _ptr(b, a["out"], off, V16F), align=4)
+    b.ret_void()
+    return mod
+
+
+_FULL = {}  # V -> (MCJIT engine that owns the machine code, address)
+
+
+def full_tile_assembly(V: int) -> str:
+    """Sapphire Rapids assembly of a full tile: the compile-only check, safe on any CPU (nothing runs)."""
+    import llvmlite.binding as llvm
+
+    tm = _target_machine()
+    mod = llvm.parse_assembly(str(full_tile_module(V)))
+    mod.verify()
+    return tm.emit_assembly(mod)
+
+
+def full_tile_address(V: int) -> int:
+    """Address of the full tile V, JIT-compiled once per process; KtxError where AMX cannot run."""
+    hit = _FULL.get(V)
+    if hit is None:
+        ok, why = amx_available()
+        if not ok:
+            raise KtxError(f"AMX kernels cannot run on this machine: {why}; use the vnni/avx2 path (path='auto')")
+        import llvmlite.binding as llvm
+
+        mod = llvm.parse_assembly(str(full_tile_module(V)))
+        mod.verify()
+        engine = llvm.create_mcjit_compiler(mod, _target_machine())
+        engine.finalize_object()
+        hit = _FULL[V] = (engine, engine.get_function_address(f"ktx_amx_tile_{V}"))
+    return hit[1]
+
+
 # ---------------------------------------------------------------- models of the tiles (numpy, Numba)
 
 class TileModel:
@@ -468,13 +597,17 @@ def amx_expert_matmul(xq, xd, xs, xsf, arrays: dict, lay: Layout, kernel) -> np.
 # ---------------------------------------------------------------- dispatch
 
 TILE_SOURCES = ("native", "model")
+# Why "auto" leaves AMX off where it runs: on the one AMX machine measured (bench/RESULTS.md, 2 vCPUs of a Sapphire
+# Rapids class Xeon) the full tiles ran MoE prefill at 0.68-0.98x the vnni tiles. There a tdpbssd took 5.7 ns but a
+# 1 KiB tileloadd 19.5 ns and a tilestored 12.8 ns, and K-quant scales need a C tile stored per group of 16-32 k.
+AMX_OFF_BY_DEFAULT = "amx runs here but is off by default: measured no faster than vnni (path='amx' runs it)"
 
 
 def tile_source(path: str, kernel: str = "native") -> tuple[str | None, str]:
     """Where a MoE op's prefill tiles come from: ("native" | "model", label) or (None, why no AMX runs).
 
-    path is the MoEExperts path: "auto" uses AMX where it runs, "amx" requires it (KtxError with the reason
-    where it cannot run), vnni/avx2/portable/reference ask for that path alone. kernel="model" swaps the
+    path is the MoEExperts path: "amx" requires AMX (KtxError with the reason where it cannot run), "auto" leaves
+    it off (AMX_OFF_BY_DEFAULT), vnni/avx2/portable/reference ask for that path alone. kernel="model" swaps the
     native microkernel for tdpbsud_steps_model (testing the integrated loops on any CPU; slow)."""
     if kernel not in TILE_SOURCES:
         raise KtxError(f"unknown AMX kernel {kernel!r}: use 'native' or 'model'")
@@ -483,10 +616,12 @@ def tile_source(path: str, kernel: str = "native") -> tuple[str | None, str]:
     if kernel == "model":
         return "model", "amx tdpbsud on the numba tile model (testing)"
     ok, why = amx_available()
-    if ok:
-        return "native", "amx tdpbsud"
     if path == "amx":
+        if ok:
+            return "native", "amx tdpbsud"
         raise KtxError(f"CPU kernel path 'amx' cannot run on this machine: {why}; use path='auto'")
+    if ok:
+        return None, AMX_OFF_BY_DEFAULT
     return None, f"amx unavailable: {why}"
 
 

@@ -12,6 +12,8 @@ Bits used (Intel SDM vol. 2, CPUID):
                 an instruction set counts only if the OS saves its registers.
   leaf 0 vendor + leaf 1 EAX family: split_512 = AMD family 0x19 (Zen 4) with AVX-512, whose 512-bit ops run
                 as two 256-bit halves; a tuning fact (moe.per256_tiles), not an instruction set.
+  leaf 0 vendor: intel = GenuineIntel, another tuning fact (simd.DECODE_PF_LOCALITY: which prefetch hint
+                the decode tiles use).
 /proc/cpuinfo flags are only a cross-check (`cpuinfo_flags`), never the source of truth.
 """
 from __future__ import annotations
@@ -62,6 +64,7 @@ class CpuFeatures:
     amx_int8: bool = False
     amx_bf16: bool = False
     split_512: bool = False  # 512-bit ops as two 256-bit halves (Zen 4): a tuning fact, reported (moe.per256_tiles)
+    intel: bool = False  # GenuineIntel: a tuning fact (simd.DECODE_PF_LOCALITY)
 
     def describe(self) -> str:
         on = [f.name for f in fields(self) if getattr(self, f.name)]
@@ -139,6 +142,7 @@ def cpu_features() -> CpuFeatures:
         amx_int8=amx_ok and _bit(edx7, 24) and _bit(edx7, 25),
         amx_bf16=amx_ok and _bit(edx7, 24) and _bit(edx7, 22),
         split_512=avx512f and vendor == b"AuthenticAMD" and family == 0x19,
+        intel=vendor == b"GenuineIntel",
     )
 
 

@@ -56,6 +56,7 @@ from numba.extending import intrinsic
 from .linear import sched_yield
 from .moe_loops import atomic_read, claim, fetch_add
 from .quantize import quantize_row
+from .simd import call_codegen, call_tile
 from .vec import silu_mul
 
 (OP_NORM, OP_QUANT, OP_GEMV, OP_ROPE, OP_CACHE, OP_MLA, OP_ROUTER, OP_TOPK, OP_MOE_UP, OP_MOE_DOWN, OP_MOE_SUM, OP_ADD,
@@ -65,20 +66,6 @@ N_COLS = 32  # columns of an op row: code, parallel, barrier, up to 29 arguments
 TILE_ROWS = 64  # rows of the decode tile (1 token x 4 row groups of 16)
 
 _i64 = ir.IntType(64)
-
-
-def _call_codegen(context, builder, signature, vals):
-    """Call the function at address vals[0] with the other values as i64 arguments (ints and addresses)."""
-    v = [context.cast(builder, a, t, types.int64) for a, t in zip(vals, signature.args)]
-    f = builder.inttoptr(v[0], ir.FunctionType(ir.VoidType(), [_i64] * (len(v) - 1)).as_pointer())
-    builder.call(f, v[1:])
-    return context.get_dummy_value()
-
-
-@intrinsic
-def call_tile(typingctx, fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf):
-    """The tile kernel at address fn (simd.tile_address), with simd.tile's arguments."""
-    return types.void(fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf), _call_codegen
 
 
 @intrinsic
@@ -225,13 +212,13 @@ def _dot(a, b):
 @intrinsic
 def call5(typingctx, fn, a, b, c, d, e):
     """fn(a, b, c, d, e) through the address fn: attn_simd.scores4."""
-    return types.void(fn, a, b, c, d, e), _call_codegen
+    return types.void(fn, a, b, c, d, e), call_codegen
 
 
 @intrinsic
 def call8(typingctx, fn, a, b, c, d, e, f, g, h):
     """fn(a, ..., h) through the address fn: attn_simd.pv4."""
-    return types.void(fn, a, b, c, d, e, f, g, h), _call_codegen
+    return types.void(fn, a, b, c, d, e, f, g, h), call_codegen
 
 
 @njit(nogil=True, cache=True, fastmath=True)

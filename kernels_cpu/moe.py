@@ -5,20 +5,22 @@ Paths (chosen at construction; `kernel_path` says which one runs):
     avx2       vpmaddubsw tile kernels on the same layout           (CPUID: avx2)
     portable   generic LLVM vector IR, same layout and loops        (any CPU)
     reference  gguf.quants.dequantize per used expert + float32 matmul (also used for F32/F16/BF16 weights)
-"auto" picks the first of vnni, avx2, portable that the CPU runs, and adds AMX tiles for prefill where the CPU
-and OS run them (amx.amx_available). "amx" requires AMX (KtxError with the reason elsewhere), with the best
-vector path beside it. An explicit vnni/avx2/portable path runs that path alone (to compare with AMX).
+"auto" picks the first of vnni, avx2, portable that the CPU runs. "amx" adds AMX tiles for prefill, with the
+best vector path beside it (KtxError with the reason where the CPU or OS cannot run them, amx.amx_available);
+"auto" leaves them off, as they measured no faster than the vnni tiles (amx.AMX_OFF_BY_DEFAULT). An explicit
+vnni/avx2/portable path runs that path alone.
 
-AMX prefill (amx_loops.py): when a batch averages more than MIN_TOKENS_PER_EXPERT tokens per used expert, each
-expert with more than that many tokens runs its gate/up/down through tdpbsud 16 x 16 tiles, the others through
-the vector tiles, in the same loops, items and work counter. Packed codes (4, 5, 6 bits) are widened to bytes
+AMX prefill (amx_loops.py, amx.full_tile_module): when a batch averages more than MIN_TOKENS_PER_EXPERT tokens per
+used expert, each expert with more than that many tokens runs its gate/up/down through tdpbsud tiles (16 tokens x
+NR row groups per call, bit-identical to the vnni tiles' per-32 variants), the others through the vector tiles,
+in the same loops, items and work counter. Packed codes (4, 5, 6 bits) are widened to bytes
 per (expert, row group) into a per-worker scratch of 16 K bytes per matrix (112 KiB at K = 7168: L2-resident)
 and reused by all token tiles of that expert, not once at load time into an AMX-side byte copy: the decode
 path keeps streaming the packed codes, so that copy would add 1 byte per weight (about 440 GB for the Q4_K
 gate/up experts of DeepSeek-V3: 58 layers x 256 experts x 2 x 7168 x 2048 weights) and prefill would stream
 twice the weight bytes. Widening costs 16 K byte writes per (expert, row group), against 16 K x tokens MACs.
-amx_kernel="model" swaps the native microkernel for a Numba model of it (amx.tdpbsud_steps_model): the whole
-AMX path then runs, and is tested, on any CPU. BF16 experts still take the reference path (no tdpbf16ps loop).
+amx_kernel="model" swaps the native tiles for a Numba model of them (amx.tdpbsud_steps_model, one C tile per
+group, and amx_loops.amx_tile's scales): the whole AMX path then runs, and is tested, on any CPU. BF16 experts still take the reference path (no tdpbf16ps loop).
 
 Decode (every expert has one token) uses a 1-token x 64-row tile that streams weights once; prefill uses a
 4-token x 32-row register tile. For 5/6-bit codes, a prefill averaging >= WIDE_MIN_TOKENS per expert first widens
@@ -46,7 +48,7 @@ from numba.core import types
 
 from ktx.errors import KtxError
 
-from .amx import MIN_TOKENS_PER_EXPERT, tile_kernel_address, tile_source
+from .amx import MIN_TOKENS_PER_EXPERT, full_tile_address, tile_kernel_address, tile_source, tile_variant
 from .cpu_features import cpu_features
 from .moe_loops import phase_down, phase_gate_up, plan_slots, quantize_slots
 from .pool import WorkerPool
@@ -193,8 +195,8 @@ class MoEExperts:
             return f"reference numpy dequant + float matmul ({names})"
         label = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable": "portable llvm-vector"}
         if self.amx:
-            prefill = (f"{self.amx_label} 16x16 tiles per scale group for experts with > {MIN_TOKENS_PER_EXPERT} "
-                       f"tokens, {self.path} for the rest")
+            prefill = (f"{self.amx_label} tiles ({'16 tokens x 32 rows, ' if self.amx == 'native' else ''}one C tile per "
+                       f"scale group) for experts with > {MIN_TOKENS_PER_EXPERT} tokens, {self.path} for the rest")
         else:
             prefill = f"{self.path} ({self.amx_label})"
         return (f"{label[self.path]} gemv {DECODE_TILE[0]}x{16 * DECODE_TILE[1]} / gemm "
@@ -251,10 +253,11 @@ class MoEExperts:
         remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
         barrier = threading.Barrier(pool.n_threads)
         mg, mu, md = self.mats
-        fn_g, fn_u, fn_d = (self._tile_kernel(m.layout.G) if exp_amx.any() else 0 for m in self.mats)
+        fn_g, fn_u, fn_d = (self._tile_kernel(m.layout, nr) if exp_amx.any() else 0 for m in self.mats)
+        full = int(self.amx == "native")  # native: whole AMX tiles; model: the steps model + Numba scales
         args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
-                  exp_amx, fn_g, fn_u, s256[2])
-        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b, exp_amx, fn_d)
+                  exp_amx, fn_g, fn_u, full, s256[2])
+        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b, exp_amx, fn_d, full)
         run_a = self._entry(phase_gate_up, args_a + (0, 1), 2)
         run_b = self._entry(phase_down, args_b + (0, 1), 1)
 
@@ -277,11 +280,14 @@ class MoEExperts:
 
         return pool.submit(work, finish)
 
-    def _tile_kernel(self, G: int) -> int:
-        """Address of the AMX steps microkernel with K step G (one scale group per C tile)."""
-        if G not in self._amx_fns:
-            self._amx_fns[G] = tile_kernel_address(self.amx, G)
-        return self._amx_fns[G]
+    def _tile_kernel(self, lay, nr: int) -> int:
+        """Address of the AMX kernel for a matrix of layout lay: the native full tile (16 tokens x nr row groups,
+        scales included), or the model's steps microkernel with K step G (one scale group per C tile)."""
+        key = (lay.name, nr) if self.amx == "native" else lay.G
+        if key not in self._amx_fns:
+            self._amx_fns[key] = (full_tile_address(tile_variant(lay.name, nr)) if self.amx == "native"
+                                  else tile_kernel_address(self.amx, lay.G))
+        return self._amx_fns[key]
 
     def _entry(self, disp, args, n_literal):
         """Compiled entry point for these variant literals: calling the dispatcher with plain ints would

@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 
 from .amx_loops import LAY, amx_tile, b_operand, widen_codes
 from .quantize import quantize_row, quantize_row256
-from .simd import tile
+from .simd import call_tile, tile
 from .vec import axpy, silu_mul
 
 
@@ -105,15 +105,36 @@ def pf_slice(V, md, e, rg, K, i, fallback):
 def _widened(V, md, e, rg, K, buf, mdw):
     """md itself, or (wide variants) mdw after widening the tile's NR row groups of (e, rg) into buf
     [NR, K/4, 64]: mdw is md with the codes triple pointing into buf (e stride 0, row-group stride 16 K)."""
-    if V // 10000 % 10 == 0:
+    return _widen_md(V // 10000 % 10, V // 1000 % 10, V % 10, md, e, rg, K, buf, mdw)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _amx_md(lay, NR, md, e, rg, K, buf, mdw):
+    """The B operands of an AMX tile: the byte plane as it is (8-bit codes), else widened like _widened."""
+    return _widen_md(LAY[lay][5] != 8, lay, NR, md, e, rg, K, buf, mdw)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _widen_md(wide, lay, NR, md, e, rg, K, buf, mdw):
+    if not wide:
         return md
-    NR = V % 10
     base = np.int64(buf.ctypes.data)
     for r in range(NR):
-        widen_codes(LAY[V // 1000 % 10][5], K, md[0] + e * md[1] + (rg + r) * md[2], base + r * 16 * K)
+        widen_codes(LAY[lay][5], K, md[0] + e * md[1] + (rg + r) * md[2], base + r * 16 * K)
     mdw[:] = md
     mdw[0], mdw[1], mdw[2] = base - rg * 16 * K, 0, 16 * K
     return mdw
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _amx_full_tile(fn, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo, scratch):
+    """The native AMX tile at fn (amx.full_tile_address) for slots t0..t0+15: _mat_tile's arguments, scratch
+    in the place of pf."""
+    call_tile(fn, K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
+              md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
+              md[12] + e * md[13] + rg * md[14], md[14],
+              xq.ctypes.data + t0 * K, xd.ctypes.data + t0 * (K // 32) * 4, xs.ctypes.data + t0 * (K // 16) * 4,
+              xsf.ctypes.data + t0 * (K // 32) * 4, out.ctypes.data + o_off * 4, ldo, scratch.ctypes.data)
 
 
 @njit(nogil=True, cache=True)
@@ -194,7 +215,7 @@ def quantize_slots(x, slot_tok, lo, hi, xq, xd, xs, xsf, per256):
 
 @njit(nogil=True, cache=True)
 def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf,
-                  g, u, hq, hd, hs, hsf, counter, remaining, exp_amx, fn_g, fn_u, h256, tid, n_threads):
+                  g, u, hq, hd, hs, hsf, counter, remaining, exp_amx, fn_g, fn_u, amx_full, h256, tid, n_threads):
     literally(Vg)
     literally(Vu)
     NT = Vg // 10 % 10
@@ -205,7 +226,7 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
     lay_g, lay_u = Vg // 1000 % 10, Vu // 1000 % 10
     Ka = H if fn_g else 0  # AMX scratch only where tiles may run: C per scale group, widened B for gate and up
     cbuf = np.empty((Ka // 16, 16, 16), np.int32)
-    wg, wu = np.empty(16 * Ka, np.uint8), np.empty(16 * Ka, np.uint8)
+    wg, wu = np.empty(NR * 16 * Ka, np.uint8), np.empty(NR * 16 * Ka, np.uint8)
     # wide variants: the vector tile's row groups widened once per item into these
     vg = np.empty(NR * 16 * (H if Vg // 10000 % 10 else 0), np.uint8)
     vu = np.empty(NR * 16 * (H if Vu // 10000 % 10 else 0), np.uint8)
@@ -217,7 +238,12 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
         j = item // n_rt
         rg = (item % n_rt) * NR
         e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
-        if exp_amx[j]:
+        if exp_amx[j] and amx_full:  # native AMX tiles: 16 tokens x NR row groups per call (amx.full_tile_module)
+            mg, mu = _amx_md(lay_g, NR, md_g, e, rg, H, wg, mdw_g), _amx_md(lay_u, NR, md_u, e, rg, H, wu, mdw_u)
+            for t0 in range(s0, s0 + n, 16):
+                _amx_full_tile(fn_g, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld, cbuf)
+                _amx_full_tile(fn_u, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld, cbuf)
+        elif exp_amx[j]:  # the tile model (amx.tdpbsud_steps_model): one row group per call, scales in Numba
             for r in range(rg, rg + NR):
                 bg, bu = b_operand(lay_g, md_g, e, r, H, wg), b_operand(lay_u, md_u, e, r, H, wu)
                 for t0 in range(s0, s0 + n, 16):
@@ -248,7 +274,7 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
 
 @njit(nogil=True, cache=True)
 def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, counter, exp_amx, fn_d,
-               tid, n_threads):
+               amx_full, tid, n_threads):
     literally(Vd)
     NT = Vd // 10 % 10
     NR = Vd % 10
@@ -256,9 +282,10 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
     tmp = np.empty((16, NR * 16), np.float32)  # [tokens of one tile, rows of one item]
     Ka = I if fn_d else 0
     cbuf = np.empty((Ka // 16, 16, 16), np.int32)
-    wd = np.empty(16 * Ka, np.uint8)
+    wd = np.empty(NR * 16 * Ka, np.uint8)
     vd = np.empty(NR * 16 * (I if Vd // 10000 % 10 else 0), np.uint8)
     mdw = np.empty(15, np.int64)
+    lay_d = Vd // 1000 % 10
     while True:
         item = claim(counter, 0, tid, n_threads, n_items)
         if item < 0:
@@ -266,11 +293,16 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
         rg = item * NR
         for j in range(exp_e.shape[0]):
             e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
-            if exp_amx[j]:
+            if exp_amx[j] and amx_full:
+                m = _amx_md(lay_d, NR, md_d, e, rg, I, wd, mdw)
+                for t0 in range(s0, s0 + n, 16):
+                    _amx_full_tile(fn_d, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16, cbuf)
+                    _scatter(tmp, 0, NR * 16, min(16, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
+            elif exp_amx[j]:
                 for r in range(NR):
-                    bd = b_operand(Vd // 1000 % 10, md_d, e, rg + r, I, wd)
+                    bd = b_operand(lay_d, md_d, e, rg + r, I, wd)
                     for t0 in range(s0, s0 + n, 16):
-                        amx_tile(Vd // 1000 % 10, fn_d, md_d, e, rg + r, I, bd, hq, hd, hs, hsf, t0, cbuf, tmp, 0,
+                        amx_tile(lay_d, fn_d, md_d, e, rg + r, I, bd, hq, hd, hs, hsf, t0, cbuf, tmp, 0,
                                  16 * r)
                         _scatter(tmp, 16 * r, 16 * r + 16, min(16, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
             else:

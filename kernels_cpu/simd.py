@@ -20,9 +20,9 @@ the row groups (unrolled into NR copies, a short-K tile streamed 10-15% slower: 
 one process, K = 2048: Q6_K 50.6 -> 56.9 GB/s against a 57.4 GB/s read loop, Q4_K 66.1 -> 75.9 against 86.7;
 K = 7168 Q4_K 73 -> 75, Q8_0 equal; scratch harness, 0.4 s sustained runs), so the tile reads
 one sequential stream (a row group's run, then the next one's, which follows it in memory) instead of NR
-interleaved ones, and each step prefetches its run PF_AHEAD bytes ahead (`llvm.prefetch` locality 0,
-prefetchnta), plus the next row group's scale lines (locality 1). Measured streaming from DRAM on Zen 5 (EPYC,
-2 threads; [2048, 7168] x 12 matrices, best of 7): Q4_K 30 -> 43 GB/s, Q6_K 32 -> 43, Q8_0 39 -> 42, against
+interleaved ones, and each step prefetches its run PF_AHEAD bytes ahead (`llvm.prefetch`: prefetchnta on AMD,
+prefetcht1 on Intel, DECODE_PF_LOCALITY), plus the next row group's scale lines (locality 1). Measured streaming
+from DRAM on Zen 5 (EPYC, 2 threads; [2048, 7168] x 12 matrices, best of 7): Q4_K 30 -> 43 GB/s, Q6_K 32 -> 43, Q8_0 39 -> 42, against
 the NR interleaved streams with the next tile prefetched into L2 (which had measured best on Zen 4, where the
 hardware prefetcher did not follow runs of a few KB: Q8_0 [512, 128] went 14 -> 25 GB/s on one core).
 A whole tile in cache still runs at 65-80 GB/s per core, so the gain is memory-level parallelism, not
@@ -45,12 +45,17 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .cpu_features import cpu_features
 from .repack import LAYOUTS
 
 LAYOUT_IDS = {lay.name: i for i, lay in enumerate(LAYOUTS.values())}
 ISA_IDS = {"portable": 0, "avx2": 1, "vnni": 2}
 _LAYOUT_BY_ID = list(LAYOUTS.values())
 PF_AHEAD = 8192  # decode tiles prefetch their run this many bytes ahead (module docstring)
+# llvm.prefetch locality of those prefetches: 0 (prefetchnta) measured best on Zen 4/5; on an Intel Xeon with AMX
+# (Sapphire Rapids class, 2 vCPUs under KVM) prefetchnta ran the decode tiles at half speed, even from cache (a
+# 46 MB expert set: 20.6 ms -> 3.5 ms with prefetcht0), so Intel CPUs take prefetcht1 (bench/RESULTS.md)
+DECODE_PF_LOCALITY = 2 if cpu_features().intel else 0
 
 i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 f16, f32 = ir.HalfType(), ir.FloatType()
@@ -135,7 +140,7 @@ def _operand(b, base, lay, j, wide=False):
 
 
 def _prefetch(b, ptr, locality=1):
-    """llvm.prefetch of one line for reading; locality 1: prefetcht2, 0: prefetchnta."""
+    """llvm.prefetch of one line for reading; locality 0: prefetchnta, 1: prefetcht2, 2: prefetcht1."""
     pf = _fn(b, "llvm.prefetch.p0", ir.VoidType(), [i8.as_pointer(), i32, i32, i32])
     b.call(pf, [ptr, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
 
@@ -159,14 +164,12 @@ def _prefetch_next_scales(b, a, lay, nr, g):
             _prefetch(b, _ptr(b, addr, 0, i8))
 
 
-def _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g):
-    """The NT x NR int32 dot vectors of scale group g (G k): started at -zero * (sum of xq over the group),
-    the code offset for free, then G/4 steps of one operand per row group and one broadcast per token."""
-    G = lay.G
-    K = a["K"]
+def code_offsets(b, a, G, nt, zero, g):
+    """Per token t: the splat of -zero * (sum of xq over group g), the int32 start of its dot vectors, which
+    moves the codes' offset (q - zero) out of the inner loop."""
     c = lambda v: ir.Constant(i64, v)  # noqa: E731
-    gk = b.mul(g, c(G))  # first k of this group
-    k16 = b.sdiv(K, c(16))
+    gk = b.mul(g, c(G))
+    k16 = b.sdiv(a["K"], c(16))
     xsum = []
     for t in range(nt):
         if zero:
@@ -177,12 +180,23 @@ def _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g):
             xsum.append(_splat(b, b.mul(s, ir.Constant(i32, -zero)), V16I))
         else:
             xsum.append(ir.Constant(V16I, [0] * 16))
+    return xsum
+
+
+def _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g):
+    """The NT x NR int32 dot vectors of scale group g (G k): started at -zero * (sum of xq over the group),
+    the code offset for free, then G/4 steps of one operand per row group and one broadcast per token."""
+    G = lay.G
+    K = a["K"]
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+    gk = b.mul(g, c(G))  # first k of this group
+    xsum = code_offsets(b, a, G, nt, zero, g)
     iacc = [[xsum[t] for _ in range(nr)] for t in range(nt)]
     gcodes = b.mul(gk, c(2 * bits))  # bytes of codes per k per row group (16 rows): 2 * bits
     if nt == 1:  # decode: this run PF_AHEAD bytes on, and the next row group's scales (see the module docstring)
         ahead = b.add(b.add(a["codes"], gcodes), c(PF_AHEAD))
         for line in range(0, G * 2 * bits, 64):  # every cache line of this group's codes
-            _prefetch(b, _ptr(b, ahead, c(line), i8), locality=0)
+            _prefetch(b, _ptr(b, ahead, c(line), i8), locality=DECODE_PF_LOCALITY)
         _prefetch_next_scales(b, a, lay, nr, g)
     for j in range(G // 4):
         ws = []
@@ -234,6 +248,29 @@ def _token_scalar(b, a, name, t, k32_index):
     c = lambda v: ir.Constant(i64, v)  # noqa: E731
     xi = b.mul(b.add(b.mul(c(t), b.sdiv(a["K"], c(32))), k32_index), c(4))
     return b.load(_ptr(b, a[name], xi, f32), align=4)
+
+
+def scale_group(b, a, lay, nt, nr, g, iacc, acc, facc=None):
+    """Group g's int32 dot vectors iacc[t][r] into the float accumulators acc[t][r] (updated in place):
+    acc += float(iacc) * (d * sc) * dx, and acc -= (dmin * m) * xsf for K-quants. With facc (per-256 variants,
+    see _emit) the group only adds float(iacc) * sc into facc; returns those new facc vectors."""
+    fma = _fn(b, "llvm.fma.v16f32", V16F, [V16F, V16F, V16F])
+    s256 = facc is not None
+    scales, mins = _group_scales(b, a, lay, nr, g, with_d=not (s256 and lay.sc))
+    g32 = b.sdiv(b.mul(g, ir.Constant(i64, lay.G)), ir.Constant(i64, 32))
+    fnew = [[None] * nr for _ in range(nt)]
+    for t in range(nt):
+        dx = None if s256 else _splat(b, _token_scalar(b, a, "xd", t, g32), V16F)
+        nxsf = _splat(b, b.fneg(_token_scalar(b, a, "xsf", t, g32)), V16F) if lay.mins else None
+        for r in range(nr):
+            fi = b.sitofp(iacc[t][r], V16F)
+            if s256:
+                fnew[t][r] = b.call(fma, [fi, scales[r], facc[t][r]])
+            else:
+                acc[t][r] = b.call(fma, [fi, b.fmul(scales[r], dx), acc[t][r]])
+            if lay.mins:
+                acc[t][r] = b.call(fma, [mins[r], nxsf, acc[t][r]])
+    return fnew
 
 
 def _emit(b, V, a):
@@ -307,20 +344,7 @@ def _emit(b, V, a):
     if nt > 1:  # one line of the caller's next weights per group (pf, see tile)
         _prefetch(b, _ptr(b, a["pf"], b.mul(g, c(64)), i8), locality=2)
     iacc = _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g)
-    scales, mins = _group_scales(b, a, lay, nr, g, with_d=not (s256 and lay.sc))
-    g32 = b.sdiv(b.mul(g, c(G)), c(32))
-    fnew = [[None] * nr for _ in range(nt)]
-    for t in range(nt):
-        dx = None if s256 else _splat(b, _token_scalar(b, a, "xd", t, g32), V16F)
-        nxsf = _splat(b, b.fneg(_token_scalar(b, a, "xsf", t, g32)), V16F) if lay.mins else None
-        for r in range(nr):
-            fi = b.sitofp(iacc[t][r], V16F)
-            if s256:
-                fnew[t][r] = b.call(fma, [fi, scales[r], facc[t][r]])
-            else:
-                nxt[t][r] = b.call(fma, [fi, b.fmul(scales[r], dx), nxt[t][r]])
-            if lay.mins:
-                nxt[t][r] = b.call(fma, [mins[r], nxsf, nxt[t][r]])
+    fnew = scale_group(b, a, lay, nt, nr, g, iacc, nxt, facc if s256 else None)
     if s256:  # once per superblock: the token's dx (same over the superblock), times d where that is per 256
         gi1 = b.add(gi, c(1))
         gi.add_incoming(gi1, b.block)
@@ -442,3 +466,18 @@ def tile_address(V: int) -> int:
         engine = jit_host(mod)
         hit = _JIT[V] = (engine, engine.get_function_address(f"ktx_tile_{V}"))
     return hit[1]
+
+
+def call_codegen(context, builder, signature, vals):
+    """Call the function at address vals[0] with the other values as i64 arguments (ints and addresses)."""
+    v = [context.cast(builder, a, t, types.int64) for a, t in zip(vals, signature.args)]
+    f = builder.inttoptr(v[0], ir.FunctionType(ir.VoidType(), [i64] * (len(v) - 1)).as_pointer())
+    builder.call(f, v[1:])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def call_tile(typingctx, fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf):
+    """The tile kernel at address fn (tile_address, or amx.full_tile_address with scratch for pf), with tile's
+    arguments."""
+    return types.void(fn, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf), call_codegen

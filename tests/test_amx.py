@@ -94,6 +94,80 @@ def test_kernels_compile_for_sapphirerapids():
     assert obj[:4] == b"\x7fELF"
 
 
+@pytest.mark.parametrize("layout", ["Q8_0", "Q4_K", "Q6_K"])
+def test_full_tiles_compile_for_sapphirerapids(layout):
+    """The whole-tile kernels the MoE loops call where AMX runs: tile loop, stores and the vector scales."""
+    asm = amx.full_tile_assembly(amx.tile_variant(layout, 2))
+    for insn in ("ldtilecfg", "tilezero", "tileloadd", "tdpbsud", "tilestored", "tilerelease", "vcvtdq2ps", "vfmadd"):
+        assert insn in asm, insn
+    with pytest.raises(ValueError, match="row groups"):
+        amx.tile_variant(layout, amx.MAX_TILE_NR + 1)
+
+
+def _affine_tile_reference(lay, codes, d, sc, dmin, m, xq, xd, xs, xsf):
+    """float64 numpy: out[t, 16 r + i] = sum_g dx[t, g32] (d sc)[r, g, i] sum_{k in g} (q - zero) xq
+    - sum_32 xsf[t, .] (dmin m)[r, ., i], from the byte-plane codes [NR, K/4, 16 rows, 4]."""
+    NR, K4 = codes.shape[:2]
+    K, G = 4 * K4, lay.G
+    q = codes.reshape(NR, K4, 16, 4).transpose(0, 2, 1, 3).reshape(NR * 16, K).astype(np.int64) - lay.zero  # [R, K]
+    prod = (xq.astype(np.int64)[:, None, :] * q[None]).reshape(16, NR * 16, K // G, G).sum(-1)  # [T, R, K/G]
+    s = d.astype(np.float64).repeat(lay.S // G, axis=1)  # [NR, K/G, 16]
+    if lay.sc:
+        s = s * (sc.view(np.int8) if lay.sc == "i8" else sc).astype(np.float64)
+    s = s.transpose(0, 2, 1).reshape(NR * 16, K // G)  # [R, K/G]
+    dx = xd.astype(np.float64).repeat(32 // G, axis=1) if G < 32 else xd.astype(np.float64)  # [T, K/G]
+    out = np.einsum("trg,rg,tg->tr", prod, s, dx)
+    if lay.mins:
+        mn = (dmin.astype(np.float64).repeat(8, axis=1) * m).transpose(0, 2, 1).reshape(NR * 16, K // 32)  # [R, K/32]
+        out -= xsf.astype(np.float64) @ mn.T
+    return out
+
+
+@pytest.mark.skipif(not OK, reason="needs a CPU that runs AMX")
+@pytest.mark.parametrize("layout", ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("nr", [1, 2, 3])
+def test_native_full_tile_matches_numpy_and_the_vnni_tile(layout, nr):
+    """The real AMX tile against a float64 numpy sum of the same affine form, and bit for bit against the
+    vnni tile (same per-group float operations) on the same byte-plane codes."""
+    import ctypes
+
+    from ktx.kernels_cpu import simd
+
+    lay = LAYOUTS[QT[layout]]
+    rng = np.random.default_rng(nr * 10 + simd.LAYOUT_IDS[layout])
+    K = 512
+    codes = rng.integers(0, 1 << lay.bits, (nr, K // 4, 64), dtype=np.uint8)
+    d = (rng.random((nr, K // lay.S, 16)) * 1e-2).astype(np.float16)
+    sc = rng.integers(0, 64, (nr, K // lay.G, 16), dtype=np.uint8)
+    if lay.sc == "i8":
+        sc = rng.integers(-32, 32, (nr, K // lay.G, 16), dtype=np.int8).view(np.uint8)
+    dmin = (rng.random((nr, K // 256, 16)) * 1e-2).astype(np.float16)
+    m = rng.integers(0, 64, (nr, K // 32, 16), dtype=np.uint8)
+    x = rng.standard_normal((16, K)).astype(np.float32)
+    xq, xd = np.empty((16, K), np.int8), np.empty((16, K // 32), np.float32)
+    xs, xsf = np.empty((16, K // 16), np.int32), np.empty((16, K // 32), np.float32)
+    for t in range(16):
+        quantize_row(x[t], xq[t], xd[t], xs[t], xsf[t])
+    fn_t = ctypes.CFUNCTYPE(None, *([ctypes.c_int64] * 18))
+
+    def run(addr, t0, nt, last):  # tokens t0 .. t0 + nt through the kernel at addr (simd.tile's ABI)
+        out = np.full((nt, 16 * nr), np.nan, np.float32)
+        fn_t(addr)(K, codes.ctypes.data, codes[0].nbytes, d.ctypes.data, d[0].nbytes, sc.ctypes.data, sc[0].nbytes,
+                   dmin.ctypes.data, dmin[0].nbytes, m.ctypes.data, m[0].nbytes, xq.ctypes.data + t0 * K,
+                   xd.ctypes.data + t0 * (K // 32) * 4, xs.ctypes.data + t0 * (K // 16) * 4,
+                   xsf.ctypes.data + t0 * (K // 32) * 4, out.ctypes.data, 16 * nr, last)
+        return out
+
+    scratch = np.zeros(1024 * nr, np.uint8)
+    got = run(amx.full_tile_address(amx.tile_variant(layout, nr)), 0, 16, scratch.ctypes.data)
+    ref = _affine_tile_reference(lay, codes, d, sc, dmin, m, xq, xd, xs, xsf)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    if "vnni" in PATHS:
+        V = simd.variant(layout, "vnni", 4, nr, wide=lay.bits != 8)
+        vnni = np.concatenate([run(simd.tile_address(V), t0, 4, xq.ctypes.data) for t0 in range(0, 16, 4)])
+        np.testing.assert_array_equal(got, vnni)
+
+
 def test_forcing_amx_without_amx_is_a_clear_error():
     if OK:
         pytest.skip("this CPU runs AMX")
@@ -106,7 +180,9 @@ def test_forcing_amx_without_amx_is_a_clear_error():
 def test_tile_source_and_expert_dispatch():
     assert amx.tile_source("vnni") == (None, "amx off: path='vnni'")
     assert amx.tile_source("auto", "model")[0] == "model"
-    assert amx.tile_source("auto") == (("native", "amx tdpbsud") if OK else (None, f"amx unavailable: {WHY}"))
+    assert amx.tile_source("auto") == (None, amx.AMX_OFF_BY_DEFAULT if OK else f"amx unavailable: {WHY}")
+    if OK:
+        assert amx.tile_source("amx") == ("native", "amx tdpbsud")
     with pytest.raises(KtxError, match="unknown AMX kernel"):
         amx.tile_source("auto", "emulator")
     m = amx.MIN_TOKENS_PER_EXPERT
@@ -292,20 +368,20 @@ def test_moe_amx_experts_really_run_on_the_tile_kernel(pool, monkeypatch):
         assert np.abs(y[t] - ref[t]).max() > 0.05 * np.abs(ref[t]).max(), t
 
 
-def test_moe_prefill_never_loads_native_kernels_here(pool):
-    """No monkeypatching: a prefill big enough for AMX runs the vector path and never calls the loader."""
+def test_moe_prefill_in_auto_never_loads_native_kernels(pool):
+    """No monkeypatching: a prefill big enough for AMX runs the vector path in "auto" (AMX or not) and never
+    calls a loader."""
     from ktx.kernels_cpu import MoEExperts
 
-    if OK:
-        pytest.skip("this CPU runs AMX")
     mats, Ws, rng = _experts(QT.Q8_0, QT.Q8_0, 11)
     ids, w = _routing(rng)
     x = rng.standard_normal((ids.shape[0], H)).astype(np.float32)
-    before = amx.load_kernels.cache_info()
+    before, full_before = amx.load_kernels.cache_info(), dict(amx._FULL)
     ex = MoEExperts(*mats, hidden=H, inter=I, pool=pool)
     y = ex.forward(x, ids, w)
-    assert amx.load_kernels.cache_info() == before  # not called, not even to fail
-    assert ex.amx is None and ex.kernel_path.endswith(f"prefill: {ex.path} (amx unavailable: {WHY})")
+    assert amx.load_kernels.cache_info() == before and amx._FULL == full_before  # not called, not even to fail
+    why = amx.AMX_OFF_BY_DEFAULT if OK else f"amx unavailable: {WHY}"
+    assert ex.amx is None and ex.kernel_path.endswith(f"prefill: {ex.path} ({why})")
     ref = reference(x, ids, w, Ws, quantize_acts=True, blocks=act_blocks(ids, QT.Q8_0, QT.Q8_0, None, H, I))
     assert np.abs(y - ref).max() <= 2e-4 * np.abs(ref).max()
 

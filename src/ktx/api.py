@@ -24,7 +24,7 @@ from ktx.layers.linear import FloatLinears, QuantLinears, dense_names
 from ktx.layers.weights import WeightStore
 from ktx.sampling import SamplingParams
 
-EXPERT_PATHS = ("auto", "reference", "vnni", "avx2", "portable")
+EXPERT_PATHS = ("auto", "reference", "vnni", "avx2", "portable", "amx")
 
 
 def _available_ram() -> int:
@@ -84,7 +84,7 @@ def _make_experts_factory(gguf: GGUFModel, cfg, experts: str, pools: list | None
     said = []
 
     def factory(prefix: str):
-        if experts == "auto" and (cfg.hidden % ROW_BLOCK or cfg.moe_ffn % ROW_BLOCK):
+        if experts in ("auto", "amx") and (cfg.hidden % ROW_BLOCK or cfg.moe_ffn % ROW_BLOCK):
             if not said:
                 said.append("reference")
                 warn(f"routed experts: torch reference path, since the CPU kernels need hidden and expert sizes in multiples of {ROW_BLOCK} (this model: {cfg.hidden}, {cfg.moe_ffn})")
@@ -358,7 +358,8 @@ def load(path: str | Path, *, cache_len: int = 4096, threads: int | None = None,
 
         linears = GpuLinears(store, device)
     else:
-        linears = QuantLinears(store, pools[0], path=experts) if pools else FloatLinears(store)
+        dense_path = "auto" if experts == "amx" else experts  # AMX tiles serve the experts' prefill only
+        linears = QuantLinears(store, pools[0], path=dense_path) if pools else FloatLinears(store)
     linears.prepare(dense_names(gguf))
     print(f"ktx: {linears.describe()}", file=sys.stderr)
     net = build_model(gguf, store, lambda cfg: _make_experts_factory(gguf, cfg, experts, pools, total, cache_dir, log), linears)
