@@ -280,8 +280,8 @@ def native_kernel(kind: str, ks: int, steps: bool = False):
 
 # ---------------------------------------------------------------- the whole tile: AMX dots + vector scales
 
-AMX_TILE_ROWS = 16  # tokens per full tile (rows of the A and C tiles)
-MAX_TILE_NR = 3  # row groups per full tile: A + NR B + NR C tiles <= 8 registers
+AMX_TILE_TOKENS = 32  # tokens per full tile: two A tiles of 16 rows
+MAX_TILE_NR = 2  # row groups per full tile: 2 A + NR B + 2 NR C tiles <= 8 registers
 
 
 def tile_variant(layout: str, nr: int) -> int:
@@ -296,23 +296,27 @@ def tile_variant(layout: str, nr: int) -> int:
 def full_tile_module(V: int):
     """llvmlite IR module of `void ktx_amx_tile_V(K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf,
     out, ldo, scratch)`, all i64: simd.tile's ABI (simd._ARGS, with `scratch` in the place of pf) and its result,
-    out[t, 16 r + i] for 16 tokens x NR row groups, with the integer dots on AMX tiles.
+    out[t, 16 r + i] for AMX_TILE_TOKENS = 32 tokens x NR row groups, with the integer dots on AMX tiles.
 
     codes must be a byte plane ([K/4, 64] per row group, cs bytes apart: repack.py's Q8_0 codes as they are, the
-    packed layouts widened first). Per scale group g of G weights (k0 = G g):
+    packed layouts widened first). Each group of G weights needs int32 tiles of its own (its scales differ per
+    row), so per group g (k0 = G g), a 2 x NR block of C tiles:
 
-        tilezero C_r;  tileloadd A <- xq[:, k0 : k0 + G] (lda K);  per r: tileloadd B_r <- codes_r rows k0/4..
-        tdpbsud C_r, A, B_r;  tilestored C_r -> scratch + 1024 r        (tiles: A tmm0, B_r tmm1+r, C_r tmm4+r)
+        tilezero C_h,r;  tileloadd A_h <- xq[16 h : 16 h + 16, k0 : k0 + G] (lda K);  tileloadd B_r <- codes_r rows k0/4..
+        tdpbsud C_h,r, A_h, B_r;  tilestored C_h,r -> scratch + 1024 (2 h + r)     (A tmm0-1, B tmm2-3, C tmm4-7)
 
-    then the 16 x NR int32 rows of scratch go through simd.scale_group, the same float code (same order of
-    operations) as the vector tiles' per-32 variants, with the code offset added from simd.code_offsets. So a
-    full tile's output equals the vnni tile's bit for bit. scratch: NR KiB, 64-byte aligned."""
+    then the 32 x NR int32 rows of scratch go through simd.scale_group, the float code of the vector tiles' per-32
+    variants (same operations, same order), with the code offset from simd.code_offsets, so a full tile's output
+    equals the vnni tile's bit for bit. Two token halves share each B load and two row groups each A load: on the
+    machine measured (bench/RESULTS.md) a 1 KiB tileloadd cost ~19 ns and a tilestored ~8-13 ns against ~6 ns for
+    a 16 x 16 x 64 tdpbsud, so the loads and stores per MAC set the speed. scratch: 4 KiB."""
     from llvmlite import ir
 
     from .simd import _ARGS, _LAYOUT_BY_ID, V16F, V16I, _fn, _ptr, code_offsets, i8, i64, scale_group
 
     lay, nr = _LAYOUT_BY_ID[V // 1000 % 10], V % 10
-    G, nt = lay.G, AMX_TILE_ROWS
+    G, nt = lay.G, AMX_TILE_TOKENS
+    halves = nt // 16
     mod = ir.Module(name=f"ktx_amx_tile_{V}")
     args = _ARGS[:-1] + ("scratch",)
     fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * len(args)), name=f"ktx_amx_tile_{V}")
@@ -321,23 +325,22 @@ def full_tile_module(V: int):
     c = lambda v: ir.Constant(i64, v)  # noqa: E731
     t8 = lambda v: ir.Constant(i8, v)  # noqa: E731
     p8 = i8.as_pointer()
-    shapes = {0: (nt, G), **{1 + r: (G // 4, 64) for r in range(nr)}, **{4 + r: (16, 64) for r in range(nr)}}
+    ctile = lambda h, r: 4 + 2 * h + r  # noqa: E731
+    shapes = {**{h: (16, G) for h in range(halves)}, **{2 + r: (G // 4, 64) for r in range(nr)},
+              **{ctile(h, r): (16, 64) for h in range(halves) for r in range(nr)}}
     cfg_t = ir.ArrayType(i8, 64)
     cfg = ir.GlobalVariable(mod, cfg_t, name=f"ktx_amx_tile_{V}_cfg")
     cfg.global_constant, cfg.linkage, cfg.align = True, "private", 64
     cfg.initializer = ir.Constant(cfg_t, bytearray(tile_config(shapes)))
     void = ir.VoidType()
-    ldtilecfg = _fn(b, "llvm.x86.ldtilecfg", void, [p8])
     tilezero = _fn(b, "llvm.x86.tilezero", void, [i8])
     tileload = _fn(b, "llvm.x86.tileloadd64", void, [i8, p8, i64])
     tilestore = _fn(b, "llvm.x86.tilestored64", void, [i8, p8, i64])
     dp = _fn(b, "llvm.x86.tdpbsud", void, [i8, i8, i8])
-    release = _fn(b, "llvm.x86.tilerelease", void, [])
+    b.call(_fn(b, "llvm.x86.ldtilecfg", void, [p8]), [b.bitcast(cfg, p8)])
 
-    b.call(ldtilecfg, [b.bitcast(cfg, p8)])
     entry = b.block
     loop, done = b.append_basic_block("amx_g"), b.append_basic_block("amx_done")
-    n_groups = b.sdiv(a["K"], c(G))
     b.branch(loop)
     b.position_at_end(loop)
     g = b.phi(i64)
@@ -347,18 +350,22 @@ def full_tile_module(V: int):
         for p in row:
             p.add_incoming(ir.Constant(V16F, [0.0] * 16), entry)
     gk = b.mul(g, c(G))
+    for h in range(halves):
+        for r in range(nr):
+            b.call(tilezero, [t8(ctile(h, r))])
+    for h in range(halves):
+        b.call(tileload, [t8(h), _ptr(b, a["xq"], b.add(b.mul(c(16 * h), a["K"]), gk), i8), a["K"]])
     for r in range(nr):
-        b.call(tilezero, [t8(4 + r)])
-    b.call(tileload, [t8(0), _ptr(b, a["xq"], gk, i8), a["K"]])
-    for r in range(nr):
-        b_rows = b.add(b.mul(c(r), a["cs"]), b.mul(gk, c(16)))  # B rows k0/4.., 64 bytes each
-        b.call(tileload, [t8(1 + r), _ptr(b, a["codes"], b_rows, i8), c(64)])
-        b.call(dp, [t8(4 + r), t8(0), t8(1 + r)])
-    for r in range(nr):
-        b.call(tilestore, [t8(4 + r), _ptr(b, a["scratch"], c(1024 * r), i8), c(64)])
+        b.call(tileload, [t8(2 + r), _ptr(b, a["codes"], b.add(b.mul(c(r), a["cs"]), b.mul(gk, c(16))), i8), c(64)])
+    for h in range(halves):
+        for r in range(nr):
+            b.call(dp, [t8(ctile(h, r)), t8(h), t8(2 + r)])
+    for h in range(halves):
+        for r in range(nr):
+            b.call(tilestore, [t8(ctile(h, r)), _ptr(b, a["scratch"], c(1024 * (2 * h + r)), i8), c(64)])
     xsum = code_offsets(b, a, G, nt, lay.zero, g)
-    iacc = [[b.add(b.load(_ptr(b, a["scratch"], c(1024 * r + 64 * t), V16I), align=64), xsum[t]) for r in range(nr)]
-            for t in range(nt)]
+    iacc = [[b.add(b.load(_ptr(b, a["scratch"], c(1024 * (2 * (t // 16) + r) + 64 * (t % 16)), V16I), align=4),
+                   xsum[t]) for r in range(nr)] for t in range(nt)]
     nxt = [list(row) for row in accs]
     scale_group(b, a, lay, nt, nr, g, iacc, nxt)
     g1 = b.add(g, c(1))
@@ -366,9 +373,9 @@ def full_tile_module(V: int):
     for t in range(nt):
         for r in range(nr):
             accs[t][r].add_incoming(nxt[t][r], b.block)
-    b.cbranch(b.icmp_signed("<", g1, n_groups), loop, done)
+    b.cbranch(b.icmp_signed("<", g1, b.sdiv(a["K"], c(G))), loop, done)
     b.position_at_end(done)
-    b.call(release, [])
+    b.call(_fn(b, "llvm.x86.tilerelease", void, []), [])
     for t in range(nt):
         for r in range(nr):
             off = b.mul(b.add(b.mul(c(t), a["ldo"]), c(16 * r)), c(4))
@@ -600,7 +607,7 @@ TILE_SOURCES = ("native", "model")
 # Why "auto" leaves AMX off where it runs: on the one AMX machine measured (bench/RESULTS.md, 2 vCPUs of a Sapphire
 # Rapids class Xeon) the full tiles ran MoE prefill at 0.68-0.98x the vnni tiles. There a tdpbssd took 5.7 ns but a
 # 1 KiB tileloadd 19.5 ns and a tilestored 12.8 ns, and K-quant scales need a C tile stored per group of 16-32 k.
-AMX_OFF_BY_DEFAULT = "amx runs here but is off by default: measured no faster than vnni (path='amx' runs it)"
+AMX_OFF_BY_DEFAULT = "amx runs here but is off by default: measured no faster than vnni (--experts amx runs it)"
 
 
 def tile_source(path: str, kernel: str = "native") -> tuple[str | None, str]:

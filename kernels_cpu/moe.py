@@ -48,7 +48,7 @@ from numba.core import types
 
 from ktx.errors import KtxError
 
-from .amx import MIN_TOKENS_PER_EXPERT, full_tile_address, tile_kernel_address, tile_source, tile_variant
+from .amx import AMX_TILE_TOKENS, MIN_TOKENS_PER_EXPERT, full_tile_address, tile_kernel_address, tile_source, tile_variant
 from .cpu_features import cpu_features
 from .moe_loops import phase_down, phase_gate_up, plan_slots, quantize_slots
 from .pool import WorkerPool
@@ -195,7 +195,7 @@ class MoEExperts:
             return f"reference numpy dequant + float matmul ({names})"
         label = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable": "portable llvm-vector"}
         if self.amx:
-            prefill = (f"{self.amx_label} tiles ({'16 tokens x 32 rows, ' if self.amx == 'native' else ''}one C tile per "
+            prefill = (f"{self.amx_label} tiles ({'32 tokens x 32 rows, ' if self.amx == 'native' else ''}one C tile per "
                        f"scale group) for experts with > {MIN_TOKENS_PER_EXPERT} tokens, {self.path} for the rest")
         else:
             prefill = f"{self.path} ({self.amx_label})"
@@ -232,7 +232,7 @@ class MoEExperts:
         T, H, I = x.shape[0], self.H, self.I
         amx_min = MIN_TOKENS_PER_EXPERT if self.amx else 1 << 62  # the AMX/VNNI split per expert: see plan_slots
         exp_e, exp_s0, exp_n, exp_amx, slot_tok, slot_w, nt, routed = plan_slots(
-            ids, w, self.E, DECODE_TILE[0], PREFILL_TILE[0], amx_min, 16)  # an AMX A tile is 16 slots
+            ids, w, self.E, DECODE_TILE[0], PREFILL_TILE[0], amx_min, AMX_TILE_TOKENS if self.amx == "native" else 16)
         nr = DECODE_TILE[1] if nt == DECODE_TILE[0] else PREFILL_TILE[1]
         P = slot_tok.shape[0]
         scratch = _Scratch.take()

@@ -25,6 +25,7 @@ from numba import literally, njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .amx import AMX_TILE_TOKENS
 from .amx_loops import LAY, amx_tile, b_operand, widen_codes
 from .quantize import quantize_row, quantize_row256
 from .simd import call_tile, tile
@@ -128,8 +129,8 @@ def _widen_md(wide, lay, NR, md, e, rg, K, buf, mdw):
 
 @njit(nogil=True, cache=True, inline="always")
 def _amx_full_tile(fn, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo, scratch):
-    """The native AMX tile at fn (amx.full_tile_address) for slots t0..t0+15: _mat_tile's arguments, scratch
-    in the place of pf."""
+    """The native AMX tile at fn (amx.full_tile_address) for slots t0 .. t0 + AMX_TILE_TOKENS: _mat_tile's
+    arguments, scratch in the place of pf."""
     call_tile(fn, K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
               md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
               md[12] + e * md[13] + rg * md[14], md[14],
@@ -238,9 +239,9 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
         j = item // n_rt
         rg = (item % n_rt) * NR
         e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
-        if exp_amx[j] and amx_full:  # native AMX tiles: 16 tokens x NR row groups per call (amx.full_tile_module)
+        if exp_amx[j] and amx_full:  # native AMX tiles: 32 tokens x NR row groups per call (amx.full_tile_module)
             mg, mu = _amx_md(lay_g, NR, md_g, e, rg, H, wg, mdw_g), _amx_md(lay_u, NR, md_u, e, rg, H, wu, mdw_u)
-            for t0 in range(s0, s0 + n, 16):
+            for t0 in range(s0, s0 + n, AMX_TILE_TOKENS):
                 _amx_full_tile(fn_g, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld, cbuf)
                 _amx_full_tile(fn_u, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld, cbuf)
         elif exp_amx[j]:  # the tile model (amx.tdpbsud_steps_model): one row group per call, scales in Numba
@@ -279,7 +280,7 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
     NT = Vd // 10 % 10
     NR = Vd % 10
     n_items = H // (16 * NR)
-    tmp = np.empty((16, NR * 16), np.float32)  # [tokens of one tile, rows of one item]
+    tmp = np.empty((AMX_TILE_TOKENS, NR * 16), np.float32)  # [tokens of one tile, rows of one item]
     Ka = I if fn_d else 0
     cbuf = np.empty((Ka // 16, 16, 16), np.int32)
     wd = np.empty(NR * 16 * Ka, np.uint8)
@@ -295,9 +296,9 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
             e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
             if exp_amx[j] and amx_full:
                 m = _amx_md(lay_d, NR, md_d, e, rg, I, wd, mdw)
-                for t0 in range(s0, s0 + n, 16):
+                for t0 in range(s0, s0 + n, AMX_TILE_TOKENS):
                     _amx_full_tile(fn_d, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16, cbuf)
-                    _scatter(tmp, 0, NR * 16, min(16, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
+                    _scatter(tmp, 0, NR * 16, min(AMX_TILE_TOKENS, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
             elif exp_amx[j]:
                 for r in range(NR):
                     bd = b_operand(lay_d, md_d, e, rg + r, I, wd)
