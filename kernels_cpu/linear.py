@@ -51,10 +51,10 @@ from numba.extending import intrinsic
 from ktx.errors import KtxError
 
 from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path, per256_ok, per256_tiles  # (tokens, row groups of 16) per tile
-from .moe_loops import _mat_tile, _widened, atomic_read, fetch_add, pf_slice
+from .moe_loops import _mat_tile, _widened, aligned_bytes, atomic_read, fetch_add, pf_slice
 from .pool import WorkerPool
 from .quantize import quantize_row, quantize_row256
-from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, decode_blocks, descriptor, field_shapes, interleave
+from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, aligned_empty, decode_blocks, descriptor, field_shapes, interleave
 from .simd import variant
 
 ROW_PAD = 16 * math.lcm(DECODE_TILE[1], PREFILL_TILE[1])  # rows padded so both tiles' row blocks fit
@@ -106,7 +106,7 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
     n_rb = (R + rb_rows - 1) // rb_rows
     n_ib = (n_rb + IB - 1) // IB
     tmp = np.empty((NT, rb_rows), np.float32)
-    wbuf = np.empty(rb_rows * (K if V // 10000 % 10 else 0), np.uint8)  # wide variants (moe.py): widened row groups
+    wbuf = aligned_bytes(rb_rows * (K if V // 10000 % 10 else 0))  # wide variants (moe.py): widened row groups
     mdw = np.empty(15, np.int64)
     while True:
         item = fetch_add(counter, 0, 1)
@@ -201,7 +201,7 @@ class QuantLinear:
     def _repack(self):
         lay, K = LAYOUTS[self.qtype], self.cols
         Rp = -(-self.rows // ROW_PAD) * ROW_PAD
-        self.arrays = {k: np.zeros(s, dt) for k, (s, dt) in field_shapes(lay, self.B, Rp, K).items()}
+        self.arrays = {k: aligned_empty(s, dt, zero=True) for k, (s, dt) in field_shapes(lay, self.B, Rp, K).items()}
         raw = self.raw if self.batched else self.raw[None]
         for b in range(self.B):
             for r0 in range(0, self.rows, REPACK_ROWS):
@@ -266,8 +266,8 @@ class QuantLinear:
         if self._bufs[0] >= n:
             return self._bufs[1]
         K = self.cols
-        bufs = (np.empty((n, K), np.int8), np.empty((n, K // 32), np.float32),
-                np.empty((n, K // 16), np.int32), np.empty((n, K // 32), np.float32))
+        bufs = (aligned_empty((n, K), np.int8), aligned_empty((n, K // 32), np.float32),
+                aligned_empty((n, K // 16), np.int32), aligned_empty((n, K // 32), np.float32))
         if n * K <= KEEP_SCRATCH:
             self._bufs = (n, bufs)
         return bufs

@@ -52,7 +52,7 @@ from .amx import AMX_TILE_TOKENS, MIN_TOKENS_PER_EXPERT, full_tile_address, tile
 from .cpu_features import cpu_features
 from .moe_loops import phase_down, phase_gate_up, plan_slots, quantize_slots
 from .pool import WorkerPool
-from .repack import FLOAT_TYPES, LAYOUTS, descriptor, field_shapes, repack_into
+from .repack import FLOAT_TYPES, LAYOUTS, aligned_empty, descriptor, field_shapes, repack_into
 from .simd import variant
 
 DECODE_TILE = (1, 4)  # (tokens, row groups of 16)
@@ -129,7 +129,7 @@ class _Matrix:
         E = raw.shape[0]
         shapes = field_shapes(self.layout, E, R, K)
         if cache_dir is None:
-            self.arrays = {k: np.empty(s, dt) for k, (s, dt) in shapes.items()}
+            self.arrays = {k: aligned_empty(s, dt) for k, (s, dt) in shapes.items()}
             repack_into(self.arrays, raw, self.qtype, K, self.layout, f"repacking ffn_{name}_exps")
         else:
             self.arrays = _cached(Path(cache_dir), f"{cache_key}.{name}", shapes, raw, self.qtype, K, self.layout)
@@ -348,7 +348,7 @@ class _Scratch:
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         buf = self.bufs.get(name)
         if buf is None or buf.size < n:
-            buf = self.bufs[name] = np.empty(max(n, 64), np.uint8)
+            buf = self.bufs[name] = aligned_empty(max(n, 64), np.uint8)
         return buf[:n].view(dtype).reshape(shape)
 
     def qbufs(self, name: str, P: int, K: int):

@@ -63,6 +63,14 @@ def atomic_read(typingctx, arr, idx):
     return sig, codegen
 
 
+@njit(nogil=True, cache=True)
+def aligned_bytes(n):
+    """A uint8 scratch array of n bytes starting on a 64-byte boundary (repack.aligned_empty, for the loops)."""
+    buf = np.empty(n + 64, np.uint8)
+    off = -np.int64(buf.ctypes.data) % 64
+    return buf[off:off + n]
+
+
 @njit(nogil=True, cache=True, inline="always")
 def claim(C, ci, tid, n_threads, n):
     """The next of an op's n items for thread tid, or -1 when all are taken: the items are split into one
@@ -226,11 +234,11 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
     ld = g.strides[0] // 4  # row stride of g and u, in floats
     lay_g, lay_u = Vg // 1000 % 10, Vu // 1000 % 10
     Ka = H if fn_g else 0  # AMX scratch only where tiles may run: C per scale group, widened B for gate and up
-    cbuf = np.empty((Ka // 16, 16, 16), np.int32)
-    wg, wu = np.empty(NR * 16 * Ka, np.uint8), np.empty(NR * 16 * Ka, np.uint8)
+    cbuf = aligned_bytes(Ka * 64).view(np.int32).reshape((Ka // 16, 16, 16))
+    wg, wu = aligned_bytes(NR * 16 * Ka), aligned_bytes(NR * 16 * Ka)
     # wide variants: the vector tile's row groups widened once per item into these
-    vg = np.empty(NR * 16 * (H if Vg // 10000 % 10 else 0), np.uint8)
-    vu = np.empty(NR * 16 * (H if Vu // 10000 % 10 else 0), np.uint8)
+    vg = aligned_bytes(NR * 16 * (H if Vg // 10000 % 10 else 0))
+    vu = aligned_bytes(NR * 16 * (H if Vu // 10000 % 10 else 0))
     mdw_g, mdw_u = np.empty(15, np.int64), np.empty(15, np.int64)
     while True:
         item = claim(counter, 0, tid, n_threads, n_items)
@@ -282,9 +290,9 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
     n_items = H // (16 * NR)
     tmp = np.empty((AMX_TILE_TOKENS, NR * 16), np.float32)  # [tokens of one tile, rows of one item]
     Ka = I if fn_d else 0
-    cbuf = np.empty((Ka // 16, 16, 16), np.int32)
-    wd = np.empty(NR * 16 * Ka, np.uint8)
-    vd = np.empty(NR * 16 * (I if Vd // 10000 % 10 else 0), np.uint8)
+    cbuf = aligned_bytes(Ka * 64).view(np.int32).reshape((Ka // 16, 16, 16))
+    wd = aligned_bytes(NR * 16 * Ka)
+    vd = aligned_bytes(NR * 16 * (I if Vd // 10000 % 10 else 0))
     mdw = np.empty(15, np.int64)
     lay_d = Vd // 1000 % 10
     while True:
