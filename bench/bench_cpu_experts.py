@@ -99,10 +99,16 @@ def rand_raw(rng, qt, E, R, K):
     return raw
 
 
+def _experts(g, u, d, qt, pool, spec):
+    """MoEExperts for a --paths entry: a path, or path:amx_kernel (amx = amx:bf16, amx:native = the int8 tiles)."""
+    path, _, kernel = spec.partition(":")
+    return MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I_FF, pool=pool, path=path, amx_kernel=kernel or "bf16")
+
+
 def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,), paths=("auto",)):
     g, u, d = rand_raw(rng, qt, n_experts, I_FF, H), rand_raw(rng, qt, n_experts, I_FF, H), rand_raw(rng, qt, n_experts, H, I_FF)
     t = time.perf_counter()
-    ex = MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I_FF, pool=pool, path=paths[0])
+    ex = _experts(g, u, d, qt, pool, paths[0])
     t_repack = time.perf_counter() - t
     print(f"{qt.name:5s} kernels: {ex.kernel_path}")
     bytes_expert = sum(m.nbytes_per_expert() for m in ex.mats)
@@ -126,7 +132,7 @@ def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,), paths=("auto",)
           f"   | GGUF bytes {8 * gguf_expert / td / 1e9:6.1f} GB/s   (repack {t_repack:.1f} s)")
     # prefill: each path in `paths` on the same repacked weights (a second MoEExperts over the same arrays), the
     # paths alternating per repetition, so that a comparison sees the same machine state
-    exs = [ex] + [MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I_FF, pool=pool, path=p) for p in paths[1:]]
+    exs = [ex] + [_experts(g, u, d, qt, pool, p) for p in paths[1:]]
     for T in tokens:
         ids = np.tile(np.arange(8, dtype=np.int32), (T, 1))
         wT = np.full((T, 8), 1 / 8, np.float32)
@@ -142,7 +148,7 @@ def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,), paths=("auto",)
             tp = min(times[p])
             gops = 2 * T * 8 * 3 * H * I_FF / tp / 1e9
             vs = f"  {min(times[paths[0]]) / tp:4.2f}x {paths[0]}" if p != paths[0] else ""
-            print(f"{qt.name:5s} prefill {p:5s}: {tp * 1e3:7.1f} ms / {T} tok x 8 experts  {gops:6.0f} GOPS = "
+            print(f"{qt.name:5s} prefill {p:8s}: {tp * 1e3:7.1f} ms / {T} tok x 8 experts  {gops:6.0f} GOPS = "
                   f"{gops / peak:5.1%} of VNNI peak{vs}")
     return td, gbs
 

@@ -603,33 +603,38 @@ def amx_expert_matmul(xq, xd, xs, xsf, arrays: dict, lay: Layout, kernel) -> np.
 
 # ---------------------------------------------------------------- dispatch
 
-TILE_SOURCES = ("native", "model")
-# Why "auto" leaves AMX off where it runs: on the one AMX machine measured (bench/RESULTS.md, 2 vCPUs of a Sapphire
-# Rapids class Xeon) the full tiles ran MoE prefill at 0.68-0.98x the vnni tiles. There a tdpbssd took 5.7 ns but a
-# 1 KiB tileloadd 19.5 ns and a tilestored 12.8 ns, and K-quant scales need a C tile stored per group of 16-32 k.
-AMX_OFF_BY_DEFAULT = "amx runs here but is off by default: measured no faster than vnni (--experts amx runs it)"
+TILE_SOURCES = ("bf16", "native", "model")
+# Why "auto" leaves the int8 tiles off where AMX runs: on the one AMX machine measured (bench/RESULTS.md, 2 vCPUs of a
+# Sapphire Rapids class Xeon) the full int8 tiles ran MoE prefill at 0.68-0.98x the vnni tiles: K-quant scales need a
+# C tile stored and the vnni tiles' float code per group of 16-32 k. The bf16 tiles (amx_bf16.py) need neither.
+AMX_OFF_BY_DEFAULT = "int8 amx tiles are off in auto: measured no faster than vnni (path amx, amx_kernel native)"
+BF16_LABEL = "amx tdpbf16ps"
 
 
-def tile_source(path: str, kernel: str = "native") -> tuple[str | None, str]:
-    """Where a MoE op's prefill tiles come from: ("native" | "model", label) or (None, why no AMX runs).
+def tile_source(path: str, kernel: str = "bf16") -> tuple[str | None, str]:
+    """Where a MoE op's prefill tiles come from: ("bf16" | "native" | "model", label) or (None, why no AMX runs).
 
-    path is the MoEExperts path: "amx" requires AMX (KtxError with the reason where it cannot run), "auto" leaves
-    it off (AMX_OFF_BY_DEFAULT), vnni/avx2/portable/reference ask for that path alone. kernel="model" swaps the
-    native microkernel for tdpbsud_steps_model (testing the integrated loops on any CPU; slow)."""
+    kernel: "bf16" (amx_bf16.py: weights dequantized to bf16 per item, tdpbf16ps over the whole K), "native"
+    (amx.full_tile_module: int8 tdpbsud per scale group, bit-identical to the vnni tiles) or "model" (the Numba
+    model of the int8 steps kernel: tests the integrated loops on any CPU; slow). path is the MoEExperts path:
+    "auto" runs the bf16 tiles where AMX runs (the int8 ones stay off: AMX_OFF_BY_DEFAULT), "amx" runs the chosen
+    kernel and requires AMX (KtxError with the reason where it cannot run), vnni/avx2/portable/reference ask
+    for that path alone."""
     if kernel not in TILE_SOURCES:
-        raise KtxError(f"unknown AMX kernel {kernel!r}: use 'native' or 'model'")
+        raise KtxError(f"unknown AMX kernel {kernel!r}: use 'bf16', 'native' or 'model'")
     if path not in ("auto", "amx"):
         return None, f"amx off: path={path!r}"
     if kernel == "model":
         return "model", "amx tdpbsud on the numba tile model (testing)"
     ok, why = amx_available()
-    if path == "amx":
-        if ok:
-            return "native", "amx tdpbsud"
-        raise KtxError(f"CPU kernel path 'amx' cannot run on this machine: {why}; use path='auto'")
-    if ok:
+    label = BF16_LABEL if kernel == "bf16" else "amx tdpbsud"
+    if not ok:
+        if path == "amx":
+            raise KtxError(f"CPU kernel path 'amx' cannot run on this machine: {why}; use path='auto'")
+        return None, f"amx unavailable: {why}"
+    if path == "auto" and kernel == "native":
         return None, AMX_OFF_BY_DEFAULT
-    return None, f"amx unavailable: {why}"
+    return kernel, label
 
 
 def tile_kernel_address(source: str, ks: int) -> int:

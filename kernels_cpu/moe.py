@@ -5,12 +5,14 @@ Paths (chosen at construction; `kernel_path` says which one runs):
     avx2       vpmaddubsw tile kernels on the same layout           (CPUID: avx2)
     portable   generic LLVM vector IR, same layout and loops        (any CPU)
     reference  gguf.quants.dequantize per used expert + float32 matmul (also used for F32/F16/BF16 weights)
-"auto" picks the first of vnni, avx2, portable that the CPU runs. "amx" adds AMX tiles for prefill, with the
-best vector path beside it (KtxError with the reason where the CPU or OS cannot run them, amx.amx_available);
-"auto" leaves them off, as they measured no faster than the vnni tiles (amx.AMX_OFF_BY_DEFAULT). An explicit
-vnni/avx2/portable path runs that path alone.
+"auto" picks the first of vnni, avx2, portable that the CPU runs, plus, where the CPU has AMX, the bf16 AMX tiles
+for prefill (amx_bf16.py: each work item's weights dequantized to bf16 once, tdpbf16ps over the whole K) for
+experts with more than BF16_MIN_TOKENS tokens, when the batch averages more than that per used expert. "amx"
+does the same but requires AMX (KtxError with the reason where the CPU or OS cannot run it, amx.amx_available);
+amx_kernel="native" swaps in the int8 tiles below, which "auto" never runs (they measured no faster than the
+vnni tiles: amx.AMX_OFF_BY_DEFAULT). An explicit vnni/avx2/portable path runs that path alone.
 
-AMX prefill (amx_loops.py, amx.full_tile_module): when a batch averages more than MIN_TOKENS_PER_EXPERT tokens per
+int8 AMX prefill (amx_loops.py, amx.full_tile_module): when a batch averages more than MIN_TOKENS_PER_EXPERT tokens per
 used expert, each expert with more than that many tokens runs its gate/up/down through tdpbsud tiles (16 tokens x
 NR row groups per call, bit-identical to the vnni tiles' per-32 variants), the others through the vector tiles,
 in the same loops, items and work counter. Packed codes (4, 5, 6 bits) are widened to bytes
@@ -20,7 +22,8 @@ path keeps streaming the packed codes, so that copy would add 1 byte per weight 
 gate/up experts of DeepSeek-V3: 58 layers x 256 experts x 2 x 7168 x 2048 weights) and prefill would stream
 twice the weight bytes. Widening costs 16 K byte writes per (expert, row group), against 16 K x tokens MACs.
 amx_kernel="model" swaps the native tiles for a Numba model of them (amx.tdpbsud_steps_model, one C tile per
-group, and amx_loops.amx_tile's scales): the whole AMX path then runs, and is tested, on any CPU. BF16 experts still take the reference path (no tdpbf16ps loop).
+group, and amx_loops.amx_tile's scales): the whole int8 AMX path then runs, and is tested, on any CPU. BF16/F16 expert weights still take the reference path
+(the bf16 tiles could read BF16 weights as they are; not wired).
 
 Decode (every expert has one token) uses a 1-token x 64-row tile that streams weights once; prefill uses a
 4-token x 32-row register tile. For 5/6-bit codes, a prefill averaging >= WIDE_MIN_TOKENS per expert first widens
@@ -49,8 +52,10 @@ from numba.core import types
 from ktx.errors import KtxError
 
 from .amx import AMX_TILE_TOKENS, MIN_TOKENS_PER_EXPERT, full_tile_address, tile_kernel_address, tile_source, tile_variant
+from .amx_bf16 import BF16_MIN_TOKENS, dequant_address
+from .amx_bf16 import tile_address as bf16_tile_address
 from .cpu_features import cpu_features
-from .moe_loops import phase_down, phase_gate_up, plan_slots, quantize_slots
+from .moe_loops import bf16_slots, phase_down, phase_gate_up, plan_slots, quantize_slots
 from .pool import WorkerPool
 from .repack import FLOAT_TYPES, LAYOUTS, aligned_empty, descriptor, field_shapes, repack_into
 from .simd import variant
@@ -160,7 +165,7 @@ class MoEExperts:
     """Routed experts of one MoE layer. gate/up: (raw uint8 [E, I, row_bytes], ggml type); down: [E, H, ...]."""
 
     def __init__(self, gate, up, down, hidden: int, inter: int, pool: WorkerPool | None = None, path: str = "auto",
-                 cache_dir: str | os.PathLike | None = None, cache_key: str | None = None, amx_kernel: str = "native"):
+                 cache_dir: str | os.PathLike | None = None, cache_key: str | None = None, amx_kernel: str = "bf16"):
         self.H, self.I = hidden, inter
         self.path = _check_path("auto" if path == "amx" else path)
         self.amx, self.amx_label = tile_source(path, amx_kernel)  # KtxError for path="amx" where AMX cannot run
@@ -194,7 +199,10 @@ class MoEExperts:
         if self.path == "reference":
             return f"reference numpy dequant + float matmul ({names})"
         label = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable": "portable llvm-vector"}
-        if self.amx:
+        if self.amx == "bf16":
+            prefill = (f"{self.amx_label} tiles (32 tokens x 32 rows, weights dequantized to bf16 per item, bf16 "
+                       f"activations) for experts with > {BF16_MIN_TOKENS} tokens, {self.path} for the rest")
+        elif self.amx:
             prefill = (f"{self.amx_label} tiles ({'32 tokens x 32 rows, ' if self.amx == 'native' else ''}one C tile per "
                        f"scale group) for experts with > {MIN_TOKENS_PER_EXPERT} tokens, {self.path} for the rest")
         else:
@@ -230,9 +238,10 @@ class MoEExperts:
     # ---- fast paths ----
     def _submit_fast(self, pool, x, ids, w):
         T, H, I = x.shape[0], self.H, self.I
-        amx_min = MIN_TOKENS_PER_EXPERT if self.amx else 1 << 62  # the AMX/VNNI split per expert: see plan_slots
+        # the AMX/VNNI split per expert: see plan_slots
+        amx_min = (BF16_MIN_TOKENS if self.amx == "bf16" else MIN_TOKENS_PER_EXPERT) if self.amx else 1 << 62
         exp_e, exp_s0, exp_n, exp_amx, slot_tok, slot_w, nt, routed = plan_slots(
-            ids, w, self.E, DECODE_TILE[0], PREFILL_TILE[0], amx_min, AMX_TILE_TOKENS if self.amx == "native" else 16)
+            ids, w, self.E, DECODE_TILE[0], PREFILL_TILE[0], amx_min, 16 if self.amx == "model" else AMX_TILE_TOKENS)
         nr = DECODE_TILE[1] if nt == DECODE_TILE[0] else PREFILL_TILE[1]
         P = slot_tok.shape[0]
         scratch = _Scratch.take()
@@ -254,21 +263,31 @@ class MoEExperts:
         barrier = threading.Barrier(pool.n_threads)
         mg, mu, md = self.mats
         fn_g, fn_u, fn_d = (self._tile_kernel(m.layout, nr) if exp_amx.any() else 0 for m in self.mats)
-        full = int(self.amx == "native")  # native: whole AMX tiles; model: the steps model + Numba scales
+        # 2: bf16 tiles (fn_* are dequant kernels, fn_t the tile); 1: whole int8 tiles; 0: the steps model
+        full = {"bf16": 2, "native": 1}.get(self.amx, 0)
+        bf16 = full == 2 and bool(exp_amx.any())
+        fn_t = bf16_tile_address(nr) if bf16 else 0
+        xb = scratch.get("xb", (P if bf16 else 0, H), np.uint16)
+        hb = scratch.get("hb", (P if bf16 else 0, I), np.uint16)
         args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
-                  exp_amx, fn_g, fn_u, full, s256[2])
-        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b, exp_amx, fn_d, full)
+                  exp_amx, fn_g, fn_u, full, s256[2], xb, hb, fn_t)
+        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b, exp_amx, fn_d, full,
+                  hb, fn_t)
         run_a = self._entry(phase_gate_up, args_a + (0, 1), 2)
         run_b = self._entry(phase_down, args_b + (0, 1), 1)
 
         split_q = P >= PARALLEL_QUANT_SLOTS and pool.n_threads > 1
         if not split_q:
             quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf, x256)
+            if bf16:
+                bf16_slots(x, slot_tok, 0, P, xb)
 
         def work(wid, n):
             if len(exp_e):
                 if split_q:  # each worker quantizes a share of the slots (serial: 1.2 ms of 117, 256 tok x 8 x 7168)
                     quantize_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xq, xd, xs, xsf, x256)
+                    if bf16:
+                        bf16_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xb)
                     barrier.wait()
                 run_a(*args_a, wid, n)
                 barrier.wait()
@@ -283,9 +302,10 @@ class MoEExperts:
     def _tile_kernel(self, lay, nr: int) -> int:
         """Address of the AMX kernel for a matrix of layout lay: the native full tile (16 tokens x nr row groups,
         scales included), or the model's steps microkernel with K step G (one scale group per C tile)."""
-        key = (lay.name, nr) if self.amx == "native" else lay.G
+        key = (self.amx, lay.name, nr)
         if key not in self._amx_fns:
             self._amx_fns[key] = (full_tile_address(tile_variant(lay.name, nr)) if self.amx == "native"
+                                  else dequant_address(lay.name) if self.amx == "bf16"
                                   else tile_kernel_address(self.amx, lay.G))
         return self._amx_fns[key]
 

@@ -26,6 +26,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .amx import AMX_TILE_TOKENS
+from .amx_bf16 import A_BYTES, BF16_TILE_TOKENS, call_bf16_tile, dequant_row_groups, to_bf16
 from .amx_loops import LAY, amx_tile, b_operand, widen_codes
 from .quantize import quantize_row, quantize_row256
 from .simd import call_tile, tile
@@ -223,8 +224,37 @@ def quantize_slots(x, slot_tok, lo, hi, xq, xd, xs, xsf, per256):
 
 
 @njit(nogil=True, cache=True)
+def bf16_slots(x, slot_tok, lo, hi, xb):
+    """bf16 copy of x[slot_tok[s]] into xb row s for s in [lo, hi) (the A operand of the bf16 AMX tiles,
+    amx_bf16.py); padding slots are zeroed."""
+    for s in range(lo, hi):
+        t = slot_tok[s]
+        if t < 0:
+            xb[s] = 0
+        else:
+            to_bf16(x[t], xb[s])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _bf16_tiles(fn_t, K, wb, xb, s0, n, out, o_off, ldo):
+    """The bf16 AMX tiles (amx_bf16.tile_module) for slots s0 .. s0 + n (whole tiles of BF16_TILE_TOKENS; the
+    expert's slots are padded so), with the item's row groups in wb: slot s's outputs go to the floats of out
+    from o_off + (s - s0) * ldo on. K is taken in ranges whose activations for all n slots fit A_BYTES, each
+    range over all token tiles before the next (the C tiles carry over through out): with the whole K per tile,
+    256 tokens x 7168 of bf16 x (3.7 MB) came from L3 for every tile and the tiles ran at 860 GFLOPS on one core
+    instead of 1310 (64 tokens)."""
+    kc = max(256, A_BYTES // (2 * n) // 256 * 256)
+    for k0 in range(0, K, kc):
+        kn = min(kc, K - k0)
+        for t0 in range(s0, s0 + n, BF16_TILE_TOKENS):
+            call_bf16_tile(fn_t, kn, wb.ctypes.data + k0 * 32, 32 * K, xb.ctypes.data + (t0 * K + k0) * 2, 2 * K,
+                           out.ctypes.data + (o_off + (t0 - s0) * ldo) * 4, ldo, k0)
+
+
+@njit(nogil=True, cache=True)
 def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf,
-                  g, u, hq, hd, hs, hsf, counter, remaining, exp_amx, fn_g, fn_u, amx_full, h256, tid, n_threads):
+                  g, u, hq, hd, hs, hsf, counter, remaining, exp_amx, fn_g, fn_u, amx_full, h256, xb, hb, fn_t,
+                  tid, n_threads):
     literally(Vg)
     literally(Vu)
     NT = Vg // 10 % 10
@@ -233,9 +263,10 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
     n_items = exp_e.shape[0] * n_rt
     ld = g.strides[0] // 4  # row stride of g and u, in floats
     lay_g, lay_u = Vg // 1000 % 10, Vu // 1000 % 10
-    Ka = H if fn_g else 0  # AMX scratch only where tiles may run: C per scale group, widened B for gate and up
+    Ka = H if fn_g and amx_full < 2 else 0  # int8 AMX scratch only where tiles may run: C per scale group, widened B
     cbuf = aligned_bytes(Ka * 64).view(np.int32).reshape((Ka // 16, 16, 16))
     wg, wu = aligned_bytes(NR * 16 * Ka), aligned_bytes(NR * 16 * Ka)
+    wb = aligned_bytes(NR * 32 * (H if amx_full == 2 else 0))  # bf16 AMX: the item's row groups as B tiles
     # wide variants: the vector tile's row groups widened once per item into these
     vg = aligned_bytes(NR * 16 * (H if Vg // 10000 % 10 else 0))
     vu = aligned_bytes(NR * 16 * (H if Vu // 10000 % 10 else 0))
@@ -247,7 +278,12 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
         j = item // n_rt
         rg = (item % n_rt) * NR
         e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
-        if exp_amx[j] and amx_full:  # native AMX tiles: 32 tokens x NR row groups per call (amx.full_tile_module)
+        if exp_amx[j] and amx_full == 2:  # bf16 AMX tiles (amx_bf16.py): dequantize gate's rows, run, then up's
+            dequant_row_groups(fn_g, md_g, e, rg, NR, H, wb)
+            _bf16_tiles(fn_t, H, wb, xb, s0, n, g, s0 * ld + rg * 16, ld)
+            dequant_row_groups(fn_u, md_u, e, rg, NR, H, wb)
+            _bf16_tiles(fn_t, H, wb, xb, s0, n, u, s0 * ld + rg * 16, ld)
+        elif exp_amx[j] and amx_full:  # native AMX tiles: 32 tokens x NR row groups per call (amx.full_tile_module)
             mg, mu = _amx_md(lay_g, NR, md_g, e, rg, H, wg, mdw_g), _amx_md(lay_u, NR, md_u, e, rg, H, wu, mdw_u)
             for t0 in range(s0, s0 + n, AMX_TILE_TOKENS):
                 _amx_full_tile(fn_g, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld, cbuf)
@@ -275,7 +311,9 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
         if fetch_add(remaining, j, -1) == 1:  # last block of this expert: its h is complete
             s1 = exp_s0[j + 1] if j + 1 < exp_e.shape[0] else g.shape[0]  # padding slots too: their h is 0
             for s in range(s0, s1):
-                if h256:  # the down tiles are per-256 variants (moe.py)
+                if exp_amx[j] and amx_full == 2:  # the down tiles of this expert take bf16 h
+                    to_bf16(g[s], hb[s])
+                elif h256:  # the down tiles are per-256 variants (moe.py)
                     quantize_row256(g[s], hq[s], hd[s], hs[s], hsf[s])
                 else:
                     quantize_row(g[s], hq[s], hd[s], hs[s], hsf[s])
@@ -283,15 +321,16 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
 
 @njit(nogil=True, cache=True)
 def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, counter, exp_amx, fn_d,
-               amx_full, tid, n_threads):
+               amx_full, hb, fn_t, tid, n_threads):
     literally(Vd)
     NT = Vd // 10 % 10
     NR = Vd % 10
     n_items = H // (16 * NR)
     tmp = np.empty((AMX_TILE_TOKENS, NR * 16), np.float32)  # [tokens of one tile, rows of one item]
-    Ka = I if fn_d else 0
+    Ka = I if fn_d and amx_full < 2 else 0
     cbuf = aligned_bytes(Ka * 64).view(np.int32).reshape((Ka // 16, 16, 16))
     wd = aligned_bytes(NR * 16 * Ka)
+    wb = aligned_bytes(NR * 32 * (I if amx_full == 2 else 0))
     vd = aligned_bytes(NR * 16 * (I if Vd // 10000 % 10 else 0))
     mdw = np.empty(15, np.int64)
     lay_d = Vd // 1000 % 10
@@ -302,7 +341,12 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
         rg = item * NR
         for j in range(exp_e.shape[0]):
             e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
-            if exp_amx[j] and amx_full:
+            if exp_amx[j] and amx_full == 2:
+                dequant_row_groups(fn_d, md_d, e, rg, NR, I, wb)
+                for t0 in range(s0, s0 + n, BF16_TILE_TOKENS):
+                    _bf16_tiles(fn_t, I, wb, hb, t0, BF16_TILE_TOKENS, tmp, 0, NR * 16)
+                    _scatter(tmp, 0, NR * 16, min(BF16_TILE_TOKENS, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
+            elif exp_amx[j] and amx_full:
                 m = _amx_md(lay_d, NR, md_d, e, rg, I, wd, mdw)
                 for t0 in range(s0, s0 + n, AMX_TILE_TOKENS):
                     _amx_full_tile(fn_d, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16, cbuf)

@@ -181,9 +181,11 @@ def test_forcing_amx_without_amx_is_a_clear_error():
 def test_tile_source_and_expert_dispatch():
     assert amx.tile_source("vnni") == (None, "amx off: path='vnni'")
     assert amx.tile_source("auto", "model")[0] == "model"
-    assert amx.tile_source("auto") == (None, amx.AMX_OFF_BY_DEFAULT if OK else f"amx unavailable: {WHY}")
+    assert amx.tile_source("auto") == (("bf16", amx.BF16_LABEL) if OK else (None, f"amx unavailable: {WHY}"))
+    assert amx.tile_source("auto", "native") == (None, amx.AMX_OFF_BY_DEFAULT if OK else f"amx unavailable: {WHY}")
     if OK:
-        assert amx.tile_source("amx") == ("native", "amx tdpbsud")
+        assert amx.tile_source("amx") == ("bf16", amx.BF16_LABEL)
+        assert amx.tile_source("amx", "native") == ("native", "amx tdpbsud")
     with pytest.raises(KtxError, match="unknown AMX kernel"):
         amx.tile_source("auto", "emulator")
     m = amx.MIN_TOKENS_PER_EXPERT
@@ -370,8 +372,8 @@ def test_moe_amx_experts_really_run_on_the_tile_kernel(pool, monkeypatch):
 
 
 def test_moe_prefill_in_auto_never_loads_native_kernels(pool):
-    """No monkeypatching: a prefill big enough for AMX runs the vector path in "auto" (AMX or not) and never
-    calls a loader."""
+    """No monkeypatching: a prefill big enough for the int8 AMX tiles (but not for the bf16 ones, which "auto" runs
+    where AMX does: test_amx_bf16.py) runs the vector path in "auto" and never calls an int8 tile loader."""
     from ktx.kernels_cpu import MoEExperts
 
     mats, Ws, rng = _experts(QT.Q8_0, QT.Q8_0, 11)
@@ -381,8 +383,10 @@ def test_moe_prefill_in_auto_never_loads_native_kernels(pool):
     ex = MoEExperts(*mats, hidden=H, inter=I, pool=pool)
     y = ex.forward(x, ids, w)
     assert amx.load_kernels.cache_info() == before and amx._FULL == full_before  # not called, not even to fail
-    why = amx.AMX_OFF_BY_DEFAULT if OK else f"amx unavailable: {WHY}"
-    assert ex.amx is None and ex.kernel_path.endswith(f"prefill: {ex.path} ({why})")
+    if OK:
+        assert ex.amx == "bf16" and "prefill: amx tdpbf16ps tiles" in ex.kernel_path
+    else:
+        assert ex.amx is None and ex.kernel_path.endswith(f"prefill: {ex.path} (amx unavailable: {WHY})")
     ref = reference(x, ids, w, Ws, quantize_acts=True, blocks=act_blocks(ids, QT.Q8_0, QT.Q8_0, None, H, I))
     assert np.abs(y - ref).max() <= 2e-4 * np.abs(ref).max()
 
@@ -393,6 +397,8 @@ def test_moe_experts_shows_and_guards_the_amx_path(pool):
     mats, _, _ = _experts(QT.Q8_0, QT.Q8_0, 3)
     if OK:
         ex = MoEExperts(*mats, hidden=H, inter=I, pool=pool, path="amx")
+        assert "prefill: amx tdpbf16ps" in ex.kernel_path
+        ex = MoEExperts(*mats, hidden=H, inter=I, pool=pool, path="amx", amx_kernel="native")
         assert "prefill: amx tdpbsud" in ex.kernel_path
     else:
         with pytest.raises(KtxError, match="'amx' cannot run on this machine: CPU lacks AMX-TILE"):
