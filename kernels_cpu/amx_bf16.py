@@ -38,14 +38,19 @@ from numba.extending import intrinsic
 from ktx.errors import KtxError
 
 from .repack import LAYOUTS
-from .simd import V16F, V16I, _fn, _group_scales, _operand, _ptr, call_codegen, i8, i64, jit_host
+from .simd import V16F, V16I, _fn, _group_scales, _operand, _prefetch, _ptr, call_codegen, i8, i64, jit_host
 
 BF16_TILE_TOKENS = 32  # tokens per tile call: two A tiles of 16 rows
 MAX_NR = 2  # row groups per tile call: 2 A + NR B + 2 NR C tiles <= 8 registers
-A_BYTES = 1 << 20  # bf16 activations per K range of the loops (moe_loops._bf16_tiles): L2-sized
-BF16_MIN_TOKENS = 64  # experts with more tokens than this in a prefill take the bf16 tiles (moe.py): at 64 tokens per
-# expert they measured 1.17-1.28x the vnni tiles, at 256 1.37-1.74x, at 32 0.99-1.04x (bench/RESULTS.md)
-_DQ_ARGS = ("K", "codes", "d", "sc", "dmin", "m", "dst")
+A_BYTES = 1 << 20  # an expert whose bf16 activations exceed this runs in panels (moe_loops._bf16_panel)
+PANEL_K = 1024  # k per panel step: PANEL_PAIRS x 2 x 16 rows x 1024 of bf16 = 512 KB of B tiles, L2-resident
+PANEL_PAIRS = 8  # row-group pairs per panel (256 rows)
+BF16_MIN_TOKENS = 48  # experts with more tokens than this in a prefill take the bf16 tiles (moe.py): at 64 tokens per
+# expert they measured 1.17-1.28x the vnni tiles, at 32 0.99-1.04x (bench/RESULTS.md)
+# the dequant kernel prefetches its codes this far ahead (prefetcht1): cold items (weights from DRAM) dequantized
+# in 27-30 us instead of 33 (2 x 16 rows x 7168 of Q4_K; 4096 and 16384 measured alike, noisy DRAM)
+DQ_PF_AHEAD = 16384
+_DQ_ARGS = ("k0", "K", "codes", "d", "sc", "dmin", "m", "dst")
 
 
 class _BFloat(ir.Type):
@@ -68,8 +73,9 @@ def bf16_pairs(b, f_even, f_odd):
 
 
 def dequant_module(layout: str) -> ir.Module:
-    """`void ktx_bf16_dq_L(K, codes, d, sc, dmin, m, dst)`: one row group (16 rows) of the repacked layout (the
-    addresses of its fields, repack.py) -> dst [K/2, 64 B], the B tiles above. Per group of G k: the scale and
+    """`void ktx_bf16_dq_L(k0, K, codes, d, sc, dmin, m, dst)`: weights k0 .. k0 + K of one row group (16 rows) of
+    the repacked layout (the addresses of its fields from k = 0, repack.py; k0 and K multiples of 256) -> dst
+    [K/2, 64 B], the B tiles above. Per group of G k: the scale and
     minimum vectors (simd._group_scales, one per row), bias = -(zero * s + mn); per 4 k: the 64-byte operand
     (16 rows x 4 codes, simd._operand: the tiles' own unpacking), each code byte j -> float -> fma(q, s, bias),
     then k pairs (0, 1) and (2, 3) rounded and interleaved into two pair rows."""
@@ -85,18 +91,21 @@ def dequant_module(layout: str) -> ir.Module:
     G = lay.G
     entry = b.block
     loop, done = b.append_basic_block("dq_g"), b.append_basic_block("dq_done")
-    n_groups = b.sdiv(a["K"], c(G))
-    b.cbranch(b.icmp_signed(">", n_groups, c(0)), loop, done)
+    g0 = b.sdiv(a["k0"], c(G))
+    n_groups = b.add(g0, b.sdiv(a["K"], c(G)))  # one past the last group
+    b.cbranch(b.icmp_signed(">", n_groups, g0), loop, done)
     b.position_at_end(loop)
     g = b.phi(i64)
-    g.add_incoming(c(0), entry)
+    g.add_incoming(g0, entry)
     scales, mins = _group_scales(b, a, lay, 1, g, True)
     s = scales[0]
     bias = b.fmul(s, ir.Constant(V16F, [float(-lay.zero)] * 16))
     if mins[0] is not None:
         bias = b.fsub(bias, mins[0])
     base = b.add(a["codes"], b.mul(b.mul(g, c(G)), c(2 * lay.bits)))  # the group's codes (simd._group_dots)
-    out = b.add(a["dst"], b.mul(g, c(32 * G)))  # G/2 pair rows of 64 bytes
+    for line in range(0, G * 2 * lay.bits, 64):  # this run DQ_PF_AHEAD bytes on (the codes stream from DRAM)
+        _prefetch(b, _ptr(b, base, c(DQ_PF_AHEAD + line), i8), locality=2)
+    out = b.add(a["dst"], b.mul(b.sub(g, g0), c(32 * G)))  # G/2 pair rows of 64 bytes
     for j in range(G // 4):
         v = b.bitcast(_operand(b, base, lay, j), V16I)
         f = []
@@ -229,9 +238,9 @@ def tile_address(nr: int) -> int:
 
 
 @intrinsic
-def call_dequant(typingctx, fn, K, codes, d, sc, dmin, m, dst):
+def call_dequant(typingctx, fn, k0, K, codes, d, sc, dmin, m, dst):
     """The dequant kernel at address fn (dequant_address) on one row group's field addresses."""
-    return types.void(fn, K, codes, d, sc, dmin, m, dst), call_codegen
+    return types.void(fn, k0, K, codes, d, sc, dmin, m, dst), call_codegen
 
 
 @intrinsic
@@ -241,10 +250,11 @@ def call_bf16_tile(typingctx, fn, K, wb, ws, xb, lda, out, ldo, acc):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def dequant_row_groups(fn, md, e, rg, nr, K, dst):
-    """Row groups rg .. rg + nr - 1 of matrix e (md: moe_loops' descriptor) -> dst, 32 K bytes apart."""
+def dequant_row_groups(fn, md, e, rg, nr, k0, K, dst):
+    """Weights k0 .. k0 + K of row groups rg .. rg + nr - 1 of matrix e (md: moe_loops' descriptor) -> dst, 32 K
+    bytes apart."""
     for r in range(nr):
-        call_dequant(fn, K, md[0] + e * md[1] + (rg + r) * md[2], md[3] + e * md[4] + (rg + r) * md[5],
+        call_dequant(fn, k0, K, md[0] + e * md[1] + (rg + r) * md[2], md[3] + e * md[4] + (rg + r) * md[5],
                      md[6] + e * md[7] + (rg + r) * md[8], md[9] + e * md[10] + (rg + r) * md[11],
                      md[12] + e * md[13] + (rg + r) * md[14], dst.ctypes.data + r * 32 * K)
 

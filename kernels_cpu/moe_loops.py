@@ -26,7 +26,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from .amx import AMX_TILE_TOKENS
-from .amx_bf16 import A_BYTES, BF16_TILE_TOKENS, call_bf16_tile, dequant_row_groups, to_bf16
+from .amx_bf16 import A_BYTES, BF16_TILE_TOKENS, PANEL_K, PANEL_PAIRS, call_bf16_tile, dequant_row_groups, to_bf16
 from .amx_loops import LAY, amx_tile, b_operand, widen_codes
 from .quantize import quantize_row, quantize_row256
 from .simd import call_tile, tile
@@ -238,17 +238,27 @@ def bf16_slots(x, slot_tok, lo, hi, xb):
 @njit(nogil=True, cache=True, inline="always")
 def _bf16_tiles(fn_t, K, wb, xb, s0, n, out, o_off, ldo):
     """The bf16 AMX tiles (amx_bf16.tile_module) for slots s0 .. s0 + n (whole tiles of BF16_TILE_TOKENS; the
-    expert's slots are padded so), with the item's row groups in wb: slot s's outputs go to the floats of out
-    from o_off + (s - s0) * ldo on. K is taken in ranges whose activations for all n slots fit A_BYTES, each
-    range over all token tiles before the next (the C tiles carry over through out): with the whole K per tile,
-    256 tokens x 7168 of bf16 x (3.7 MB) came from L3 for every tile and the tiles ran at 860 GFLOPS on one core
-    instead of 1310 (64 tokens)."""
-    kc = max(256, A_BYTES // (2 * n) // 256 * 256)
-    for k0 in range(0, K, kc):
-        kn = min(kc, K - k0)
+    expert's slots are padded so), whole K, with the item's row groups in wb: slot s's outputs go to the floats of
+    out from o_off + (s - s0) * ldo on."""
+    for t0 in range(s0, s0 + n, BF16_TILE_TOKENS):
+        call_bf16_tile(fn_t, K, wb.ctypes.data, 32 * K, xb.ctypes.data + t0 * K * 2, 2 * K,
+                       out.ctypes.data + (o_off + (t0 - s0) * ldo) * 4, ldo, 0)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _bf16_panel(fn_dq, fn_t, md, e, rg, pp, K, wp, xb, s0, n, out, ld):
+    """Rows 16 rg .. 16 (rg + 2 pp) of matrix e for slots s0 .. s0 + n, for an expert whose bf16 activations
+    exceed L2 (amx_bf16.A_BYTES): per PANEL_K of k, the pp row-group pairs are dequantized into wp (512 KB) and
+    every token tile runs against all of them, so each 32-token slice of x comes from L3 once per panel instead of
+    once per pair (the C tiles carry over through out). One core, Q4_K, K = 7168, tiles alone: 1143 GFLOPS with
+    64 tokens' activations in L2, 902 with 128 and 700-750 with 256 when each pair streamed all of them."""
+    for k0 in range(0, K, PANEL_K):
+        kn = min(PANEL_K, K - k0)
+        dequant_row_groups(fn_dq, md, e, rg, 2 * pp, k0, kn, wp)
         for t0 in range(s0, s0 + n, BF16_TILE_TOKENS):
-            call_bf16_tile(fn_t, kn, wb.ctypes.data + k0 * 32, 32 * K, xb.ctypes.data + (t0 * K + k0) * 2, 2 * K,
-                           out.ctypes.data + (o_off + (t0 - s0) * ldo) * 4, ldo, k0)
+            for p in range(pp):
+                call_bf16_tile(fn_t, kn, wp.ctypes.data + p * 64 * kn, 32 * kn, xb.ctypes.data + (t0 * K + k0) * 2,
+                               2 * K, out.ctypes.data + (t0 * ld + (rg + 2 * p) * 16) * 4, ld, k0)
 
 
 @njit(nogil=True, cache=True)
@@ -267,6 +277,10 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
     cbuf = aligned_bytes(Ka * 64).view(np.int32).reshape((Ka // 16, 16, 16))
     wg, wu = aligned_bytes(NR * 16 * Ka), aligned_bytes(NR * 16 * Ka)
     wb = aligned_bytes(NR * 32 * (H if amx_full == 2 else 0))  # bf16 AMX: the item's row groups as B tiles
+    pp = PANEL_PAIRS  # bf16 AMX panels: row-group pairs per panel, a divisor of the expert's n_rt
+    while n_rt % pp:
+        pp //= 2
+    wp = aligned_bytes(pp * 64 * PANEL_K if amx_full == 2 else 0)
     # wide variants: the vector tile's row groups widened once per item into these
     vg = aligned_bytes(NR * 16 * (H if Vg // 10000 % 10 else 0))
     vu = aligned_bytes(NR * 16 * (H if Vu // 10000 % 10 else 0))
@@ -278,10 +292,17 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
         j = item // n_rt
         rg = (item % n_rt) * NR
         e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
-        if exp_amx[j] and amx_full == 2:  # bf16 AMX tiles (amx_bf16.py): dequantize gate's rows, run, then up's
-            dequant_row_groups(fn_g, md_g, e, rg, NR, H, wb)
+        done = NR  # row groups this item completes
+        if exp_amx[j] and amx_full == 2 and n * H * 2 > A_BYTES and NR == 2:  # bf16 panels: the first item of
+            if (item % n_rt) % pp:  # each pp pairs runs them all; the others have nothing to do
+                continue
+            _bf16_panel(fn_g, fn_t, md_g, e, rg, pp, H, wp, xb, s0, n, g, ld)
+            _bf16_panel(fn_u, fn_t, md_u, e, rg, pp, H, wp, xb, s0, n, u, ld)
+            done = NR * pp
+        elif exp_amx[j] and amx_full == 2:  # bf16 AMX tiles (amx_bf16.py): dequantize gate's rows, run, then up's
+            dequant_row_groups(fn_g, md_g, e, rg, NR, 0, H, wb)
             _bf16_tiles(fn_t, H, wb, xb, s0, n, g, s0 * ld + rg * 16, ld)
-            dequant_row_groups(fn_u, md_u, e, rg, NR, H, wb)
+            dequant_row_groups(fn_u, md_u, e, rg, NR, 0, H, wb)
             _bf16_tiles(fn_t, H, wb, xb, s0, n, u, s0 * ld + rg * 16, ld)
         elif exp_amx[j] and amx_full:  # native AMX tiles: 32 tokens x NR row groups per call (amx.full_tile_module)
             mg, mu = _amx_md(lay_g, NR, md_g, e, rg, H, wg, mdw_g), _amx_md(lay_u, NR, md_u, e, rg, H, wu, mdw_u)
@@ -307,8 +328,8 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                           pf_slice(Vu, md_u, ne, nrg, H, i, fb))
         for s in range(s0, s0 + n):  # h = silu(g) * u, in place in g
             o = (s * ld + rg * 16) * 4
-            silu_mul(g.ctypes.data + o, u.ctypes.data + o, g.ctypes.data + o, NR * 16)
-        if fetch_add(remaining, j, -1) == 1:  # last block of this expert: its h is complete
+            silu_mul(g.ctypes.data + o, u.ctypes.data + o, g.ctypes.data + o, done * 16)
+        if fetch_add(remaining, j, -(done // NR)) == done // NR:  # last block of this expert: its h is complete
             s1 = exp_s0[j + 1] if j + 1 < exp_e.shape[0] else g.shape[0]  # padding slots too: their h is 0
             for s in range(s0, s1):
                 if exp_amx[j] and amx_full == 2:  # the down tiles of this expert take bf16 h
@@ -342,7 +363,7 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
         for j in range(exp_e.shape[0]):
             e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
             if exp_amx[j] and amx_full == 2:
-                dequant_row_groups(fn_d, md_d, e, rg, NR, I, wb)
+                dequant_row_groups(fn_d, md_d, e, rg, NR, 0, I, wb)
                 for t0 in range(s0, s0 + n, BF16_TILE_TOKENS):
                     _bf16_tiles(fn_t, I, wb, hb, t0, BF16_TILE_TOKENS, tmp, 0, NR * 16)
                     _scatter(tmp, 0, NR * 16, min(BF16_TILE_TOKENS, s0 + n - t0), t0, rg, slot_tok, slot_w, y)

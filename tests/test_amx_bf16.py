@@ -48,7 +48,8 @@ def test_dequant_kernel_gives_gguf_weights_in_bf16_b_tiles(qt):
     ex = MoEExperts((g, qt), (g, qt), (d, qt), hidden=K, inter=R, path="portable")
     dst = aligned_bytes(2 * 32 * K)
     e, rg = 1, 4
-    amx_bf16.dequant_row_groups(amx_bf16.dequant_address(qt.name), ex.mats[0].md, e, rg, 2, K, dst)
+    fn = amx_bf16.dequant_address(qt.name)
+    amx_bf16.dequant_row_groups(fn, ex.mats[0].md, e, rg, 2, 0, K, dst)
     # B tile layout: [row group, pair row p, row n, k - 2p]
     got = dst.view(np.uint16).reshape(2, K // 2, 16, 2).transpose(0, 2, 1, 3).reshape(32, K)
     ref = dequantize(g[e][16 * rg:16 * rg + 32], qt).astype(np.float32)
@@ -57,6 +58,10 @@ def test_dequant_kernel_gives_gguf_weights_in_bf16_b_tiles(qt):
     # (compared as numbers: -0 and 0 are the same weight)
     assert np.mean(_f(got) == _f(exact)) > 0.999
     assert np.all(np.abs(_f(got) - ref) <= 2.0 ** -8 * np.abs(ref) + 1e-30)
+    part = aligned_bytes(2 * 32 * 256)  # a k range (the panels' steps): k 256 .. 511 alone
+    amx_bf16.dequant_row_groups(fn, ex.mats[0].md, e, rg, 2, 256, 256, part)
+    np.testing.assert_array_equal(part.view(np.uint16).reshape(2, 128, 16, 2).transpose(0, 2, 1, 3).reshape(32, 256),
+                                  got[:, 256:])
 
 
 def test_to_bf16_rounds_to_nearest_even():
@@ -149,3 +154,24 @@ def test_moe_bf16_experts_match_the_bf16_emulation(qt_gu, qt_down):
     # and the bf16 experts are really bf16: their tokens disagree with the int8 emulation by more than that
     int8 = _emulated(x, ids, w, Ws, bf16_experts=set())
     assert np.abs(y[:100] - int8[:100]).max() > 1e-3 * scale
+
+
+@needs_amx
+def test_moe_bf16_panels_match_the_bf16_emulation():
+    """An expert whose bf16 activations exceed amx_bf16.A_BYTES runs in panels (moe_loops._bf16_panel: K in
+    PANEL_K steps, the C tiles carried through out, row-group pairs grouped): 300 tokens x 2048 x 2 bytes."""
+    from ktx.kernels_cpu import MoEExperts, WorkerPool
+
+    qt = QT.Q4_K
+    H, I, E, T = 2048, 512, 2, 300
+    assert T * H * 2 > amx_bf16.A_BYTES and H > amx_bf16.PANEL_K
+    g, u, d = _raw(qt, E, I, H, 40), _raw(qt, E, I, H, 50), _raw(qt, E, H, I, 60)
+    Ws = {e: tuple(dequantize(m[e], qt).astype(np.float32) for m in (g, u, d)) for e in range(E)}
+    rng = np.random.default_rng(1)
+    ids = np.stack([np.zeros(T), np.where(np.arange(T) < 200, 1, -1)], 1).astype(np.int32)
+    w = rng.random((T, 2)).astype(np.float32)
+    x = rng.standard_normal((T, H)).astype(np.float32)
+    with WorkerPool(2) as pool:
+        y = MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I, pool=pool).forward(x, ids, w)
+    emu = _emulated(x, ids, w, Ws, bf16_experts={0, 1})
+    assert np.abs(y - emu).max() <= 2e-4 * np.abs(emu).max()

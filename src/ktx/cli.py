@@ -27,7 +27,7 @@ ModelOpt = typer.Option(None, "--model", "-m", help="GGUF file, any part of a sp
 ThreadsOpt = typer.Option(None, "--cpu-threads", "-t", help="CPU threads for the expert kernels (default: all cores).")
 ExpertsOpt = typer.Option("auto", "--experts", help="CPU kernel path for the routed experts and the dense weights on the CPU: auto (fastest this CPU supports), "
                           "reference (torch float32 on dequantized weights, slow), vnni, avx2, portable, "
-                          "amx (Intel AMX bf16 tiles for prefill experts with > 64 tokens, vnni elsewhere; auto "
+                          "amx (Intel AMX bf16 tiles for prefill experts with > 48 tokens, vnni elsewhere; auto "
                           "does the same wherever the CPU has AMX, and says so in the kernel path).")
 CacheLenOpt = typer.Option(4096, "--cache-len", "-c", help="KV cache capacity in tokens (prompt + reply + history).")
 CpuMoeOpt = typer.Option(True, "--cpu-moe/--no-cpu-moe", help="With a GPU: keep the routed experts in RAM on the CPU (default) and the rest on the GPU.")
