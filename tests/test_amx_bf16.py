@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
 from ktx.kernels_cpu import amx, amx_bf16
 from ktx.kernels_cpu.moe_loops import aligned_bytes
-from random_gguf_blocks import random_raw
-from test_kernels_cpu import _routed, q8_emulate, silu
+from test_kernels_cpu import _routed, q8_emulate, rand_raw, silu  # not random_gguf_blocks: it imports triton
 
 OK, WHY = amx.amx_available()
 needs_amx = pytest.mark.skipif(not OK, reason=f"needs AMX: {WHY}")
@@ -35,8 +33,7 @@ def _f(bits):  # bf16 bits -> float64
 
 
 def _raw(qt, E, R, K, seed):
-    bs = GGML_QUANT_SIZES[qt][0]
-    return np.stack([random_raw(qt.name, R, K // bs, seed=seed + e, wide=False) for e in range(E)])
+    return rand_raw(np.random.default_rng(seed), qt, E, R, K)
 
 
 @pytest.mark.parametrize("qt", TYPES, ids=[t.name for t in TYPES])
@@ -175,3 +172,28 @@ def test_moe_bf16_panels_match_the_bf16_emulation():
         y = MoEExperts((g, qt), (u, qt), (d, qt), hidden=H, inter=I, pool=pool).forward(x, ids, w)
     emu = _emulated(x, ids, w, Ws, bf16_experts={0, 1})
     assert np.abs(y - emu).max() <= 2e-4 * np.abs(emu).max()
+
+
+@needs_amx
+@pytest.mark.parametrize("qt,R,K,T,B", [(QT.Q4_K, 512, 2048, 100, 0), (QT.Q8_0, 200, 1024, 64, 0),
+                                         (QT.Q6_K, 128, 512, 77, 4), (QT.Q5_0, 256, 2048, 96, 0)],
+                         ids=["Q4_K-ragged-T", "Q8_0-ragged-R", "Q6_K-batched", "Q5_0-panels"])
+def test_quant_linear_prefill_on_bf16_tiles_matches_the_bf16_emulation(qt, R, K, T, B):
+    """QuantLinear(path="auto") runs prefill (T > BF16_MIN_TOKENS) on the bf16 tiles where AMX runs: y equals
+    float64 products of bf16-rounded x and W (only f32 summation differs); an explicit vnni path stays int8."""
+    from ktx.kernels_cpu import WorkerPool
+    from ktx.kernels_cpu.linear import QuantLinear
+
+    assert T > amx_bf16.BF16_MIN_TOKENS
+    raw = _raw(qt, max(B, 1), R, K, 3)
+    rng = np.random.default_rng(R + K)
+    x = rng.standard_normal((max(B, 1), T, K)).astype(np.float32)
+    W = [dequantize(raw[b], qt).astype(np.float32) for b in range(max(B, 1))]
+    emu = np.stack([_f(_bf16_bits(x[b])) @ _f(_bf16_bits(W[b])).T for b in range(max(B, 1))])
+    with WorkerPool(2) as pool:
+        ys = {p: QuantLinear(raw if B else raw[0], qt, R, K, pool, path=p)(x if B else x[0]) for p in ("auto", "vnni")}
+    for p, y in ys.items():
+        y = y if B else y[None]
+        assert y.shape == emu.shape and y.flags.c_contiguous
+        err = np.abs(y - emu).max() / np.abs(emu).max()
+        assert (err <= 1e-5) == (p == "auto"), (p, err)  # int8 activations miss the bf16 emulation by ~1e-3
