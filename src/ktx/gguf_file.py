@@ -282,8 +282,8 @@ def _open_part(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
         for d in dims:
             n_elements *= d  # python ints: a product of four 2**64 dims cannot wrap around
             span *= max(d, 1)  # a zero dim empties the tensor, yet numpy (and ggml) still need the others to fit
-        if span >= 2**63:
-            cur.fail(f"{what} has dims {list(dims)} whose element count overflows 64 bits")
+        if max(span, span // block * type_bytes) >= 2**63:  # numpy's element counts and byte sizes are int64
+            cur.fail(f"{what} has dims {list(dims)} whose size overflows 64 bits")
         n_bytes = n_elements // block * type_bytes
         if offset % align:
             cur.fail(f"{what} offset {offset} is not a multiple of the alignment {align}")
