@@ -246,8 +246,9 @@ def _bf16_tiles(fn_t, K, wb, xb, s0, n, out, o_off, ldo):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _bf16_panel(fn_dq, fn_t, md, e, rg, pp, K, wp, xb, s0, n, out, ld):
-    """Rows 16 rg .. 16 (rg + 2 pp) of matrix e for slots s0 .. s0 + n, for an expert whose bf16 activations
+def _bf16_panel(fn_dq, fn_t, md, e, rg, pp, K, wp, xb, s0, n, out, o_off, ld):
+    """Rows 16 rg .. 16 (rg + 2 pp) of matrix e for slots s0 .. s0 + n (slot t, row 16 rg + i to the float
+    o_off + t ld + 16 rg + i of out), for an expert whose bf16 activations
     exceed L2 (amx_bf16.A_BYTES): per PANEL_K of k, the pp row-group pairs are dequantized into wp (512 KB) and
     every token tile runs against all of them, so each 32-token slice of x comes from L3 once per panel instead of
     once per pair (the C tiles carry over through out). One core, Q4_K, K = 7168, tiles alone: 1143 GFLOPS with
@@ -258,7 +259,7 @@ def _bf16_panel(fn_dq, fn_t, md, e, rg, pp, K, wp, xb, s0, n, out, ld):
         for t0 in range(s0, s0 + n, BF16_TILE_TOKENS):
             for p in range(pp):
                 call_bf16_tile(fn_t, kn, wp.ctypes.data + p * 64 * kn, 32 * kn, xb.ctypes.data + (t0 * K + k0) * 2,
-                               2 * K, out.ctypes.data + (t0 * ld + (rg + 2 * p) * 16) * 4, ld, k0)
+                               2 * K, out.ctypes.data + (o_off + t0 * ld + (rg + 2 * p) * 16) * 4, ld, k0)
 
 
 @njit(nogil=True, cache=True)
@@ -296,8 +297,8 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
         if exp_amx[j] and amx_full == 2 and n * H * 2 > A_BYTES and NR == 2:  # bf16 panels: the first item of
             if (item % n_rt) % pp:  # each pp pairs runs them all; the others have nothing to do
                 continue
-            _bf16_panel(fn_g, fn_t, md_g, e, rg, pp, H, wp, xb, s0, n, g, ld)
-            _bf16_panel(fn_u, fn_t, md_u, e, rg, pp, H, wp, xb, s0, n, u, ld)
+            _bf16_panel(fn_g, fn_t, md_g, e, rg, pp, H, wp, xb, s0, n, g, 0, ld)
+            _bf16_panel(fn_u, fn_t, md_u, e, rg, pp, H, wp, xb, s0, n, u, 0, ld)
             done = NR * pp
         elif exp_amx[j] and amx_full == 2:  # bf16 AMX tiles (amx_bf16.py): dequantize gate's rows, run, then up's
             dequant_row_groups(fn_g, md_g, e, rg, NR, 0, H, wb)
@@ -346,12 +347,23 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
     literally(Vd)
     NT = Vd // 10 % 10
     NR = Vd % 10
-    n_items = H // (16 * NR)
+    n_rb = H // (16 * NR)  # row blocks of NR row groups
+    # bf16 AMX: an item is a panel of PB row blocks, so that each bf16 expert's h is read once per panel step
+    # (moe_loops._bf16_panel); the other experts run the PB blocks one after another
+    PB = PANEL_PAIRS if amx_full == 2 and fn_d and NR == 2 else 1
+    while n_rb % PB:
+        PB //= 2
+    n_items = n_rb // PB
     tmp = np.empty((AMX_TILE_TOKENS, NR * 16), np.float32)  # [tokens of one tile, rows of one item]
     Ka = I if fn_d and amx_full < 2 else 0
     cbuf = aligned_bytes(Ka * 64).view(np.int32).reshape((Ka // 16, 16, 16))
     wd = aligned_bytes(NR * 16 * Ka)
-    wb = aligned_bytes(NR * 32 * (I if amx_full == 2 else 0))
+    big = 0  # slots of the largest bf16 expert: its panel's outputs [slots, PB * 32] before the scatter
+    for j in range(exp_e.shape[0]):
+        if exp_amx[j] and amx_full == 2:
+            big = max(big, (exp_n[j] + BF16_TILE_TOKENS - 1) // BF16_TILE_TOKENS * BF16_TILE_TOKENS)
+    wp = aligned_bytes(PB * 64 * PANEL_K if big else 0)
+    tp = aligned_bytes(big * PB * 32 * 4).view(np.float32).reshape((big, PB * 32))
     vd = aligned_bytes(NR * 16 * (I if Vd // 10000 % 10 else 0))
     mdw = np.empty(15, np.int64)
     lay_d = Vd // 1000 % 10
@@ -359,36 +371,39 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
         item = claim(counter, 0, tid, n_threads, n_items)
         if item < 0:
             break
-        rg = item * NR
         for j in range(exp_e.shape[0]):
             e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
             if exp_amx[j] and amx_full == 2:
-                dequant_row_groups(fn_d, md_d, e, rg, NR, 0, I, wb)
+                rg = item * PB * NR
+                _bf16_panel(fn_d, fn_t, md_d, e, rg, PB, I, wp, hb, s0, n, tp, -s0 * PB * 32 - rg * 16, PB * 32)
                 for t0 in range(s0, s0 + n, BF16_TILE_TOKENS):
-                    _bf16_tiles(fn_t, I, wb, hb, t0, BF16_TILE_TOKENS, tmp, 0, NR * 16)
-                    _scatter(tmp, 0, NR * 16, min(BF16_TILE_TOKENS, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
-            elif exp_amx[j] and amx_full:
-                m = _amx_md(lay_d, NR, md_d, e, rg, I, wd, mdw)
-                for t0 in range(s0, s0 + n, AMX_TILE_TOKENS):
-                    _amx_full_tile(fn_d, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16, cbuf)
-                    _scatter(tmp, 0, NR * 16, min(AMX_TILE_TOKENS, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
-            elif exp_amx[j]:
-                for r in range(NR):
-                    bd = b_operand(lay_d, md_d, e, rg + r, I, wd)
-                    for t0 in range(s0, s0 + n, 16):
-                        amx_tile(lay_d, fn_d, md_d, e, rg + r, I, bd, hq, hd, hs, hsf, t0, cbuf, tmp, 0,
-                                 16 * r)
-                        _scatter(tmp, 16 * r, 16 * r + 16, min(16, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
-            else:
-                m = _widened(Vd, md_d, e, rg, I, vd, mdw)
-                if j + 1 < exp_e.shape[0]:  # prefetched: the next expert's rows of this item, or the next item's
-                    ne, nrg = exp_e[j + 1], rg
+                    _scatter(tp[t0 - s0:], 0, PB * NR * 16, min(BF16_TILE_TOKENS, s0 + n - t0), t0, rg, slot_tok,
+                             slot_w, y)
+                continue
+            for rb in range(item * PB, item * PB + PB):
+                rg = rb * NR
+                if exp_amx[j] and amx_full:
+                    m = _amx_md(lay_d, NR, md_d, e, rg, I, wd, mdw)
+                    for t0 in range(s0, s0 + n, AMX_TILE_TOKENS):
+                        _amx_full_tile(fn_d, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16, cbuf)
+                        _scatter(tmp, 0, NR * 16, min(AMX_TILE_TOKENS, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
+                elif exp_amx[j]:
+                    for r in range(NR):
+                        bd = b_operand(lay_d, md_d, e, rg + r, I, wd)
+                        for t0 in range(s0, s0 + n, 16):
+                            amx_tile(lay_d, fn_d, md_d, e, rg + r, I, bd, hq, hd, hs, hsf, t0, cbuf, tmp, 0,
+                                     16 * r)
+                            _scatter(tmp, 16 * r, 16 * r + 16, min(16, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
                 else:
-                    ne, nrg = (exp_e[0], rg + NR) if item + 1 < n_items else (-1, 0)
-                for t0 in range(s0, s0 + n, NT):
-                    _mat_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16,
-                              pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data))
-                    _scatter(tmp, 0, NR * 16, min(NT, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
+                    m = _widened(Vd, md_d, e, rg, I, vd, mdw)
+                    if j + 1 < exp_e.shape[0]:  # prefetched: the next expert's rows of this item, or the next item's
+                        ne, nrg = exp_e[j + 1], rg
+                    else:
+                        ne, nrg = (exp_e[0], rg + NR) if rb + 1 < n_rb else (-1, 0)
+                    for t0 in range(s0, s0 + n, NT):
+                        _mat_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16,
+                                  pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data))
+                        _scatter(tmp, 0, NR * 16, min(NT, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
 
 
 @njit(nogil=True, cache=True, inline="always")
