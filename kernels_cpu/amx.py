@@ -293,6 +293,28 @@ def tile_variant(layout: str, nr: int) -> int:
     return 1000 * LAYOUT_IDS[layout] + nr
 
 
+def tile_function(name: str, args, shapes: dict[int, tuple[int, int]], dot: str):
+    """A new module holding `void name(i64 args...)` that starts by loading the TILECFG of shapes (a private
+    constant): (module, {arg: value}, builder, (tilezero, tileloadd64, tilestored64, the dot intrinsic `dot`)),
+    the intrinsics taking explicit tile numbers. The caller emits the body and ends it with tilerelease."""
+    from llvmlite import ir
+
+    from .simd import _fn, i8, i64
+
+    mod = ir.Module(name=name)
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * len(args)), name=name)
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    p8, void = i8.as_pointer(), ir.VoidType()
+    cfg_t = ir.ArrayType(i8, 64)
+    cfg = ir.GlobalVariable(mod, cfg_t, name=f"{name}_cfg")
+    cfg.global_constant, cfg.linkage, cfg.align = True, "private", 64
+    cfg.initializer = ir.Constant(cfg_t, bytearray(tile_config(shapes)))
+    ops = (_fn(b, "llvm.x86.tilezero", void, [i8]), _fn(b, "llvm.x86.tileloadd64", void, [i8, p8, i64]),
+           _fn(b, "llvm.x86.tilestored64", void, [i8, p8, i64]), _fn(b, f"llvm.x86.{dot}", void, [i8, i8, i8]))
+    b.call(_fn(b, "llvm.x86.ldtilecfg", void, [p8]), [b.bitcast(cfg, p8)])
+    return mod, dict(zip(args, fn.args)), b, ops
+
+
 def full_tile_module(V: int):
     """llvmlite IR module of `void ktx_amx_tile_V(K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf,
     out, ldo, scratch)`, all i64: simd.tile's ABI (simd._ARGS, with `scratch` in the place of pf) and its result,
@@ -317,27 +339,14 @@ def full_tile_module(V: int):
     lay, nr = _LAYOUT_BY_ID[V // 1000 % 10], V % 10
     G, nt = lay.G, AMX_TILE_TOKENS
     halves = nt // 16
-    mod = ir.Module(name=f"ktx_amx_tile_{V}")
-    args = _ARGS[:-1] + ("scratch",)
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * len(args)), name=f"ktx_amx_tile_{V}")
-    a = dict(zip(args, fn.args))
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    c = lambda v: ir.Constant(i64, v)  # noqa: E731
-    t8 = lambda v: ir.Constant(i8, v)  # noqa: E731
-    p8 = i8.as_pointer()
     ctile = lambda h, r: 4 + 2 * h + r  # noqa: E731
     shapes = {**{h: (16, G) for h in range(halves)}, **{2 + r: (G // 4, 64) for r in range(nr)},
               **{ctile(h, r): (16, 64) for h in range(halves) for r in range(nr)}}
-    cfg_t = ir.ArrayType(i8, 64)
-    cfg = ir.GlobalVariable(mod, cfg_t, name=f"ktx_amx_tile_{V}_cfg")
-    cfg.global_constant, cfg.linkage, cfg.align = True, "private", 64
-    cfg.initializer = ir.Constant(cfg_t, bytearray(tile_config(shapes)))
+    mod, a, b, (tilezero, tileload, tilestore, dp) = tile_function(f"ktx_amx_tile_{V}", _ARGS[:-1] + ("scratch",),
+                                                                   shapes, "tdpbsud")
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+    t8 = lambda v: ir.Constant(i8, v)  # noqa: E731
     void = ir.VoidType()
-    tilezero = _fn(b, "llvm.x86.tilezero", void, [i8])
-    tileload = _fn(b, "llvm.x86.tileloadd64", void, [i8, p8, i64])
-    tilestore = _fn(b, "llvm.x86.tilestored64", void, [i8, p8, i64])
-    dp = _fn(b, "llvm.x86.tdpbsud", void, [i8, i8, i8])
-    b.call(_fn(b, "llvm.x86.ldtilecfg", void, [p8]), [b.bitcast(cfg, p8)])
 
     entry = b.block
     loop, done = b.append_basic_block("amx_g"), b.append_basic_block("amx_done")

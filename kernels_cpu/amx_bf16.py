@@ -131,30 +131,17 @@ def tile_module(nr: int) -> ir.Module:
     tiles start from it: a K range at a time, moe_loops), else overwrites it. Tiles: A tmm0-1, B tmm2-3, C tmm4-7."""
     if not 0 < nr <= MAX_NR:
         raise ValueError(f"a bf16 AMX tile holds 1..{MAX_NR} row groups, not {nr}")
-    from .amx import tile_config
+    from .amx import tile_function
 
     halves = BF16_TILE_TOKENS // 16
-    mod = ir.Module(name=f"ktx_bf16_tile_{nr}")
-    args = ("K", "wb", "ws", "xb", "lda", "out", "ldo", "acc")
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * len(args)), name=f"ktx_bf16_tile_{nr}")
-    a = dict(zip(args, fn.args))
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    c = lambda v: ir.Constant(i64, v)  # noqa: E731
-    t8 = lambda v: ir.Constant(i8, v)  # noqa: E731
-    p8 = i8.as_pointer()
     ctile = lambda h, r: 4 + 2 * h + r  # noqa: E731
     shapes = {**{h: (16, 64) for h in range(halves)}, **{2 + r: (16, 64) for r in range(nr)},
               **{ctile(h, r): (16, 64) for h in range(halves) for r in range(nr)}}
-    cfg_t = ir.ArrayType(i8, 64)
-    cfg = ir.GlobalVariable(mod, cfg_t, name=f"ktx_bf16_tile_{nr}_cfg")
-    cfg.global_constant, cfg.linkage, cfg.align = True, "private", 64
-    cfg.initializer = ir.Constant(cfg_t, bytearray(tile_config(shapes)))
+    mod, a, b, (tilezero, tileload, tilestore, dp) = tile_function(
+        f"ktx_bf16_tile_{nr}", ("K", "wb", "ws", "xb", "lda", "out", "ldo", "acc"), shapes, "tdpbf16ps")
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+    t8 = lambda v: ir.Constant(i8, v)  # noqa: E731
     void = ir.VoidType()
-    tilezero = _fn(b, "llvm.x86.tilezero", void, [i8])
-    tileload = _fn(b, "llvm.x86.tileloadd64", void, [i8, p8, i64])
-    tilestore = _fn(b, "llvm.x86.tilestored64", void, [i8, p8, i64])
-    dp = _fn(b, "llvm.x86.tdpbf16ps", void, [i8, i8, i8])
-    b.call(_fn(b, "llvm.x86.ldtilecfg", void, [p8]), [b.bitcast(cfg, p8)])
     ldo = b.mul(a["ldo"], c(4))
     c_ptr = lambda h, r: _ptr(b, a["out"], b.mul(b.add(b.mul(c(16 * h), a["ldo"]), c(16 * r)), c(4)), i8)  # noqa: E731
     load_c, zero_c, start = (b.append_basic_block(n) for n in ("bf16_load_c", "bf16_zero_c", "bf16_start"))

@@ -56,11 +56,10 @@ from numba.extending import intrinsic
 from ktx.errors import KtxError
 
 from .amx import tile_source
-from .amx_bf16 import BF16_MIN_TOKENS, BF16_TILE_TOKENS, PANEL_K, PANEL_PAIRS, call_bf16_tile, dequant_address, \
-    dequant_row_groups, to_bf16
+from .amx_bf16 import BF16_MIN_TOKENS, BF16_TILE_TOKENS, PANEL_K, PANEL_PAIRS, dequant_address, to_bf16
 from .amx_bf16 import tile_address as bf16_tile_address
 from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path, per256_ok, per256_tiles  # (tokens, row groups of 16) per tile
-from .moe_loops import _mat_tile, _widened, aligned_bytes, atomic_read, fetch_add, pf_slice
+from .moe_loops import _bf16_panel, _mat_tile, _widened, aligned_bytes, atomic_read, fetch_add, pf_slice
 from .pool import WorkerPool
 from .quantize import quantize_row, quantize_row256
 from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, aligned_empty, decode_blocks, descriptor, field_shapes, interleave
@@ -144,8 +143,8 @@ def linear_bf16_loop(fn_dq, fn_t, md, B, T, Tp, Rp, K, pp, x, xb, yo, counter):
     """The bf16 AMX prefill (amx_bf16.py): x [B*T, K] f32 -> yo [B, Tp, Rp] f32 (Tp = T rounded up to
     BF16_TILE_TOKENS, Rp the repacked rows) via bf16 rows xb [B*Tp, K]; counter int64 [4], fresh zeros.
     Phase 1 as linear_loop's (bf16 copies instead of int8, padding rows zeroed); phase 2 items are panels of
-    pp row-group pairs of one matrix: per PANEL_K of k, their rows are dequantized to bf16 B tiles and every
-    32-token tile runs against each pair (the C tiles carry over through yo), as moe_loops._bf16_panel."""
+    pp row-group pairs of one matrix, each run by moe_loops._bf16_panel (per PANEL_K of k the pairs' rows
+    dequantized to bf16 B tiles, every 32-token tile against each pair, the C tiles carried over through yo)."""
     n_rows = B * Tp
     n_chunks = (n_rows + QCHUNK - 1) // QCHUNK
     while True:
@@ -164,22 +163,14 @@ def linear_bf16_loop(fn_dq, fn_t, md, B, T, Tp, Rp, K, pp, x, xb, yo, counter):
     n_pairs = Rp // 32
     n_ib = (n_pairs + pp - 1) // pp
     wp = aligned_bytes(pp * 64 * PANEL_K)
-    ld = Rp
     while True:
         item = fetch_add(counter, 0, 1)
         if item >= B * n_ib:
             break
         b = item // n_ib
         p0 = item % n_ib * pp
-        npr = min(pp, n_pairs - p0)
-        for k0 in range(0, K, PANEL_K):
-            kn = min(PANEL_K, K - k0)
-            dequant_row_groups(fn_dq, md, b, 2 * p0, 2 * npr, k0, kn, wp)
-            for t0 in range(0, Tp, BF16_TILE_TOKENS):
-                for p in range(npr):
-                    call_bf16_tile(fn_t, kn, wp.ctypes.data + p * 64 * kn, 32 * kn,
-                                   xb.ctypes.data + ((b * Tp + t0) * K + k0) * 2, 2 * K,
-                                   yo.ctypes.data + ((b * Tp + t0) * ld + (p0 + p) * 32) * 4, ld, k0)
+        # matrix b as expert b, its Tp rows of xb as the expert's slots, yo [B * Tp, Rp] as the output rows
+        _bf16_panel(fn_dq, fn_t, md, b, 2 * p0, min(pp, n_pairs - p0), K, wp, xb, b * Tp, Tp, yo, 0, Rp)
         fetch_add(counter, 3, 1)
 
 
@@ -191,7 +182,7 @@ def wait_items(counter, n_items):
 
 
 @functools.lru_cache(maxsize=1)
-def _amx_fns() -> tuple[str | None, str]:
+def _amx_source() -> tuple[str | None, str]:
     """("bf16", label) where the dense prefill takes the bf16 AMX tiles (the CPU runs AMX), else (None, why)."""
     return tile_source("auto", "bf16")
 
@@ -284,13 +275,13 @@ class QuantLinear:
         T = x.shape[-2]
         if self.path == "reference":
             return self._reference(x)
-        y = np.empty(x.shape[:-1] + (self.rows,), np.float32)  # [B?, T, R]
-        if T == 0:
-            return y
-        if T > BF16_MIN_TOKENS and self.auto and self.path != "reference" and _amx_fns()[0] == "bf16":
+        if T > BF16_MIN_TOKENS and self.auto and _amx_source()[0] == "bf16":
             out = self._amx_bf16(x, T)
             if out is not None:
                 return out
+        y = np.empty(x.shape[:-1] + (self.rows,), np.float32)  # [B?, T, R]
+        if T == 0:
+            return y
         nt, nr = DECODE_TILE if T == 1 else PREFILL_TILE
         lay = LAYOUTS[self.qtype]
         wide = T >= WIDE_MIN_TOKENS and lay.bits in (5, 6)

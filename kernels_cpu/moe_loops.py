@@ -277,11 +277,12 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
     Ka = H if fn_g and amx_full < 2 else 0  # int8 AMX scratch only where tiles may run: C per scale group, widened B
     cbuf = aligned_bytes(Ka * 64).view(np.int32).reshape((Ka // 16, 16, 16))
     wg, wu = aligned_bytes(NR * 16 * Ka), aligned_bytes(NR * 16 * Ka)
-    wb = aligned_bytes(NR * 32 * (H if amx_full == 2 else 0))  # bf16 AMX: the item's row groups as B tiles
+    bf16 = amx_full == 2 and fn_g != 0  # bf16 AMX experts in this batch (fn_g is 0 when it has none)
+    wb = aligned_bytes(NR * 32 * (H if bf16 else 0))  # the item's row groups as B tiles
     pp = PANEL_PAIRS  # bf16 AMX panels: row-group pairs per panel, a divisor of the expert's n_rt
     while n_rt % pp:
         pp //= 2
-    wp = aligned_bytes(pp * 64 * PANEL_K if amx_full == 2 else 0)
+    wp = aligned_bytes(pp * 64 * PANEL_K if bf16 else 0)
     # wide variants: the vector tile's row groups widened once per item into these
     vg = aligned_bytes(NR * 16 * (H if Vg // 10000 % 10 else 0))
     vu = aligned_bytes(NR * 16 * (H if Vu // 10000 % 10 else 0))
