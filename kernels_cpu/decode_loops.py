@@ -53,8 +53,7 @@ from numba import carray, njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .linear import sched_yield
-from .moe_loops import atomic_read, claim, fetch_add
+from .moe_loops import atomic_read, claim, fetch_add, sched_yield
 from .quantize import quantize_row
 from .simd import call_codegen, call_tile
 from .vec import silu_mul
@@ -95,7 +94,7 @@ def _tile(md, e, rg, K, xq, xd, xs, xsf, out):
     """One 1 x 64 decode tile: rows 16 rg .. 16 rg + 63 of matrix (expert/batch) e times one activation row."""
     call_tile(md[15], K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
               md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
-              md[12] + e * md[13] + rg * md[14], md[14], xq, xd, xs, xsf, out, TILE_ROWS, xq)
+              md[12] + e * md[13] + rg * md[14], md[14], xq, xd, xs, xsf, out, TILE_ROWS, 0)
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -48,10 +48,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
-from llvmlite import ir
 from numba import literally, njit
-from numba.core import cgutils, types
-from numba.extending import intrinsic
+from numba.core import types
 
 from ktx.errors import KtxError
 
@@ -59,7 +57,7 @@ from .amx import tile_source
 from .amx_bf16 import BF16_MIN_TOKENS, BF16_TILE_TOKENS, PANEL_K, PANEL_PAIRS, dequant_address, to_bf16
 from .amx_bf16 import tile_address as bf16_tile_address
 from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path, per256_ok, per256_tiles  # (tokens, row groups of 16) per tile
-from .moe_loops import _bf16_panel, _mat_tile, _widened, aligned_bytes, atomic_read, fetch_add, pf_slice
+from .moe_loops import _bf16_panel, _mat_tile, _widened, aligned_bytes, atomic_read, fetch_add, pf_slice, sched_yield
 from .pool import WorkerPool
 from .quantize import quantize_row, quantize_row256
 from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, aligned_empty, decode_blocks, descriptor, field_shapes, interleave
@@ -74,18 +72,6 @@ ITEM_BYTES = 32768  # decode: weight bytes per work item at least (short K: seve
 ITEMS_PER_THREAD = 8  # ... but at least this many items per thread
 INLINE_MACS = 1 << 22  # up to this many multiply-adds the caller's thread alone beats waking the pool
 _LABEL = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable": "portable llvm-vector"}
-
-
-@intrinsic
-def sched_yield(typingctx):
-    """libc sched_yield() by symbol name (a ctypes pointer would stop Numba from caching the loops): a waiting
-    thread gives its core to the one it waits for, which matters on a machine busier than its cores."""
-    def codegen(context, builder, signature, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
-        builder.call(fn, [])
-        return context.get_dummy_value()
-
-    return types.void(), codegen
 
 
 @njit(nogil=True, cache=True)
@@ -127,7 +113,7 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
             m = _widened(V, md, b, r0 // 16, K, wbuf, mdw)
             nb = b if rb + 1 < n_rb else -1  # prefetched while these tiles run: the next row block's weights
             for t0 in range(0, T, NT):
-                pf = pf_slice(V, md, nb, r0 // 16 + NR, K, t0 // NT, xq.ctypes.data)
+                pf = pf_slice(V, md, nb, r0 // 16 + NR, K, t0 // NT, xq.ctypes.data if NT > 1 else 0)
                 if r0 + rb_rows <= R and t0 + NT <= T:
                     _mat_tile(V, m, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, y, (b * T + t0) * R + r0, R, pf)
                 else:

@@ -39,6 +39,7 @@ loads.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from pathlib import Path
@@ -55,7 +56,7 @@ from .amx import AMX_TILE_TOKENS, MIN_TOKENS_PER_EXPERT, full_tile_address, tile
 from .amx_bf16 import BF16_MIN_TOKENS, dequant_address
 from .amx_bf16 import tile_address as bf16_tile_address
 from .cpu_features import cpu_features
-from .moe_loops import bf16_slots, phase_down, phase_gate_up, plan_slots, quantize_slots
+from .moe_loops import bf16_slots, check_inputs, phase_both, phase_down, phase_gate_up, plan_slots, quantize_slots
 from .pool import WorkerPool
 from .repack import FLOAT_TYPES, LAYOUTS, aligned_empty, descriptor, field_shapes, repack_into
 from .simd import variant
@@ -189,6 +190,7 @@ class MoEExperts:
             self.path = "reference"  # float expert weights: numpy float matmul (correct, not the fast path)
             self.amx, self.amx_label = None, "amx off: float expert weights"
         self._entries = {}
+        self._plans = {}  # (nt, nr, wide, any AMX expert, per-256 tiles on) -> _plan
         repack = self.path != "reference"
         self.mats = [_Matrix(nm, pair[0], pair[1], R, K, repack, cache_dir, cache_key) for nm, pair, R, K in
                      (("gate", gate, inter, hidden), ("up", up, inter, hidden), ("down", down, hidden, inter))]
@@ -214,29 +216,37 @@ class MoEExperts:
 
     # ---- API ----
     def forward(self, x, ids, w):
-        return self.submit(x, ids, w).wait()
+        """y [T, H] now, with the calling thread working as one of the pool's workers (a decode step of the
+        DeepSeek-V3 shape spent 0.3-0.4 ms of ~6.5 in waking workers and handing the GIL back and forth)."""
+        return self.submit(x, ids, w, here=True)
 
-    def submit(self, x, ids, w):
+    def submit(self, x, ids, w, here: bool = False):
+        """A job whose wait() gives y [T, H]; the pool's workers start now (with here, forward's mode, the
+        calling thread runs a worker's share and the result is returned instead)."""
         ids = np.asarray(ids)
         if ids.dtype.kind not in "iu":  # before any cast: 1.7 must not become expert 1
             raise KtxError(f"MoEExperts.submit: expert ids must be integers, got {ids.dtype}")
-        if ids.size and (ids.max() >= self.E or ids.min() < -1):  # on the caller's dtype: 2**32 + 3 must not wrap to 3
-            bad = ids.max() if ids.max() >= self.E else ids.min()
-            raise KtxError(f"MoEExperts.submit: expert id {bad} out of range (layer has {self.E} experts; -1 = no expert)")
         x = np.ascontiguousarray(x, dtype=np.float32)  # [T, H]
-        ids = ids.astype(np.int32)  # [T, k]
-        w = np.asarray(w, dtype=np.float32)  # [T, k]
+        w = np.ascontiguousarray(w, dtype=np.float32)  # [T, k]
         if x.ndim != 2 or x.shape[1] != self.H or ids.ndim != 2 or ids.shape != w.shape or ids.shape[0] != x.shape[0]:
             raise KtxError(f"MoEExperts.submit: x {x.shape}, ids {ids.shape}, w {w.shape}: want x [T, {self.H}], ids and w [T, k]")
-        if not (np.isfinite(x).all() and np.isfinite(w).all()):
+        # one compiled pass (numpy's max, min and isfinite calls took ~30 us a decode step); on the caller's
+        # dtype: 2**32 + 3 must not wrap to 3
+        bad, nonfinite = check_inputs(x, np.ascontiguousarray(ids).reshape(-1), w, self.E)
+        if bad >= 0:
+            bad = ids.reshape(-1)[bad]
+            raise KtxError(f"MoEExperts.submit: expert id {bad} out of range (layer has {self.E} experts; -1 = no expert)")
+        if nonfinite:
             raise KtxError("MoEExperts.submit: activations or routing weights hold NaN/inf (an upstream layer diverged)")
+        ids = ids.astype(np.int32)  # [T, k]
         pool = self.pool
         if self.path == "reference":
-            return pool.submit(lambda wid, n: None, lambda: self._reference(x, ids, w))
-        return self._submit_fast(pool, x, ids, w)
+            job = pool.submit(lambda wid, n: None, lambda: self._reference(x, ids, w))
+            return job.wait() if here else job
+        return self._submit_fast(pool, x, ids, w, here)
 
     # ---- fast paths ----
-    def _submit_fast(self, pool, x, ids, w):
+    def _submit_fast(self, pool, x, ids, w, here):
         T, H, I = x.shape[0], self.H, self.I
         # the AMX/VNNI split per expert: see plan_slots
         amx_min = (BF16_MIN_TOKENS if self.amx == "bf16" else MIN_TOKENS_PER_EXPERT) if self.amx else 1 << 62
@@ -253,28 +263,32 @@ class MoEExperts:
         # for 64 tokens x 8 experts x 7168 (Zen 5, one core). Padding g and u the same way measured no gain.
         y = np.zeros((T, H + 16), np.float32)[:, :H]
         wide = bool(nt > 1 and routed >= WIDE_MIN_TOKENS * len(exp_e))
-        vec_only = not exp_amx.any()  # AMX tiles keep per-32 activations (nothing to gain there, only error)
-        s256 = [nt > 1 and vec_only and per256_ok(m.layout, wide, K) for m, K in zip(self.mats, (H, H, I))]
-        x256 = s256[0] and s256[1]  # x feeds gate and up: per-256 activations only if both tiles take them
-        Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and _widens(m.layout), s)
-                      for m, s in zip(self.mats, (x256, x256, s256[2])))
+        any_amx = bool(exp_amx.any())
+        key = (nt, nr, wide, any_amx, nt > 1 and per256_tiles())  # KTX_PER256_TILES may change between calls
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(nt, nr, wide, any_amx)
+        Vg, Vu, Vd, x256, h256, fn_g, fn_u, fn_d, full, bf16, fn_t = plan
         c_a, c_b = np.zeros(pool.n_threads, np.int64), np.zeros(pool.n_threads, np.int64)  # claim's segments
         remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
         barrier = threading.Barrier(pool.n_threads)
-        mg, mu, md = self.mats
-        fn_g, fn_u, fn_d = (self._tile_kernel(m.layout, nr) if exp_amx.any() else 0 for m in self.mats)
-        # 2: bf16 tiles (fn_* are dequant kernels, fn_t the tile); 1: whole int8 tiles; 0: the steps model
-        full = {"bf16": 2, "native": 1}.get(self.amx, 0)
-        bf16 = full == 2 and bool(exp_amx.any())
-        fn_t = bf16_tile_address(nr) if bf16 else 0
         xb = scratch.get("xb", (P if bf16 else 0, H), np.uint16)
         hb = scratch.get("hb", (P if bf16 else 0, I), np.uint16)
+        mg, mu, md = self.mats
         args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
-                  exp_amx, fn_g, fn_u, full, s256[2], xb, hb, fn_t)
-        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, c_b, exp_amx, fn_d, full,
-                  hb, fn_t)
-        run_a = self._entry(phase_gate_up, args_a + (0, 1), 2)
-        run_b = self._entry(phase_down, args_b + (0, 1), 1)
+                  exp_amx, fn_g, fn_u, full, h256, xb, hb, fn_t)
+        yt = scratch.get("yt", (pool.n_threads if nt == 1 else 0, T, H), np.float32)  # decode: per-thread sums
+        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, yt, c_b, exp_amx, fn_d,
+                  full, hb, fn_t)
+        fast = nt == 1 and len(exp_e) > 0  # decode: one compiled call per thread (moe_loops.phase_both)
+        if fast:
+            sync = np.zeros(3, np.int64)
+            args = (Vg, Vu, Vd, mg.md, mu.md, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, xq, xd, xs, xsf, g, u,
+                    hq, hd, hs, hsf, y, yt, c_a, c_b, remaining, exp_amx, sync, pool.n_threads - 1 if here else -1)
+            run = self._entry(phase_both, args + (0, 1), 3)
+        else:
+            run_a = self._entry(phase_gate_up, args_a + (0, 1), 2)
+            run_b = self._entry(phase_down, args_b + (0, 1), 1)
 
         split_q = P >= PARALLEL_QUANT_SLOTS and pool.n_threads > 1
         if not split_q:
@@ -283,7 +297,13 @@ class MoEExperts:
                 bf16_slots(x, slot_tok, 0, P, xb)
 
         def work(wid, n):
-            if len(exp_e):
+            if fast:
+                try:
+                    run(*args, wid, n)
+                except BaseException:
+                    sync[2] = 1  # threads spinning in phase_both give up; forward raises this from job.wait()
+                    raise
+            elif len(exp_e):
                 if split_q:  # each worker quantizes a share of the slots (serial: 1.2 ms of 117, 256 tok x 8 x 7168)
                     quantize_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xq, xd, xs, xsf, x256)
                     if bf16:
@@ -294,10 +314,42 @@ class MoEExperts:
                 run_b(*args_b, wid, n)
 
         def finish():
+            if nt == 1 and len(exp_e):
+                np.sum(yt, axis=0, out=y)
             scratch.give_back()
             return y
 
-        return pool.submit(work, finish)
+        if not (fast and here):
+            return pool.run_here(work, finish) if here else pool.submit(work, finish)
+        # the calling thread works as the last worker and returns when phase_both saw every thread done, without
+        # waiting for the workers to get back through Python to the job's bookkeeping (two thread wake-ups,
+        # ~0.1 ms of a 6.5 ms decode step of the DeepSeek-V3 shape); the workers touch no buffer after that
+        n = pool.n_threads
+        job = pool.submit(work, workers=n - 1) if n > 1 else None
+        try:
+            work(n - 1, n)  # on an error here, work set sync[2]: the workers stop waiting for this thread
+        except BaseException:
+            if job is not None:
+                job.wait()  # a worker's error first: the caller only gave up waiting for it
+            raise
+        if sync[2]:  # a worker failed; the scratch is not given back, as other workers may still write to it
+            job.wait()  # raises the worker's error
+        return finish()
+
+    def _plan(self, nt: int, nr: int, wide: bool, any_amx: bool):
+        """What a forward with this tile, widening and AMX use runs, kept per key (a decode step spent ~30 us of
+        Python choosing it): the three tile variants, whether x and h go per 256, the AMX kernel addresses."""
+        H, I = self.H, self.I
+        s256 = [nt > 1 and not any_amx and per256_ok(m.layout, wide, K) for m, K in zip(self.mats, (H, H, I))]
+        x256 = s256[0] and s256[1]  # x feeds gate and up: per-256 activations only if both tiles take them
+        Vg, Vu, Vd = (variant(m.layout.name, self.path, nt, nr, wide and _widens(m.layout), s)
+                      for m, s in zip(self.mats, (x256, x256, s256[2])))
+        fn_g, fn_u, fn_d = (self._tile_kernel(m.layout, nr) if any_amx else 0 for m in self.mats)
+        # 2: bf16 tiles (fn_* are dequant kernels, fn_t the tile); 1: whole int8 tiles; 0: the steps model
+        full = {"bf16": 2, "native": 1}.get(self.amx, 0)
+        bf16 = full == 2 and any_amx
+        fn_t = bf16_tile_address(nr) if bf16 else 0
+        return Vg, Vu, Vd, x256, s256[2], fn_g, fn_u, fn_d, full, bf16, fn_t
 
     def _tile_kernel(self, lay, nr: int) -> int:
         """Address of the AMX kernel for a matrix of layout lay: the native full tile (16 tokens x nr row groups,
@@ -354,6 +406,7 @@ class _Scratch:
 
     def __init__(self):
         self.bufs: dict[str, np.ndarray] = {}
+        self.views: dict[tuple, np.ndarray] = {}  # (name, shape, dtype) -> view of bufs[name]
 
     @classmethod
     def take(cls) -> _Scratch:
@@ -365,11 +418,17 @@ class _Scratch:
             self._free.append(self)
 
     def get(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        key = (name, shape, dtype)  # decode asks for the same views every step: ~2 us a view to make
+        v = self.views.get(key)
+        if v is not None:
+            return v
+        n = math.prod(shape) * np.dtype(dtype).itemsize
         buf = self.bufs.get(name)
         if buf is None or buf.size < n:
             buf = self.bufs[name] = aligned_empty(max(n, 64), np.uint8)
-        return buf[:n].view(dtype).reshape(shape)
+            self.views = {k: v for k, v in self.views.items() if k[0] != name}  # views of the old buffer
+        v = self.views[key] = buf[:n].view(dtype).reshape(shape)
+        return v
 
     def qbufs(self, name: str, P: int, K: int):
         """int8 codes [P, K], scales [P, K/32], 16-sums [P, K/16], scaled sums [P, K/32] (quantize.py)."""

@@ -21,6 +21,7 @@ Both kinds of expert share the items, the counters and the countdown, so one pre
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import literally, njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
@@ -62,6 +63,18 @@ def atomic_read(typingctx, arr, idx):
         return builder.load_atomic(ptr, "acquire", 8)
 
     return sig, codegen
+
+
+@intrinsic
+def sched_yield(typingctx):
+    """libc sched_yield() by symbol name (a ctypes pointer would stop Numba from caching the loops): a waiting
+    thread gives its core to the one it waits for, which matters on a machine busier than its cores."""
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 @njit(nogil=True, cache=True)
@@ -145,6 +158,26 @@ def _amx_full_tile(fn, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo, scrat
               md[12] + e * md[13] + rg * md[14], md[14],
               xq.ctypes.data + t0 * K, xd.ctypes.data + t0 * (K // 32) * 4, xs.ctypes.data + t0 * (K // 16) * 4,
               xsf.ctypes.data + t0 * (K // 32) * 4, out.ctypes.data + o_off * 4, ldo, scratch.ctypes.data)
+
+
+@njit(nogil=True, cache=True)
+def check_inputs(x, ids, w, E):
+    """(index of the first expert id outside [-1, E) in the flat ids, or -1; whether x or w holds NaN/inf)."""
+    bad = -1
+    for i in range(ids.shape[0]):
+        if ids[i] < -1 or ids[i] >= E:
+            bad = i
+            break
+    nonfinite = False
+    for v in x.ravel():
+        if not np.isfinite(v):
+            nonfinite = True
+            break
+    for v in w.ravel():
+        if not np.isfinite(v):
+            nonfinite = True
+            break
+    return bad, nonfinite
 
 
 @njit(nogil=True, cache=True)
@@ -321,13 +354,16 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
             mg, mu = _widened(Vg, md_g, e, rg, H, vg, mdw_g), _widened(Vu, md_u, e, rg, H, vu, mdw_u)
             nj = item + 1 if item + 1 < n_items else -1  # prefetched: this worker's next item, most likely
             ne, nrg = (exp_e[nj // n_rt] if nj >= 0 else -1), nj % n_rt * NR
-            fb = xq.ctypes.data
+            fb = xq.ctypes.data if NT > 1 else 0
             for t0 in range(s0, s0 + n, NT):
                 i = (t0 - s0) // NT
-                _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld,
-                          pf_slice(Vg, md_g, ne, nrg, H, i, fb))
-                _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld,
-                          pf_slice(Vu, md_u, ne, nrg, H, i, fb))
+                if NT == 1:  # decode tiles go on prefetching where the stream continues: up's run, the next gate run
+                    pf_g = md_u[0] + e * md_u[1] + rg * md_u[2]
+                    pf_u = pf_slice(Vg, md_g, ne, nrg, H, 0, fb)
+                else:
+                    pf_g, pf_u = pf_slice(Vg, md_g, ne, nrg, H, i, fb), pf_slice(Vu, md_u, ne, nrg, H, i, fb)
+                _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld, pf_g)
+                _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld, pf_u)
         for s in range(s0, s0 + n):  # h = silu(g) * u, in place in g
             o = (s * ld + rg * 16) * 4
             silu_mul(g.ctypes.data + o, u.ctypes.data + o, g.ctypes.data + o, done * 16)
@@ -343,12 +379,15 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
 
 
 @njit(nogil=True, cache=True)
-def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, counter, exp_amx, fn_d,
-               amx_full, hb, fn_t, tid, n_threads):
+def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, yt, counter, exp_amx,
+               fn_d, amx_full, hb, fn_t, tid, n_threads):
     literally(Vd)
     NT = Vd // 10 % 10
     NR = Vd % 10
     n_rb = H // (16 * NR)  # row blocks of NR row groups
+    if NT == 1:
+        _down_decode(Vd, md_d, I, exp_e, exp_s0, slot_tok, slot_w, hq, hd, hs, hsf, yt, counter, n_rb, tid, n_threads)
+        return
     # bf16 AMX: an item is a panel of PB row blocks, so that each bf16 expert's h is read once per panel step
     # (moe_loops._bf16_panel); the other experts run the PB blocks one after another
     PB = PANEL_PAIRS if amx_full == 2 and fn_d and NR == 2 else 1
@@ -403,8 +442,62 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
                         ne, nrg = (exp_e[0], rg + NR) if rb + 1 < n_rb else (-1, 0)
                     for t0 in range(s0, s0 + n, NT):
                         _mat_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16,
-                                  pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data))
+                                  pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data if NT > 1 else 0))
                         _scatter(tmp, 0, NR * 16, min(NT, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
+
+
+@njit(nogil=True, cache=True)
+def phase_both(Vg, Vu, Vd, md_g, md_u, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, xq, xd, xs, xsf, g, u,
+               hq, hd, hs, hsf, y, yt, c_a, c_b, remaining, exp_amx, sync, waiter, tid, n_threads):
+    """Decode (vector tiles only): phase_gate_up, a spin barrier, phase_down, in one GIL-free call per thread. sync
+    (int64 [3], fresh zeros): [0] threads done with gate/up, [1] threads done, [2] set by a thread that failed
+    (the others stop waiting). Thread `waiter` (the calling thread of MoEExperts.forward; -1: none) returns only
+    when every thread is done, so that it can use y without a wake-up from the workers. With a threading.Barrier
+    between two calls from Python, a decode step of the DeepSeek-V3 shape lost ~0.1 ms at the barrier, each
+    thread going back through the interpreter and the GIL."""
+    literally(Vg)
+    literally(Vu)
+    literally(Vd)
+    no_bf16 = np.empty((0, 0), np.uint16)
+    phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
+                  exp_amx, 0, 0, 0, False, no_bf16, no_bf16, 0, tid, n_threads)
+    fetch_add(sync, 0, 1)
+    while atomic_read(sync, 0) < n_threads:
+        if atomic_read(sync, 2):
+            return
+        sched_yield()
+    phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, yt, c_b, exp_amx, 0, 0,
+               no_bf16, 0, tid, n_threads)
+    fetch_add(sync, 1, 1)
+    if tid == waiter:
+        while atomic_read(sync, 1) < n_threads:
+            if atomic_read(sync, 2):
+                return
+            sched_yield()
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _down_decode(Vd, md_d, I, exp_e, exp_s0, slot_tok, slot_w, hq, hd, hs, hsf, yt, counter, n_rb, tid, n_threads):
+    """The down phase when no expert has two tokens (decode): items of row blocks of one expert's matrix,
+    expert by expert, into this thread's own sums yt[tid] [T, H] (moe.py adds the threads' sums). Each thread
+    streams whole matrices; with items of one row block through every expert (phase_down's order, which needs
+    no sums) a thread switched matrices every 64 KB of Q4_K and ran the phase at 85% of the rate of gate and up."""
+    NR = Vd % 10
+    n_items = exp_e.shape[0] * n_rb
+    ys = yt[tid]
+    ys[:] = 0.0
+    tmp = np.empty((1, NR * 16), np.float32)
+    while True:
+        item = claim(counter, 0, tid, n_threads, n_items)
+        if item < 0:
+            break
+        j, rb = item // n_rb, item % n_rb
+        s0 = exp_s0[j]
+        nxt = j + 1 if rb + 1 == n_rb and j + 1 < exp_e.shape[0] else -1  # where the stream goes on: the next matrix
+        pf = md_d[0] + exp_e[nxt] * md_d[1] if nxt >= 0 else 0
+        _mat_tile(Vd, md_d, exp_e[j], rb * NR, I, hq, hd, hs, hsf, s0, tmp, 0, NR * 16, pf)
+        t = slot_tok[s0]
+        axpy(ys.ctypes.data + t * ys.strides[0] + rb * NR * 64, tmp.ctypes.data, slot_w[s0], NR * 16)
 
 
 @njit(nogil=True, cache=True, inline="always")

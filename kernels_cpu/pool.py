@@ -77,18 +77,19 @@ class WorkerPool:
         self._spinners.append(leave)
 
     def submit(self, fn: Callable[[int, int], None], finish: Callable[[], object] | None = None,
-               workers: int | None = None, spinner: Callable[[], None] | None = None) -> Job:
+               workers: int | None = None, spinner: Callable[[], None] | None = None, here: bool = False) -> Job:
         """Run fn(worker_id, n_threads) on workers 0 .. workers - 1 (default: all). Callers that work beside the
         pool themselves (the decode program, QuantLinear) take one worker fewer: waking one only to run nothing
         cost a thread switch and a GIL hand-off per call. spinner: the leave function of the registered spinner
-        (add_spinner) submitting this job, which is not asked to leave; all others are."""
+        (add_spinner) submitting this job, which is not asked to leave; all others are. here (run_here): the job
+        also waits for one share that the caller runs itself, and workers may be 0."""
         if not self._threads:
             raise RuntimeError("WorkerPool is closed")
         for leave in self._spinners:
             if leave is not spinner:
                 leave()
-        k = self.n_threads if workers is None else max(1, min(workers, self.n_threads))
-        job = Job(fn, k, finish)
+        k = self.n_threads if workers is None else max(0 if here else 1, min(workers, self.n_threads))
+        job = Job(fn, k + here, finish)
         with self._submit_lock:  # every queue sees jobs in the same order
             for q in self._queues[:k]:
                 q.put(job)
@@ -96,6 +97,14 @@ class WorkerPool:
 
     def run(self, fn: Callable[[int, int], None]) -> None:
         self.submit(fn).wait()
+
+    def run_here(self, fn: Callable[[int, int], None], finish: Callable[[], object] | None = None):
+        """submit(fn, finish).wait(), with the calling thread as the last worker (fn(n - 1, n) runs here): one
+        thread fewer to wake, and no GIL hand-off to a worker that would only start what the caller could."""
+        n = self.n_threads
+        job = self.submit(fn, finish, workers=n - 1, here=True)
+        job._run(n - 1, n)
+        return job.wait()
 
     def close(self) -> None:
         for leave in self._spinners:

@@ -359,6 +359,33 @@ def _prefill_40_tokens(pool, t_gu, t_down, p256, H, I, seed):
     return [V for key in ex._entries for V in key[1:]]
 
 
+def test_decode_forward_raises_a_worker_error_instead_of_hanging():
+    """A decode forward runs both phases in one compiled call per thread, the caller spinning until every worker is
+    done (moe_loops.phase_both): a worker that fails before its share must make forward raise its error, not leave
+    the caller spinning; and the next forward runs normally."""
+    rng = np.random.default_rng(3)
+    g, u, d = (rand_raw(rng, QT.Q8_0, 4, 256, 256) for _ in range(3))
+    with WorkerPool(2) as p:
+        ex = MoEExperts((g, QT.Q8_0), (u, QT.Q8_0), (d, QT.Q8_0), hidden=256, inter=256, pool=p)
+        x, ids, w = rng.standard_normal((1, 256)).astype(np.float32), np.array([[0, 2]], np.int32), np.ones((1, 2), np.float32)
+        y0 = ex.forward(x, ids, w)
+        entry = ex._entry
+
+        def failing(disp, args, n):
+            fn = entry(disp, args, n)
+
+            def run(*a):
+                if a[-2] == 0:  # worker 0 (the caller is the last worker)
+                    raise RuntimeError("worker failed")
+                return fn(*a)
+            return run
+        ex._entry = failing
+        with pytest.raises(RuntimeError, match="worker failed"):
+            ex.forward(x, ids, w)
+        ex._entry = entry
+        np.testing.assert_array_equal(ex.forward(x, ids, w), y0)
+
+
 def test_forward_reads_no_stale_scratch(pool):
     """MoEExperts reuses its buffers (quantized x and h, g, u) between forwards without zeroing them: poisoned
     with 0xFF (NaN floats, -1 codes), a prefill with padding slots and skipped choices, then a decode, must still
