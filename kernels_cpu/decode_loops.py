@@ -90,11 +90,12 @@ def cycles(typingctx):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _tile(md, e, rg, K, xq, xd, xs, xsf, out):
-    """One 1 x 64 decode tile: rows 16 rg .. 16 rg + 63 of matrix (expert/batch) e times one activation row."""
+def _tile(md, e, rg, K, xq, xd, xs, xsf, out, pf=0):
+    """One 1 x 64 decode tile: rows 16 rg .. 16 rg + 63 of matrix (expert/batch) e times one activation row; pf: the
+    codes read next (simd.tile), 0 for the rows after these."""
     call_tile(md[15], K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
               md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
-              md[12] + e * md[13] + rg * md[14], md[14], xq, xd, xs, xsf, out, TILE_ROWS, 0)
+              md[12] + e * md[13] + rg * md[14], md[14], xq, xd, xs, xsf, out, TILE_ROWS, pf)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -419,8 +420,11 @@ def _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
             e, mdg, mdu, r0g, r0u, o, n, K = 0, MD[sg], MD[su], sg0, su0, ho + k * I, n_s, Is
         b1 = min(n, b0 + IB)
         for rb in range(b0, b1):
-            _tile(mdg, e, r0g + rb * 4, H, xq, xd, xs, xf, g.ctypes.data)
-            _tile(mdu, e, r0u + rb * 4, H, xq, xd, xs, xf, u.ctypes.data)
+            # gate's and up's blocks alternate: each tile's prefetch runs on into the block read next (up's, then
+            # gate's next one, which the thread's next item starts with when this one ends; at the matrix's end: 0)
+            _tile(mdg, e, r0g + rb * 4, H, xq, xd, xs, xf, g.ctypes.data, mdu[0] + e * mdu[1] + (r0u + rb * 4) * mdu[2])
+            _tile(mdu, e, r0u + rb * 4, H, xq, xd, xs, xf, u.ctypes.data,
+                  mdg[0] + e * mdg[1] + (r0g + rb * 4 + 4) * mdg[2] if rb + 1 < n else 0)
             if gelu:  # tanh approximation, as torch's gelu(approximate="tanh")
                 for r in range(TILE_ROWS):
                     v = g[r]
