@@ -314,7 +314,7 @@ class MoEExperts:
                 run_b(*args_b, wid, n)
 
         def finish():
-            if nt == 1 and len(exp_e):
+            if fast and not here:  # (forward's caller thread stored y in phase_both)
                 np.sum(yt, axis=0, out=y)
             scratch.give_back()
             return y

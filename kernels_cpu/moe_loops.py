@@ -452,7 +452,8 @@ def phase_both(Vg, Vu, Vd, md_g, md_u, md_d, H, I, exp_e, exp_s0, exp_n, slot_to
     """Decode (vector tiles only): phase_gate_up, a spin barrier, phase_down, in one GIL-free call per thread. sync
     (int64 [3], fresh zeros): [0] threads done with gate/up, [1] threads done, [2] set by a thread that failed
     (the others stop waiting). Thread `waiter` (the calling thread of MoEExperts.forward; -1: none) returns only
-    when every thread is done, so that it can use y without a wake-up from the workers. With a threading.Barrier
+    when every thread is done, and stores y, the sum of the threads' sums yt, itself (no wake-up from the workers;
+    without a waiter, moe.py adds them when the job finishes). With a threading.Barrier
     between two calls from Python, a decode step of the DeepSeek-V3 shape lost ~0.1 ms at the barrier, each
     thread going back through the interpreter and the GIL."""
     literally(Vg)
@@ -474,6 +475,12 @@ def phase_both(Vg, Vu, Vd, md_g, md_u, md_d, H, I, exp_e, exp_s0, exp_n, slot_to
             if atomic_read(sync, 2):
                 return
             sched_yield()
+        for t in range(y.shape[0]):  # y = the threads' sums (no other thread writes any more)
+            for c in range(y.shape[1]):
+                v = yt[0, t, c]
+                for k in range(1, yt.shape[0]):
+                    v += yt[k, t, c]
+                y[t, c] = v
 
 
 @njit(nogil=True, cache=True, inline="always")
