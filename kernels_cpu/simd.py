@@ -332,6 +332,27 @@ def scale_group(b, a, lay, nt, nr, g, iacc, acc, facc=None):
     return fnew
 
 
+def _loop_head(b, name):
+    """Open an inner counted loop at the builder's position: (the block before it, its body block, the counter
+    phi from 0); the caller adds its own phis' incoming values, then closes it with _loop_tail."""
+    outer = b.block
+    body = b.append_basic_block(name)
+    b.branch(body)
+    b.position_at_end(body)
+    i = b.phi(i64)
+    i.add_incoming(ir.Constant(i64, 0), outer)
+    return outer, body, i
+
+
+def _loop_tail(b, i, body, n, name):
+    """Close a _loop_head loop after n iterations (n a Python int); the builder continues after it."""
+    i1 = b.add(i, ir.Constant(i64, 1))
+    i.add_incoming(i1, b.block)
+    end = b.append_basic_block(name)
+    b.cbranch(b.icmp_signed("<", i1, ir.Constant(i64, n)), body, end)
+    b.position_at_end(end)
+
+
 def _emit(b, V, a):
     """The tile kernel body; `a` holds the i64 arguments by name (addresses and sizes).
 
@@ -387,12 +408,7 @@ def _emit(b, V, a):
 
     nxt = [list(row) for row in accs]
     if s256:  # the superblock's groups as an inner loop: unrolled into one block, LLVM interleaved their loads and spilled
-        outer = b.block
-        inner = b.append_basic_block("tile_sb")
-        b.branch(inner)
-        b.position_at_end(inner)
-        gi = b.phi(i64)
-        gi.add_incoming(c(0), outer)
+        outer, inner, gi = _loop_head(b, "tile_sb")
         facc = [[b.phi(V16F) for _ in range(nr)] for _ in range(nt)]
         iacc_nxt = [[b.phi(V16F) for _ in range(nr)] for _ in range(nt)]
         for t in range(nt):
@@ -403,12 +419,7 @@ def _emit(b, V, a):
         g = b.add(b.mul(it, c(gpi)), gi)
     elif dsb:  # groups of one superblock as an inner loop carrying facc and macc; acc changes once per superblock
         _prefetch_next_scales_sb(b, a, lay, it)
-        outer = b.block
-        inner = b.append_basic_block("tile_dsb")
-        b.branch(inner)
-        b.position_at_end(inner)
-        gi = b.phi(i64)
-        gi.add_incoming(c(0), outer)
+        outer, inner, gi = _loop_head(b, "tile_dsb")
         facc, macc = b.phi(V16F), b.phi(V16F)
         for p in (facc, macc):
             p.add_incoming(ir.Constant(V16F, [0.0] * 16), outer)
@@ -420,13 +431,9 @@ def _emit(b, V, a):
     iacc = _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g, scale_pf=not dsb)
     if dsb:
         f1, m1 = _decode_sb_group(b, a, lay, g, iacc[0][0], facc, macc)
-        gi1 = b.add(gi, c(1))
-        gi.add_incoming(gi1, b.block)
         facc.add_incoming(f1, b.block)
         macc.add_incoming(m1, b.block)
-        sb_end = b.append_basic_block("tile_dsb_end")
-        b.cbranch(b.icmp_signed("<", gi1, c(gpi)), inner, sb_end)
-        b.position_at_end(sb_end)
+        _loop_tail(b, gi, inner, gpi, "tile_dsb_end")
         d = b.fpext(b.load(_ptr(b, a["d"], b.mul(it, c(32)), V16H), align=2), V16F)
         nxt[0][0] = b.call(fma, [f1, d, nxt[0][0]])
         if lay.mins:
@@ -435,15 +442,11 @@ def _emit(b, V, a):
     else:
         fnew = scale_group(b, a, lay, nt, nr, g, iacc, nxt, facc if s256 else None)
     if s256:  # once per superblock: the token's dx (same over the superblock), times d where that is per 256
-        gi1 = b.add(gi, c(1))
-        gi.add_incoming(gi1, b.block)
         for t in range(nt):
             for r in range(nr):
                 facc[t][r].add_incoming(fnew[t][r], b.block)
                 iacc_nxt[t][r].add_incoming(nxt[t][r], b.block)
-        sb_end = b.append_basic_block("tile_sb_end")
-        b.cbranch(b.icmp_signed("<", gi1, c(gpi)), inner, sb_end)
-        b.position_at_end(sb_end)
+        _loop_tail(b, gi, inner, gpi, "tile_sb_end")
         ds = [b.fpext(b.load(_ptr(b, a["d"], b.add(b.mul(c(r), a["ds"]), b.mul(it, c(32))), V16H), align=2), V16F)
               for r in range(nr)] if lay.sc else None
         for t in range(nt):
