@@ -301,40 +301,33 @@ class MoEExperts:
                 try:
                     run(*args, wid, n)
                 except BaseException:
-                    sync[2] = 1  # threads spinning in phase_both give up; forward raises this from job.wait()
+                    sync[2] = 1  # threads spinning in phase_both give up; forward raises this error
                     raise
             elif len(exp_e):
-                if split_q:  # each worker quantizes a share of the slots (serial: 1.2 ms of 117, 256 tok x 8 x 7168)
-                    quantize_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xq, xd, xs, xsf, x256)
-                    if bf16:
-                        bf16_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xb)
+                try:
+                    if split_q:  # each worker quantizes a share of the slots (serial: 1.2 ms of 117, 256 x 8 x 7168)
+                        quantize_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xq, xd, xs, xsf, x256)
+                        if bf16:
+                            bf16_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xb)
+                        barrier.wait()
+                    run_a(*args_a, wid, n)
                     barrier.wait()
-                run_a(*args_a, wid, n)
-                barrier.wait()
-                run_b(*args_b, wid, n)
+                    run_b(*args_b, wid, n)
+                except BaseException:
+                    barrier.abort()  # the others waiting at the barrier raise instead of waiting for ever
+                    raise
 
         def finish():
-            if fast and not here:  # (forward's caller thread stored y in phase_both)
-                np.sum(yt, axis=0, out=y)
             scratch.give_back()
             return y
 
-        if not (fast and here):
-            return pool.run_here(work, finish) if here else pool.submit(work, finish)
-        # the calling thread works as the last worker and returns when phase_both saw every thread done, without
-        # waiting for the workers to get back through Python to the job's bookkeeping (two thread wake-ups,
-        # ~0.1 ms of a 6.5 ms decode step of the DeepSeek-V3 shape); the workers touch no buffer after that
-        n = pool.n_threads
-        job = pool.submit(work, workers=n - 1) if n > 1 else None
-        try:
-            work(n - 1, n)  # on an error here, work set sync[2]: the workers stop waiting for this thread
-        except BaseException:
-            if job is not None:
-                job.wait()  # a worker's error first: the caller only gave up waiting for it
-            raise
-        if sync[2]:  # a worker failed; the scratch is not given back, as other workers may still write to it
-            job.wait()  # raises the worker's error
-        return finish()
+        if not here:
+            return pool.submit(work, finish)
+        # decode (fast): the calling thread returns when phase_both has stored y, without waiting for the workers
+        # to get back through Python to the job's bookkeeping (two thread wake-ups, ~0.1 ms of a 6.5 ms step of
+        # the DeepSeek-V3 shape); they touch no buffer after that. It waits for them when one failed (sync[2]),
+        # to raise its error; the scratch is not given back then, as others may still write to it.
+        return pool.run_here(work, finish, join=(lambda: bool(sync[2])) if fast else None)
 
     def _plan(self, nt: int, nr: int, wide: bool, any_amx: bool):
         """What a forward with this tile, widening and AMX use runs, kept per key (a decode step spent ~30 us of
@@ -427,6 +420,8 @@ class _Scratch:
         if buf is None or buf.size < n:
             buf = self.bufs[name] = aligned_empty(max(n, 64), np.uint8)
             self.views = {k: v for k, v in self.views.items() if k[0] != name}  # views of the old buffer
+        if len(self.views) > 256:  # prefills of ever new lengths must not grow it without bound
+            self.views.clear()
         v = self.views[key] = buf[:n].view(dtype).reshape(shape)
         return v
 

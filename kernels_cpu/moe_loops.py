@@ -115,12 +115,13 @@ def _mat_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo, pf):
 def pf_slice(V, md, e, rg, K, i, fallback):
     """What the i-th tile call of an item prefetches (simd.tile's pf): slice i, K/G cache lines (one per scale
     group), of the codes of row groups rg .. rg + NR - 1 of matrix e, the weights this worker reads next; fallback
-    (an address already in cache) when e < 0 or slice i lies past them. The first token tile of an item otherwise
+    (an address already in cache) when e < 0 or slice i lies past them, or, for decode tiles (NT = 1, whose pf is
+    where their stream goes on), 0: the memory after their rows. The first token tile of an item otherwise
     waits on DRAM: Q8_0 [2048, 7168] 4x32 tiles over 64 tokens ran at 824 GOPS on one core with the weights in L3
     and 698 with them in DRAM."""
     off = i * (K // LAY[V // 1000 % 10][0]) * 64
     if e < 0 or off >= (V % 10) * md[2]:
-        return fallback
+        return fallback if V // 10 % 10 > 1 else 0
     return md[0] + e * md[1] + rg * md[2] + off
 
 
@@ -354,7 +355,7 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
             mg, mu = _widened(Vg, md_g, e, rg, H, vg, mdw_g), _widened(Vu, md_u, e, rg, H, vu, mdw_u)
             nj = item + 1 if item + 1 < n_items else -1  # prefetched: this worker's next item, most likely
             ne, nrg = (exp_e[nj // n_rt] if nj >= 0 else -1), nj % n_rt * NR
-            fb = xq.ctypes.data if NT > 1 else 0
+            fb = xq.ctypes.data
             for t0 in range(s0, s0 + n, NT):
                 i = (t0 - s0) // NT
                 if NT == 1:  # decode tiles go on prefetching where the stream continues: up's run, the next gate run
@@ -442,7 +443,7 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
                         ne, nrg = (exp_e[0], rg + NR) if rb + 1 < n_rb else (-1, 0)
                     for t0 in range(s0, s0 + n, NT):
                         _mat_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16,
-                                  pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data if NT > 1 else 0))
+                                  pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data))
                         _scatter(tmp, 0, NR * 16, min(NT, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
 
 
@@ -450,10 +451,10 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
 def phase_both(Vg, Vu, Vd, md_g, md_u, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, xq, xd, xs, xsf, g, u,
                hq, hd, hs, hsf, y, yt, c_a, c_b, remaining, exp_amx, sync, waiter, tid, n_threads):
     """Decode (vector tiles only): phase_gate_up, a spin barrier, phase_down, in one GIL-free call per thread. sync
-    (int64 [3], fresh zeros): [0] threads done with gate/up, [1] threads done, [2] set by a thread that failed
-    (the others stop waiting). Thread `waiter` (the calling thread of MoEExperts.forward; -1: none) returns only
-    when every thread is done, and stores y, the sum of the threads' sums yt, itself (no wake-up from the workers;
-    without a waiter, moe.py adds them when the job finishes). With a threading.Barrier
+    (int64 [3], fresh zeros): [0] threads done with gate/up, [1] threads done (plus one once the last of them has
+    stored y, the sum of the threads' sums yt), [2] set by a thread that failed (the others stop waiting). Thread
+    `waiter` (the calling thread of MoEExperts.forward; -1: none) returns only when y is stored, so that it needs
+    no wake-up from the workers. With a threading.Barrier
     between two calls from Python, a decode step of the DeepSeek-V3 shape lost ~0.1 ms at the barrier, each
     thread going back through the interpreter and the GIL."""
     literally(Vg)
@@ -463,30 +464,36 @@ def phase_both(Vg, Vu, Vd, md_g, md_u, md_d, H, I, exp_e, exp_s0, exp_n, slot_to
     phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
                   exp_amx, 0, 0, 0, False, no_bf16, no_bf16, 0, tid, n_threads)
     fetch_add(sync, 0, 1)
-    while atomic_read(sync, 0) < n_threads:
-        if atomic_read(sync, 2):
-            return
-        sched_yield()
+    if not _spin_until(sync, 0, n_threads):
+        return
     phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, yt, c_b, exp_amx, 0, 0,
                no_bf16, 0, tid, n_threads)
-    fetch_add(sync, 1, 1)
-    if tid == waiter:
-        while atomic_read(sync, 1) < n_threads:
-            if atomic_read(sync, 2):
-                return
-            sched_yield()
-        for t in range(y.shape[0]):  # y = the threads' sums (no other thread writes any more)
+    if fetch_add(sync, 1, 1) == n_threads - 1:  # the last thread done: y = the threads' sums, then one count more
+        for t in range(y.shape[0]):
             for c in range(y.shape[1]):
                 v = yt[0, t, c]
                 for k in range(1, yt.shape[0]):
                     v += yt[k, t, c]
                 y[t, c] = v
+        fetch_add(sync, 1, 1)
+    if tid == waiter:
+        _spin_until(sync, 1, n_threads + 1)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _spin_until(sync, i, n):
+    """Wait until sync[i] >= n (True), or until a thread has failed (sync[2] set: False)."""
+    while atomic_read(sync, i) < n:
+        if atomic_read(sync, 2):
+            return False
+        sched_yield()
+    return True
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _down_decode(Vd, md_d, I, exp_e, exp_s0, slot_tok, slot_w, hq, hd, hs, hsf, yt, counter, n_rb, tid, n_threads):
     """The down phase when no expert has two tokens (decode): items of row blocks of one expert's matrix,
-    expert by expert, into this thread's own sums yt[tid] [T, H] (moe.py adds the threads' sums). Each thread
+    expert by expert, into this thread's own sums yt[tid] [T, H] (phase_both adds them into y). Each thread
     streams whole matrices; with items of one row block through every expert (phase_down's order, which needs
     no sums) a thread switched matrices every 64 KB of Q4_K and ran the phase at 85% of the rate of gate and up."""
     NR = Vd % 10

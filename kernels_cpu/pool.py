@@ -77,19 +77,18 @@ class WorkerPool:
         self._spinners.append(leave)
 
     def submit(self, fn: Callable[[int, int], None], finish: Callable[[], object] | None = None,
-               workers: int | None = None, spinner: Callable[[], None] | None = None, here: bool = False) -> Job:
+               workers: int | None = None, spinner: Callable[[], None] | None = None) -> Job:
         """Run fn(worker_id, n_threads) on workers 0 .. workers - 1 (default: all). Callers that work beside the
         pool themselves (the decode program, QuantLinear) take one worker fewer: waking one only to run nothing
         cost a thread switch and a GIL hand-off per call. spinner: the leave function of the registered spinner
-        (add_spinner) submitting this job, which is not asked to leave; all others are. here (run_here): the job
-        also waits for one share that the caller runs itself, and workers may be 0."""
+        (add_spinner) submitting this job, which is not asked to leave; all others are."""
         if not self._threads:
             raise RuntimeError("WorkerPool is closed")
         for leave in self._spinners:
             if leave is not spinner:
                 leave()
-        k = self.n_threads if workers is None else max(0 if here else 1, min(workers, self.n_threads))
-        job = Job(fn, k + here, finish)
+        k = self.n_threads if workers is None else max(1, min(workers, self.n_threads))
+        job = Job(fn, k, finish)
         with self._submit_lock:  # every queue sees jobs in the same order
             for q in self._queues[:k]:
                 q.put(job)
@@ -98,13 +97,24 @@ class WorkerPool:
     def run(self, fn: Callable[[int, int], None]) -> None:
         self.submit(fn).wait()
 
-    def run_here(self, fn: Callable[[int, int], None], finish: Callable[[], object] | None = None):
+    def run_here(self, fn: Callable[[int, int], None], finish: Callable[[], object] | None = None,
+                 join: Callable[[], bool] | None = None):
         """submit(fn, finish).wait(), with the calling thread as the last worker (fn(n - 1, n) runs here): one
-        thread fewer to wake, and no GIL hand-off to a worker that would only start what the caller could."""
+        thread fewer to wake, and no GIL hand-off to a worker that would only start what the caller could.
+        join: asked after the caller's share whether to wait for the workers' (default: always); a caller whose
+        fn already saw every worker's share done (MoEExperts' decode) skips their way back through Python. An
+        error in the caller's share waits for the workers first and raises theirs if they had one."""
         n = self.n_threads
-        job = self.submit(fn, finish, workers=n - 1, here=True)
-        job._run(n - 1, n)
-        return job.wait()
+        job = self.submit(fn, workers=n - 1) if n > 1 else None
+        try:
+            fn(n - 1, n)
+        except BaseException:
+            if job is not None:
+                job.wait()
+            raise
+        if job is not None and (join is None or join()):
+            job.wait()
+        return finish() if finish is not None else None
 
     def close(self) -> None:
         for leave in self._spinners:

@@ -359,10 +359,10 @@ def _prefill_40_tokens(pool, t_gu, t_down, p256, H, I, seed):
     return [V for key in ex._entries for V in key[1:]]
 
 
-def test_decode_forward_raises_a_worker_error_instead_of_hanging():
+def test_forward_raises_a_worker_error_instead_of_hanging():
     """A decode forward runs both phases in one compiled call per thread, the caller spinning until every worker is
-    done (moe_loops.phase_both): a worker that fails before its share must make forward raise its error, not leave
-    the caller spinning; and the next forward runs normally."""
+    done (moe_loops.phase_both); a prefill has barriers between its phases: a worker that fails before its share
+    must make forward raise its error, not leave the caller waiting; and the next forward runs normally."""
     rng = np.random.default_rng(3)
     g, u, d = (rand_raw(rng, QT.Q8_0, 4, 256, 256) for _ in range(3))
     with WorkerPool(2) as p:
@@ -379,11 +379,15 @@ def test_decode_forward_raises_a_worker_error_instead_of_hanging():
                     raise RuntimeError("worker failed")
                 return fn(*a)
             return run
+        xp, idp, wp = np.repeat(x, 70, axis=0), np.repeat(ids, 70, axis=0), np.repeat(w, 70, axis=0)  # a prefill
+        yp = ex.forward(xp, idp, wp)
         ex._entry = failing
-        with pytest.raises(RuntimeError, match="worker failed"):
-            ex.forward(x, ids, w)
+        for args in ((x, ids, w), (xp, idp, wp)):
+            with pytest.raises(RuntimeError, match="worker failed"):
+                ex.forward(*args)
         ex._entry = entry
         np.testing.assert_array_equal(ex.forward(x, ids, w), y0)
+        np.testing.assert_array_equal(ex.forward(xp, idp, wp), yp)
 
 
 def test_forward_reads_no_stale_scratch(pool):
