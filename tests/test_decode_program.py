@@ -22,6 +22,7 @@ import ktx
 from ktx.errors import KtxError
 from ktx.kernels_cpu import MoEExperts, QuantLinear, WorkerPool
 from ktx.layers.mla import mla_latent
+from ktx.layers import program
 from ktx.layers.program import DecodeProgram
 from ktx.layers.router import route
 from ktx.scheduler import select_top
@@ -124,7 +125,7 @@ def test_spinning_workers_leave_for_other_jobs_and_after_their_spin(pool, monkey
         _gemv_program(pool, rng)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(data=st.data())
 def test_moe_op_matches_float_reference(pool, data):
     t_gu, t_d = data.draw(st.sampled_from([(QT.Q4_K, QT.Q6_K), (QT.Q8_0, QT.Q8_0), (QT.Q4_K, QT.Q4_K), (QT.Q4_K, QT.Q5_0)]),
@@ -137,6 +138,8 @@ def test_moe_op_matches_float_reference(pool, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), "seed"))
     g, u, d = rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_gu, E, I, H), rand_raw(rng, t_d, E, H, I)
     ex = MoEExperts((g, t_gu), (u, t_gu), (d, t_d), hidden=H, inter=I, pool=pool) if k else None
+    # 1 item per thread: items of several row blocks (run as a gate run, then an up run), the last one short
+    items = data.draw(st.sampled_from([program.ITEMS_PER_THREAD, 1]), "items per thread")
     P = DecodeProgram(pool)
     x, q, y = P.f32(H), P.qbuf(1, H), P.f32(H)
     ids, w = P.ids(max(k, 1)), P.f32(max(k, 1))
@@ -150,7 +153,11 @@ def test_moe_op_matches_float_reference(pool, data):
         else:
             shared = (QuantLinear(sg, t_gu, Is, H, pool), 0, QuantLinear(su, t_gu, Is, H, pool), 0, down, Is)
     P.quant(x, H, q)
-    P.moe(ex, k, ids, w, q, y, H, shared)
+    default, program.ITEMS_PER_THREAD = program.ITEMS_PER_THREAD, items
+    try:
+        P.moe(ex, k, ids, w, q, y, H, shared)
+    finally:
+        program.ITEMS_PER_THREAD = default
     P.finish()
     xv = rng.standard_normal(H).astype(np.float32)
     chosen = rng.choice(E, size=k, replace=False)
