@@ -304,7 +304,9 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
     literally(Vu)
     NT = Vg // 10 % 10
     NR = Vg % 10
-    n_rt = I // (16 * NR)
+    # decode: an item is a run of RUN tiles of gate's rows, then the same of up's (_decode_runs)
+    RUN = _decode_run(I // (16 * NR)) if NT == 1 else 1
+    n_rt = I // (16 * NR * RUN)
     n_items = exp_e.shape[0] * n_rt
     ld = g.strides[0] // 4  # row stride of g and u, in floats
     lay_g, lay_u = Vg // 1000 % 10, Vu // 1000 % 10
@@ -326,9 +328,9 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
         if item < 0:
             break
         j = item // n_rt
-        rg = (item % n_rt) * NR
+        rg = (item % n_rt) * NR * RUN
         e, s0, n = exp_e[j], exp_s0[j], exp_n[j]
-        done = NR  # row groups this item completes
+        done = NR * RUN  # row groups this item completes
         if exp_amx[j] and amx_full == 2 and n * H * 2 > A_BYTES and NR == 2:  # bf16 panels: the first item of
             if (item % n_rt) % pp:  # each pp pairs runs them all; the others have nothing to do
                 continue
@@ -354,17 +356,22 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
         else:
             mg, mu = _widened(Vg, md_g, e, rg, H, vg, mdw_g), _widened(Vu, md_u, e, rg, H, vu, mdw_u)
             nj = item + 1 if item + 1 < n_items else -1  # prefetched: this worker's next item, most likely
-            ne, nrg = (exp_e[nj // n_rt] if nj >= 0 else -1), nj % n_rt * NR
+            ne, nrg = (exp_e[nj // n_rt] if nj >= 0 else -1), nj % n_rt * NR * RUN
             fb = xq.ctypes.data
-            for t0 in range(s0, s0 + n, NT):
-                i = (t0 - s0) // NT
-                if NT == 1:  # decode tiles go on prefetching where the stream continues: up's run, the next gate run
-                    pf_g = md_u[0] + e * md_u[1] + rg * md_u[2]
-                    pf_u = pf_slice(Vg, md_g, ne, nrg, H, 0, fb)
-                else:
-                    pf_g, pf_u = pf_slice(Vg, md_g, ne, nrg, H, i, fb), pf_slice(Vu, md_u, ne, nrg, H, i, fb)
-                _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld, pf_g)
-                _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld, pf_u)
+            if NT == 1:  # decode: gate's run, then up's; the last tile of each prefetches on into the run read next
+                for r in range(RUN):
+                    pf = 0 if r + 1 < RUN else md_u[0] + e * md_u[1] + rg * md_u[2]
+                    _mat_tile(Vg, mg, e, rg + r * NR, H, xq, xd, xs, xsf, s0, g, s0 * ld + (rg + r * NR) * 16, ld, pf)
+                for r in range(RUN):
+                    pf = 0 if r + 1 < RUN else pf_slice(Vg, md_g, ne, nrg, H, 0, fb)
+                    _mat_tile(Vu, mu, e, rg + r * NR, H, xq, xd, xs, xsf, s0, u, s0 * ld + (rg + r * NR) * 16, ld, pf)
+            else:  # prefill: token tiles, gate's and up's alternating, each prefetching a slice of the next item
+                for t0 in range(s0, s0 + n, NT):
+                    i = (t0 - s0) // NT
+                    _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld,
+                              pf_slice(Vg, md_g, ne, nrg, H, i, fb))
+                    _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld,
+                              pf_slice(Vu, md_u, ne, nrg, H, i, fb))
         for s in range(s0, s0 + n):  # h = silu(g) * u, in place in g
             o = (s * ld + rg * 16) * 4
             silu_mul(g.ctypes.data + o, u.ctypes.data + o, g.ctypes.data + o, done * 16)
@@ -377,6 +384,15 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                     quantize_row256(g[s], hq[s], hd[s], hs[s], hsf[s])
                 else:
                     quantize_row(g[s], hq[s], hd[s], hs[s], hsf[s])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _decode_run(n_tiles):
+    """Tiles per decode item of phase_gate_up: 4 where they divide the expert's n_tiles (else 2, else 1). A thread
+    reads gate's tiles of the item as one run, then up's: streaming gate and up alternating per 64 rows ran at
+    0.93 of a read loop (Q4_K, K = 7168, 2 threads, Zen 4; scratch harness), runs of 2 / 4 / 8 tiles at 0.95 /
+    0.96 / 0.97 (K = 2048: 0.90 -> 0.88 / 0.92 / 0.94)."""
+    return 4 if n_tiles % 4 == 0 else 2 if n_tiles % 2 == 0 else 1
 
 
 @njit(nogil=True, cache=True)

@@ -259,6 +259,22 @@ def test_moe_forward_matches_reference(pool, path, t_gu, t_down, data):
     assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, blocks) + 1e-6 * scale), "error above the int8 bound"
 
 
+@pytest.mark.parametrize("I", [256, 320, 384, 512])
+def test_decode_items_of_several_tiles_match_reference(pool, I):
+    """Decode items of phase_gate_up run gate's tiles as one run, then up's (moe_loops._decode_run): runs of 4
+    tiles (I = 256, 512), 1 (I = 320: 5 tiles) and 2 (I = 384), each expert's h complete before its down."""
+    rng = np.random.default_rng(I)
+    H, E, t = 256, 6, QT.Q8_0
+    g, u, d = rand_raw(rng, t, E, I, H), rand_raw(rng, t, E, I, H), rand_raw(rng, t, E, H, I)
+    x = rng.standard_normal((1, H)).astype(np.float32)
+    ids = rng.choice(E, size=(1, 4), replace=False).astype(np.int32)
+    w = rng.random((1, 4)).astype(np.float32)
+    y = MoEExperts((g, t), (u, t), (d, t), hidden=H, inter=I, pool=pool, path=PATHS[-1]).forward(x, ids, w)
+    Ws = {e: (deq(g[e], t), deq(u[e], t), deq(d[e], t)) for e in range(E)}
+    emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=act_blocks(ids, t, t, False))
+    assert np.abs(y - emulated).max() <= 2e-3 * (np.abs(emulated).max() + 1e-30)
+
+
 def test_submit_returns_before_wait_and_paths_reject_missing_isa(pool):
     rng = np.random.default_rng(1)
     g, u, d = (rand_raw(rng, QT.Q8_0, 4, 256, 256) for _ in range(3))
