@@ -448,6 +448,35 @@ def _topk(a, WA, F, IX, scale):
         F[wo + j] = wt[order[j]] * np.float32(scale)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _up_start(a, item, MD, IX):
+    """Address of the first gate codes of MOE_UP item `item` (0 past the op's last item)."""
+    k, I, IB = a[5], a[6], a[28]
+    i_r = _cdiv(I // TILE_ROWS, IB)
+    if item >= _units(a):
+        return 0
+    if item < k * i_r:
+        md = MD[a[3]]
+        return md[0] + IX[a[26] + item // i_r] * md[1] + item % i_r * IB * 4 * md[2]
+    md = MD[a[8]]
+    return md[0] + (a[10] + (item - k * i_r) * IB * 4) * md[2]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _down_start(a, item, MD, IX):
+    """Address of the first codes of MOE_DOWN item `item` (0 past the op's last item)."""
+    k, IB = a[4], a[20]
+    i_h = _cdiv(a[6] // TILE_ROWS, IB)
+    if item >= _units(a):
+        return 0
+    j, rg = item // i_h, item % i_h * IB * 4
+    if j < k:
+        md = MD[a[3]]
+        return md[0] + IX[a[17] + j] * md[1] + rg * md[2]
+    md = MD[a[7]]
+    return md[0] + rg * md[2]
+
+
 @njit(nogil=True, cache=True)
 def _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
     """Items: IB consecutive blocks of 64 rows of one routed expert's I, then of the shared MLP's Is (per item, one
@@ -478,10 +507,10 @@ def _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
         b1 = min(n, b0 + IB)
         # gate's rows of the item as one run, then up's (each tile's prefetch goes on into the rows read next: the
         # end of gate's run into up's, the end of up's into gate's next item, the one this thread most likely takes
-        # next; 0 at the matrix's end). Gate and up alternating per 64 rows ran the op at ~80% of the lm_head's
+        # next; 0 after the op's last item). Gate and up alternating per 64 rows ran the op at ~80% of the lm_head's
         # rate per byte (dsv3-bench, K = 2048: 75 KB tiles), one run each at ~91%.
         up0 = mdu[0] + e * mdu[1] + (r0u + b0 * 4) * mdu[2]
-        nxt_g = mdg[0] + e * mdg[1] + (r0g + b1 * 4) * mdg[2] if b1 < n else 0
+        nxt_g = _up_start(a, item + 1, MD, IX)  # past an expert's end too: the next one's gate rows
         for rb in range(b0, b1):
             _tile(mdg, e, r0g + rb * 4, H, xq, xd, xs, xf, g.ctypes.data + 4 * TILE_ROWS * (rb - b0),
                   0 if rb + 1 < b1 else up0)
@@ -528,8 +557,9 @@ def _moe_down(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
         else:
             xq, xd, xs, xf = _qrow(Q, QD, QS, QF, shq, shd, shs, shf, 0, Is)
             m, e, K, w = MD[sd], 0, Is, F[sw] if sw >= 0 else np.float32(1.0)  # qwen2moe: a sigmoid gate
-        for rb in range(b0, min(n_h, b0 + IB)):
-            _tile(m, e, rb * 4, K, xq, xd, xs, xf, tmp.ctypes.data)
+        b1 = min(n_h, b0 + IB)
+        for rb in range(b0, b1):  # the last tile's prefetch goes on into the next item's rows (another expert's too)
+            _tile(m, e, rb * 4, K, xq, xd, xs, xf, tmp.ctypes.data, 0 if rb + 1 < b1 else _down_start(a, item + 1, MD, IX))
             o = dst + rb * TILE_ROWS
             for r in range(TILE_ROWS):
                 F[o + r] += w * tmp[r]
