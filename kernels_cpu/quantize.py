@@ -18,12 +18,23 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .vec import quant_blocks
+
 
 @njit(nogil=True, cache=True)
 def quantize_row(x, xq, xd, xs, xsf):
     """x float32 [K] -> xq int8 [K], xd float32 [K/32], xs int32 [K/16], xsf float32 [K/32]."""
+    if _contiguous(x, xq, xd, xs, xsf):  # vector IR (vec.quant_blocks), else the scalar loop below
+        quant_blocks(x.ctypes.data, xq.ctypes.data, xd.ctypes.data, xs.ctypes.data, xsf.ctypes.data, x.shape[0] // 32, 1)
+        return
     for b in range(x.shape[0] // 32):
         _block(x, b, _scale(x, 32 * b, 32 * b + 32), xq, xd, xs, xsf)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _contiguous(x, xq, xd, xs, xsf):
+    return (x.strides[0] == 4 and xq.strides[0] == 1 and xd.strides[0] == 4 and xs.strides[0] == 4
+            and xsf.strides[0] == 4)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -69,6 +80,9 @@ def quantize_row256(x, xq, xd, xs, xsf):
     is, and K-quant tiles (simd.py's per-256 variants) can sum sc * int dot over a superblock before scaling.
     llama.cpp quantizes activations the same way (Q8_K) for its K-quant dots. Error bound: dx[b] / 2 per
     element as for quantize_row, with the superblock's dx (quant_error_bound, block=256)."""
+    if _contiguous(x, xq, xd, xs, xsf):
+        quant_blocks(x.ctypes.data, xq.ctypes.data, xd.ctypes.data, xs.ctypes.data, xsf.ctypes.data, x.shape[0] // 256, 8)
+        return
     for sb in range(x.shape[0] // 256):
         d = _scale(x, 256 * sb, 256 * sb + 256)
         for b in range(8 * sb, 8 * sb + 8):

@@ -23,7 +23,7 @@ from numba import njit
 from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features
 from ktx.kernels_cpu.cpu_features import cpuinfo_flags
 from ktx.kernels_cpu.moe import per256_tiles
-from ktx.kernels_cpu.quantize import quantize_row256
+from ktx.kernels_cpu.quantize import quantize_row, quantize_row256
 from ktx.kernels_cpu.repack import LAYOUTS, decode_blocks, dequantize_fields, interleave
 from ktx.kernels_cpu.vec import axpy, silu_mul
 from ktx.errors import KtxError
@@ -445,6 +445,30 @@ def test_quantize_row256_matches_numpy_per_256():
     assert np.all(xd.reshape(3, 8) == xd.reshape(3, 8)[:, :1]) and xd[8] < xd[0] / 10
     np.testing.assert_array_equal(xs, xq.reshape(48, 16).sum(axis=1))
     np.testing.assert_allclose(xsf, xd * xq.reshape(24, 32).sum(axis=1), rtol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_quantize_row_matches_numpy_per_32(data):
+    """quantize_row (vector IR, vec.quant_blocks) against q8_emulate, codes and scales exactly: all-zero blocks,
+    blocks at very different scales, ties at .5 (x = (n + 0.5) dx), and a strided view (the scalar loop)."""
+    K = 32 * data.draw(st.integers(1, 70), "blocks")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), "seed"))
+    x = (rng.standard_normal(K) * rng.choice([0.0, 1e-6, 1.0, 300.0], K // 32).repeat(32)).astype(np.float32)
+    ties = data.draw(st.booleans(), "ties")
+    if ties:  # amax 127 in every block (dx = 1): x = n + 0.5 rounds to even
+        x = (rng.integers(-127, 127, K) + 0.5).astype(np.float32)
+        x[::32] = 127
+    strided = data.draw(st.booleans(), "strided")
+    src = np.repeat(x, 2)[::2] if strided else x
+    xq, xd = np.zeros(K, np.int8), np.zeros(K // 32, np.float32)
+    xs, xsf = np.zeros(K // 16, np.int32), np.zeros(K // 32, np.float32)
+    quantize_row(src, xq, xd, xs, xsf)
+    want_d = np.abs(x.reshape(-1, 32)).max(axis=1) / np.float32(127)
+    np.testing.assert_array_equal(xd, want_d)
+    np.testing.assert_array_equal(xq.astype(np.float32) * np.repeat(xd, 32), q8_emulate(x[None])[0])
+    np.testing.assert_array_equal(xs, xq.reshape(-1, 16).astype(np.int64).sum(axis=1))
+    np.testing.assert_allclose(xsf, xd * xq.reshape(-1, 32).sum(axis=1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("p256", [True, False], ids=["per256", "per32"])
