@@ -279,7 +279,7 @@ class MoEExperts:
                   exp_amx, fn_g, fn_u, full, h256, xb, hb, fn_t)
         yt = scratch.get("yt", (pool.n_threads if nt == 1 else 0, T, H), np.float32)  # decode: per-thread sums
         args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, yt, c_b, exp_amx, fn_d,
-                  full, hb, fn_t)
+                  full, hb, fn_t, remaining, _NO_SYNC)
         fast = nt == 1 and len(exp_e) > 0  # decode: one compiled call per thread (moe_loops.phase_both)
         if fast:
             sync = np.zeros(3, np.int64)
@@ -384,6 +384,9 @@ def _dequant(raw, qtype) -> np.ndarray:
     if qtype == QT.BF16:
         return (np.asarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     return dequantize(np.asarray(raw), qtype).astype(np.float32)
+
+
+_NO_SYNC = np.zeros(3, np.int64)  # phase_down's sync outside phase_both (prefill: a threading.Barrier between phases)
 
 
 class _Scratch:

@@ -7,7 +7,7 @@ the vector tiles of simd.py, 16 for experts that run on AMX tiles (exp_amx[i], a
     phase A  items = (expert, block of NR*16 rows of I):  g = W_gate x, u = W_up x for the expert's slots,
              h = silu(g) * u; the worker that finishes an expert's last item quantizes its h rows (atomic
              countdown), so no barrier is needed between the two matmuls of one expert.
-    -- barrier (pool) --
+    -- barrier (pool; decode, phase_both: none, each down item waits for its expert's h) --
     phase B  items = blocks of NR*16 rows of H: for every expert, down = W_down h for its slots, and
              y[t] += w * down, race-free because items own disjoint columns of y.
 
@@ -384,6 +384,7 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                     quantize_row256(g[s], hq[s], hd[s], hs[s], hsf[s])
                 else:
                     quantize_row(g[s], hq[s], hd[s], hs[s], hsf[s])
+            fetch_add(remaining, j, -1)  # -1: h quantized, its down items may start (_down_decode)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -397,13 +398,14 @@ def _decode_run(n_tiles):
 
 @njit(nogil=True, cache=True)
 def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, yt, counter, exp_amx,
-               fn_d, amx_full, hb, fn_t, tid, n_threads):
+               fn_d, amx_full, hb, fn_t, remaining, sync, tid, n_threads):
     literally(Vd)
     NT = Vd // 10 % 10
     NR = Vd % 10
     n_rb = H // (16 * NR)  # row blocks of NR row groups
     if NT == 1:
-        _down_decode(Vd, md_d, I, exp_e, exp_s0, slot_tok, slot_w, hq, hd, hs, hsf, yt, counter, n_rb, tid, n_threads)
+        _down_decode(Vd, md_d, I, exp_e, exp_s0, slot_tok, slot_w, hq, hd, hs, hsf, yt, counter, n_rb, remaining, sync,
+                     tid, n_threads)
         return
     # bf16 AMX: an item is a panel of PB row blocks, so that each bf16 expert's h is read once per panel step
     # (moe_loops._bf16_panel); the other experts run the PB blocks one after another
@@ -466,24 +468,26 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
 @njit(nogil=True, cache=True)
 def phase_both(Vg, Vu, Vd, md_g, md_u, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, xq, xd, xs, xsf, g, u,
                hq, hd, hs, hsf, y, yt, c_a, c_b, remaining, exp_amx, sync, waiter, tid, n_threads):
-    """Decode (vector tiles only): phase_gate_up, a spin barrier, phase_down, in one GIL-free call per thread. sync
-    (int64 [3], fresh zeros): [0] threads done with gate/up, [1] threads done (plus one once the last of them has
-    stored y, the sum of the threads' sums yt), [2] set by a thread that failed (the others stop waiting). Thread
-    `waiter` (the calling thread of MoEExperts.forward; -1: none) returns only when y is stored, so that it needs
-    no wake-up from the workers. With a threading.Barrier
-    between two calls from Python, a decode step of the DeepSeek-V3 shape lost ~0.1 ms at the barrier, each
-    thread going back through the interpreter and the GIL."""
+    """Decode (vector tiles only): phase_gate_up, then phase_down, in one GIL-free call per thread, with no barrier
+    between them: a down item waits only for its own expert's h (phase_gate_up marks an expert -1 in `remaining`
+    once its h is quantized), so a thread done with gate/up starts on the down rows of the experts it finished
+    first instead of waiting for the other's last item (up to ~140 us: an item is 4 tiles of gate and of up, 2 MB
+    of Q4_K at K = 7168). sync (int64 [3], fresh zeros): [1] threads done (plus one once the last of them has
+    stored y, the sum of the threads' sums yt), [2] set by a thread that failed (the others stop waiting); [0]
+    unused. Thread `waiter` (the calling thread of MoEExperts.forward; -1: none) returns only when y is stored, so
+    that it needs no wake-up from the workers. With a threading.Barrier between two calls from Python, a decode
+    step of the DeepSeek-V3 shape lost ~0.1 ms at the barrier, each thread going back through the interpreter and
+    the GIL."""
     literally(Vg)
     literally(Vu)
     literally(Vd)
     no_bf16 = np.empty((0, 0), np.uint16)
     phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
                   exp_amx, 0, 0, 0, False, no_bf16, no_bf16, 0, tid, n_threads)
-    fetch_add(sync, 0, 1)
-    if not _spin_until(sync, 0, n_threads):
-        return
     phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, yt, c_b, exp_amx, 0, 0,
-               no_bf16, 0, tid, n_threads)
+               no_bf16, 0, remaining, sync, tid, n_threads)
+    if atomic_read(sync, 2):  # a thread failed: forward raises its error, nobody stores y
+        return
     if fetch_add(sync, 1, 1) == n_threads - 1:  # the last thread done: y = the threads' sums, then one count more
         for t in range(y.shape[0]):
             for c in range(y.shape[1]):
@@ -507,7 +511,8 @@ def _spin_until(sync, i, n):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _down_decode(Vd, md_d, I, exp_e, exp_s0, slot_tok, slot_w, hq, hd, hs, hsf, yt, counter, n_rb, tid, n_threads):
+def _down_decode(Vd, md_d, I, exp_e, exp_s0, slot_tok, slot_w, hq, hd, hs, hsf, yt, counter, n_rb, remaining, sync, tid,
+                 n_threads):
     """The down phase when no expert has two tokens (decode): items of row blocks of one expert's matrix,
     expert by expert, into this thread's own sums yt[tid] [T, H] (phase_both adds them into y). Each thread
     streams whole matrices; with items of one row block through every expert (phase_down's order, which needs
@@ -523,6 +528,10 @@ def _down_decode(Vd, md_d, I, exp_e, exp_s0, slot_tok, slot_w, hq, hd, hs, hsf, 
             break
         j, rb = item // n_rb, item % n_rb
         s0 = exp_s0[j]
+        while atomic_read(remaining, j) >= 0:  # expert j's h not yet quantized (phase_gate_up marks it -1)
+            if atomic_read(sync, 2):
+                return
+            sched_yield()
         nxt = j + 1 if rb + 1 == n_rb and j + 1 < exp_e.shape[0] else -1  # where the stream goes on: the next matrix
         pf = md_d[0] + exp_e[nxt] * md_d[1] if nxt >= 0 else 0
         _mat_tile(Vd, md_d, exp_e[j], rb * NR, I, hq, hd, hs, hsf, s0, tmp, 0, NR * 16, pf)
