@@ -531,15 +531,20 @@ def _moe_up(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
                              QS[hs + j * (K // 16): hs + (j + 1) * (K // 16)], QF[hf + j * (K // 32): hf + (j + 1) * (K // 32)])
             else:
                 quantize_row(F[o:o + K], Q[shq: shq + K], QD[shd: shd + K // 32], QS[shs: shs + K // 16], QF[shf: shf + K // 32])
+            fetch_add(C, cd + j, 1)  # n + 1: h_j is quantized, MOE_DOWN's items of this row may start
 
 
 @njit(nogil=True, cache=True)
 def _moe_down(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
     """Items: IB consecutive blocks of 64 rows of H of one routed expert's down (weighted), then of the shared
-    MLP's (times F[sw], sw >= 0); each thread adds into its own partial sum part[tid] (summed by MOE_SUM)."""
+    MLP's (times F[sw], sw >= 0); each thread adds into its own partial sum part[tid] (summed by MOE_SUM). No
+    barrier after MOE_UP: an item waits until its row's h is quantized (MOE_UP's countdown C[cd + j] at its blocks
+    + 1), so a thread done with gate/up starts on the rows it finished itself instead of waiting for the others'
+    last items."""
     md_, k, I, H, sd, Is = a[3], a[4], a[5], a[6], a[7], a[8]
     hq, hd, hs, hf, shq, shd, shs, shf, ids, wo, part, IB, sw = (a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16],
                                                                  a[17], a[18], a[19], a[20], a[21])
+    cd = a[23]
     n_h = H // TILE_ROWS
     i_h = _cdiv(n_h, IB)
     tmp = np.empty(TILE_ROWS, np.float32)
@@ -551,6 +556,9 @@ def _moe_down(a, C, ci, tid, n_threads, MD, F, Q, QD, QS, QF, IX):
             return done
         done += 1
         j, b0 = item // i_h, item % i_h * IB
+        ready = (I if j < k else Is) // TILE_ROWS + 1
+        while atomic_read(C, cd + j) < ready:
+            sched_yield()
         if j < k:
             xq, xd, xs, xf = _qrow(Q, QD, QS, QF, hq, hd, hs, hf, j, I)
             m, e, K, w = MD[md_], IX[ids + j], I, F[wo + j]

@@ -159,8 +159,9 @@ class DecodeProgram:
         gate row offset, up QuantLinear, up row offset, down QuantLinear, Is), scaled by F[shared_w] when
         shared_w >= 0; gelu: GELU-tanh instead of SiLU; acc: add into dst, else store.
 
-        One phase of gate/up ops and one of down ops, with no barrier inside a phase: a thread done with its own
-        node's shard goes on to the next op (the shared MLP, which any thread takes)."""
+        One phase of gate/up ops and one of down ops, with no barrier inside a phase or between them: a thread done
+        with its own node's shard goes on to the next op (the shared MLP, which any thread takes), and a down item
+        waits only for its own row's h (decode_loops._moe_down)."""
         shards = getattr(experts, "shards", None) or ([experts] if experts is not None else [])
         if len(shards) > 1:
             parts = [(ex, self._node(ex.pool), None) for ex in shards] + ([(None, -1, shared)] if shared else [])
@@ -168,12 +169,11 @@ class DecodeProgram:
             parts = [(shards[0] if shards else None, -1, shared)]
         part = self._parts(H)
         downs = []
-        for j, (ex, node, sh) in enumerate(parts):
-            downs.append(self._moe_up(ex, k if ex is not None else 0, ids, x_q, H, sh, gelu, node,
-                                      chain=j < len(parts) - 1))
+        for ex, node, sh in parts:  # no barrier before the downs either: each down item waits for its own h
+            downs.append(self._moe_up(ex, k if ex is not None else 0, ids, x_q, H, sh, gelu, node, chain=True))
         for j, args in enumerate(downs):
-            md, k_, I, Is, sd, hq, shq, ib, node = args
-            self._op(OP_MOE_DOWN, md, k_, I, H, sd, Is, *hq, *shq, ids, w, part, ib, shared_w, node,
+            md, k_, I, Is, sd, hq, shq, ib, node, cd = args
+            self._op(OP_MOE_DOWN, md, k_, I, H, sd, Is, *hq, *shq, ids, w, part, ib, shared_w, node, cd,
                      chain=j < len(downs) - 1)
         self._op(OP_MOE_SUM, part, H, dst, int(acc))
 
@@ -206,7 +206,7 @@ class DecodeProgram:
         n_down = (k + (Is > 0)) * (H // TILE_ROWS)
         self._op(OP_MOE_UP, mg, mu, k, I, H, sg, su, g0 // 16, u0 // 16, Is, *x_q, h, *hq, *shq, ids, cd,
                  self._ib(n_up), int(gelu), node, chain=chain)
-        return md, k, I, Is, sd, hq, shq, self._ib(n_down), node
+        return md, k, I, Is, sd, hq, shq, self._ib(n_down), node, cd
 
     def _node(self, pool) -> int:
         for j, p in enumerate(self.pools):
