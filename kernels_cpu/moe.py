@@ -271,25 +271,45 @@ class MoEExperts:
         Vg, Vu, Vd, x256, h256, fn_g, fn_u, fn_d, full, bf16, fn_t = plan
         c_a, c_b = np.zeros(pool.n_threads, np.int64), np.zeros(pool.n_threads, np.int64)  # claim's segments
         remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
-        barrier = threading.Barrier(pool.n_threads)
-        xb = scratch.get("xb", (P if bf16 else 0, H), np.uint16)
-        hb = scratch.get("hb", (P if bf16 else 0, I), np.uint16)
         mg, mu, md = self.mats
-        args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
-                  exp_amx, fn_g, fn_u, full, h256, xb, hb, fn_t)
         yt = scratch.get("yt", (pool.n_threads if nt == 1 else 0, T, H), np.float32)  # decode: per-thread sums
-        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, yt, c_b, exp_amx, fn_d,
-                  full, hb, fn_t, remaining, _NO_SYNC)
-        fast = nt == 1 and len(exp_e) > 0  # decode: one compiled call per thread (moe_loops.phase_both)
-        if fast:
+
+        def finish():
+            scratch.give_back()
+            return y
+
+        if nt == 1 and len(exp_e):  # decode: one compiled call per thread (moe_loops.phase_both), nothing else
+            # built (each Python step costs ~25 us right after a token's weights went through the caches)
             sync = np.zeros(3, np.int64)
             args = (Vg, Vu, Vd, mg.md, mu.md, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, xq, xd, xs, xsf, g, u,
                     hq, hd, hs, hsf, y, yt, c_a, c_b, remaining, exp_amx, sync, pool.n_threads - 1 if here else -1)
             run = self._entry(phase_both, args + (0, 1), 3)
-        else:
-            run_a = self._entry(phase_gate_up, args_a + (0, 1), 2)
-            run_b = self._entry(phase_down, args_b + (0, 1), 1)
+            quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf, x256)
 
+            def decode(wid, n):
+                try:
+                    run(*args, wid, n)
+                except BaseException:
+                    sync[2] = 1  # threads spinning in phase_both give up; forward raises this error
+                    raise
+
+            if not here:
+                return pool.submit(decode, finish)
+            # the calling thread returns when phase_both has stored y, without waiting for the workers to get
+            # back through Python to the job's bookkeeping (two thread wake-ups, ~0.1 ms of a 6.5 ms step of the
+            # DeepSeek-V3 shape); they touch no buffer after that. It waits for them when one failed (sync[2]), to
+            # raise its error; the scratch is not given back then, as others may still write to it.
+            return pool.run_here(decode, finish, join=lambda: bool(sync[2]))
+
+        barrier = threading.Barrier(pool.n_threads)
+        xb = scratch.get("xb", (P if bf16 else 0, H), np.uint16)
+        hb = scratch.get("hb", (P if bf16 else 0, I), np.uint16)
+        args_a = (Vg, Vu, mg.md, mu.md, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xsf, g, u, hq, hd, hs, hsf, c_a, remaining,
+                  exp_amx, fn_g, fn_u, full, h256, xb, hb, fn_t)
+        args_b = (Vd, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, yt, c_b, exp_amx, fn_d,
+                  full, hb, fn_t, remaining, _NO_SYNC)
+        run_a = self._entry(phase_gate_up, args_a + (0, 1), 2)
+        run_b = self._entry(phase_down, args_b + (0, 1), 1)
         split_q = P >= PARALLEL_QUANT_SLOTS and pool.n_threads > 1
         if not split_q:
             quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf, x256)
@@ -297,37 +317,22 @@ class MoEExperts:
                 bf16_slots(x, slot_tok, 0, P, xb)
 
         def work(wid, n):
-            if fast:
-                try:
-                    run(*args, wid, n)
-                except BaseException:
-                    sync[2] = 1  # threads spinning in phase_both give up; forward raises this error
-                    raise
-            elif len(exp_e):
-                try:
-                    if split_q:  # each worker quantizes a share of the slots (serial: 1.2 ms of 117, 256 x 8 x 7168)
-                        quantize_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xq, xd, xs, xsf, x256)
-                        if bf16:
-                            bf16_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xb)
-                        barrier.wait()
-                    run_a(*args_a, wid, n)
+            if not len(exp_e):
+                return
+            try:
+                if split_q:  # each worker quantizes a share of the slots (serial: 1.2 ms of 117, 256 x 8 x 7168)
+                    quantize_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xq, xd, xs, xsf, x256)
+                    if bf16:
+                        bf16_slots(x, slot_tok, wid * P // n, (wid + 1) * P // n, xb)
                     barrier.wait()
-                    run_b(*args_b, wid, n)
-                except BaseException:
-                    barrier.abort()  # the others waiting at the barrier raise instead of waiting for ever
-                    raise
+                run_a(*args_a, wid, n)
+                barrier.wait()
+                run_b(*args_b, wid, n)
+            except BaseException:
+                barrier.abort()  # the others waiting at the barrier raise instead of waiting for ever
+                raise
 
-        def finish():
-            scratch.give_back()
-            return y
-
-        if not here:
-            return pool.submit(work, finish)
-        # decode (fast): the calling thread returns when phase_both has stored y, without waiting for the workers
-        # to get back through Python to the job's bookkeeping (two thread wake-ups, ~0.1 ms of a 6.5 ms step of
-        # the DeepSeek-V3 shape); they touch no buffer after that. It waits for them when one failed (sync[2]),
-        # to raise its error; the scratch is not given back then, as others may still write to it.
-        return pool.run_here(work, finish, join=(lambda: bool(sync[2])) if fast else None)
+        return pool.submit(work, finish) if not here else pool.run_here(work, finish)
 
     def _plan(self, nt: int, nr: int, wide: bool, any_amx: bool):
         """What a forward with this tile, widening and AMX use runs, kept per key (a decode step spent ~30 us of

@@ -275,6 +275,23 @@ def test_decode_items_of_several_tiles_match_reference(pool, I):
     assert np.abs(y - emulated).max() <= 2e-3 * (np.abs(emulated).max() + 1e-30)
 
 
+def test_decode_tiles_on_64_slots_quantize_their_activations(pool):
+    """8 tokens through 8 experts each, no expert twice (64 experts): the decode tiles (phase_both) on 64 slots,
+    where a batch would quantize x on the workers; phase_both's path must quantize it too."""
+    rng = np.random.default_rng(64)
+    H, I, E, t = 256, 256, 64, QT.Q8_0
+    g, u, d = rand_raw(rng, t, E, I, H), rand_raw(rng, t, E, I, H), rand_raw(rng, t, E, H, I)
+    x = rng.standard_normal((8, H)).astype(np.float32)
+    ids = rng.permutation(E).reshape(8, 8).astype(np.int32)
+    w = rng.random((8, 8)).astype(np.float32)
+    ex = MoEExperts((g, t), (u, t), (d, t), hidden=H, inter=I, pool=pool, path=PATHS[-1])
+    ex.forward(rng.standard_normal((8, H)).astype(np.float32), ids, w)  # leaves other activations in the scratch
+    y = ex.forward(x, ids, w)
+    Ws = {e: (deq(g[e], t), deq(u[e], t), deq(d[e], t)) for e in range(E)}
+    emulated = reference(x, ids, w, Ws, quantize_acts=True, blocks=act_blocks(ids, t, t, False))
+    assert np.abs(y - emulated).max() <= 2e-3 * (np.abs(emulated).max() + 1e-30)
+
+
 def test_submit_returns_before_wait_and_paths_reject_missing_isa(pool):
     rng = np.random.default_rng(1)
     g, u, d = (rand_raw(rng, QT.Q8_0, 4, 256, 256) for _ in range(3))
