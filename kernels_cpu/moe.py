@@ -263,7 +263,7 @@ class MoEExperts:
         # for 64 tokens x 8 experts x 7168 (Zen 5, one core). Padding g and u the same way measured no gain.
         y = np.zeros((T, H + 16), np.float32)[:, :H]
         wide = bool(nt > 1 and routed >= WIDE_MIN_TOKENS * len(exp_e))
-        any_amx = bool(exp_amx.any())
+        any_amx = bool(self.amx) and bool(exp_amx.any())  # a numpy reduce: ~10 us right after a token's weights
         key = (nt, nr, wide, any_amx, nt > 1 and per256_tiles())  # KTX_PER256_TILES may change between calls
         plan = self._plans.get(key)
         if plan is None:
