@@ -55,7 +55,7 @@ from numba.extending import intrinsic
 
 from .moe_loops import atomic_read, claim, fetch_add, sched_yield
 from .quantize import quantize_row
-from .simd import DECODE_PF_LOCALITY, call_codegen, call_tile
+from .simd import DECODE_PF_LOCALITY, _prefetch, call_codegen, call_tile
 from .vec import silu_mul
 
 (OP_NORM, OP_QUANT, OP_GEMV, OP_ROPE, OP_CACHE, OP_MLA, OP_ROUTER, OP_TOPK, OP_MOE_UP, OP_MOE_DOWN, OP_MOE_SUM, OP_ADD,
@@ -96,13 +96,9 @@ def prefetch_lines(typingctx, addr, n):
     sig = types.void(types.int64, types.int64)
 
     def codegen(context, b, signature, args):
-        pf = cgutils.get_or_insert_function(b.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), ir.IntType(32),
-                                                                                      ir.IntType(32), ir.IntType(32)]),
-                                            "llvm.prefetch.p0")
         with cgutils.for_range(b, args[1]) as loop:
-            p = b.inttoptr(b.add(args[0], b.mul(loop.index, ir.Constant(_i64, 64))), ir.IntType(8).as_pointer())
-            b.call(pf, [p, ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), DECODE_PF_LOCALITY),
-                        ir.Constant(ir.IntType(32), 1)])
+            _prefetch(b, b.inttoptr(b.add(args[0], b.mul(loop.index, ir.Constant(_i64, 64))), ir.IntType(8).as_pointer()),
+                      DECODE_PF_LOCALITY)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -120,29 +116,20 @@ def _prefetch_start(md, e, rg):
 
 
 @njit(nogil=True, cache=True)
-def _prefetch_next(ops, i, MD, IX, tid, n_threads):
-    """Before a thread waits at the barrier after op i: prefetch the start of its first item in the next parallel op
-    when that is a GEMV or an MoE down (whose experts are chosen by then), so the item does not begin on a cold
-    stream. A small GEMV of the attention (0.6-2.4 MB) ran at ~85% of the lm_head's rate per byte (dsv3-bench)."""
+def _prefetch_next(ops, i, MD, tid, n_threads):
+    """Before a thread waits at the barrier after op i: when the next parallel op is a GEMV, prefetch the start of
+    this thread's first item of it, so the item does not begin on a cold stream. (An MoE layer's experts are
+    chosen only after the barrier before its gate/up, and its down follows with no barrier between.) A small GEMV
+    of the attention (0.6-2.4 MB) ran at ~85% of the lm_head's rate per byte (dsv3-bench)."""
     for j in range(i + 1, ops.shape[0]):
         a = ops[j]
         if not a[1]:
             continue
         n = _units(a)
         lo = tid * n // n_threads  # first item of this thread's segment (claim)
-        if lo >= (tid + 1) * n // n_threads:
-            return
-        if a[0] == OP_GEMV:
+        if a[0] == OP_GEMV and lo < (tid + 1) * n // n_threads:
             n_ib = _cdiv(_cdiv(a[5], TILE_ROWS), a[14])
             _prefetch_start(MD[a[3]], lo // n_ib, lo % n_ib * a[14] * 4)
-        elif a[0] == OP_MOE_DOWN:
-            k, IB = a[4], a[20]
-            i_h = _cdiv(a[6] // TILE_ROWS, IB)
-            jj, b0 = lo // i_h, lo % i_h * IB
-            if jj < k:
-                _prefetch_start(MD[a[3]], IX[a[17] + jj], b0 * 4)
-            else:
-                _prefetch_start(MD[a[7]], 0, b0 * 4)
         return
 
 
@@ -671,8 +658,8 @@ def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
         target += _units(a)
         if a[2]:
             serial = 0
-            if atomic_read(C, 0) < target and PF_START:
-                _prefetch_next(ops, i, MD, IX, tid, n_threads)
+            if atomic_read(C, 0) < target:
+                _prefetch_next(ops, i, MD, tid, n_threads)
             while atomic_read(C, 0) < target:
                 sched_yield()
         if tid == 0:

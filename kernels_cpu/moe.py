@@ -280,7 +280,7 @@ class MoEExperts:
 
         if nt == 1 and len(exp_e):  # decode: one compiled call per thread (moe_loops.phase_both), nothing else
             # built (each Python step costs ~25 us right after a token's weights went through the caches)
-            sync = np.zeros(3, np.int64)
+            sync = np.zeros(2, np.int64)
             args = (Vg, Vu, Vd, mg.md, mu.md, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, xq, xd, xs, xsf, g, u,
                     hq, hd, hs, hsf, y, yt, c_a, c_b, remaining, exp_amx, sync, pool.n_threads - 1 if here else -1)
             run = self._entry(phase_both, args + (0, 1), 3)
@@ -290,16 +290,16 @@ class MoEExperts:
                 try:
                     run(*args, wid, n)
                 except BaseException:
-                    sync[2] = 1  # threads spinning in phase_both give up; forward raises this error
+                    sync[1] = 1  # threads spinning in phase_both give up; forward raises this error
                     raise
 
             if not here:
                 return pool.submit(decode, finish)
             # the calling thread returns when phase_both has stored y, without waiting for the workers to get
             # back through Python to the job's bookkeeping (two thread wake-ups, ~0.1 ms of a 6.5 ms step of the
-            # DeepSeek-V3 shape); they touch no buffer after that. It waits for them when one failed (sync[2]), to
+            # DeepSeek-V3 shape); they touch no buffer after that. It waits for them when one failed (sync[1]), to
             # raise its error; the scratch is not given back then, as others may still write to it.
-            return pool.run_here(decode, finish, join=lambda: bool(sync[2]))
+            return pool.run_here(decode, finish, join=lambda: bool(sync[1]))
 
         barrier = threading.Barrier(pool.n_threads)
         xb = scratch.get("xb", (P if bf16 else 0, H), np.uint16)
@@ -391,7 +391,7 @@ def _dequant(raw, qtype) -> np.ndarray:
     return dequantize(np.asarray(raw), qtype).astype(np.float32)
 
 
-_NO_SYNC = np.zeros(3, np.int64)  # phase_down's sync outside phase_both (prefill: a threading.Barrier between phases)
+_NO_SYNC = np.zeros(2, np.int64)  # phase_down's sync outside phase_both (prefill: a threading.Barrier between phases)
 
 
 class _Scratch:

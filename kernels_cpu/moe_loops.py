@@ -472,9 +472,9 @@ def phase_both(Vg, Vu, Vd, md_g, md_u, md_d, H, I, exp_e, exp_s0, exp_n, slot_to
     between them: a down item waits only for its own expert's h (phase_gate_up marks an expert -1 in `remaining`
     once its h is quantized), so a thread done with gate/up starts on the down rows of the experts it finished
     first instead of waiting for the other's last item (up to ~140 us: an item is 4 tiles of gate and of up, 2 MB
-    of Q4_K at K = 7168). sync (int64 [3], fresh zeros): [1] threads done (plus one once the last of them has
-    stored y, the sum of the threads' sums yt), [2] set by a thread that failed (the others stop waiting); [0]
-    unused. Thread `waiter` (the calling thread of MoEExperts.forward; -1: none) returns only when y is stored, so
+    of Q4_K at K = 7168). sync (int64 [2], fresh zeros): [0] threads done (plus one once the last of them has
+    stored y, the sum of the threads' sums yt), [1] set by a thread that failed (the others stop waiting). Thread
+    `waiter` (the calling thread of MoEExperts.forward; -1: none) returns only when y is stored, so
     that it needs no wake-up from the workers. With a threading.Barrier between two calls from Python, a decode
     step of the DeepSeek-V3 shape lost ~0.1 ms at the barrier, each thread going back through the interpreter and
     the GIL."""
@@ -486,25 +486,25 @@ def phase_both(Vg, Vu, Vd, md_g, md_u, md_d, H, I, exp_e, exp_s0, exp_n, slot_to
                   exp_amx, 0, 0, 0, False, no_bf16, no_bf16, 0, tid, n_threads)
     phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, hs, hsf, y, yt, c_b, exp_amx, 0, 0,
                no_bf16, 0, remaining, sync, tid, n_threads)
-    if atomic_read(sync, 2):  # a thread failed: forward raises its error, nobody stores y
+    if atomic_read(sync, 1):  # a thread failed: forward raises its error, nobody stores y
         return
-    if fetch_add(sync, 1, 1) == n_threads - 1:  # the last thread done: y = the threads' sums, then one count more
+    if fetch_add(sync, 0, 1) == n_threads - 1:  # the last thread done: y = the threads' sums, then one count more
         for t in range(y.shape[0]):
             for c in range(y.shape[1]):
                 v = yt[0, t, c]
                 for k in range(1, yt.shape[0]):
                     v += yt[k, t, c]
                 y[t, c] = v
-        fetch_add(sync, 1, 1)
+        fetch_add(sync, 0, 1)
     if tid == waiter:
-        _spin_until(sync, 1, n_threads + 1)
+        _spin_until(sync, 0, n_threads + 1)
 
 
 @njit(nogil=True, cache=True, inline="always")
 def _spin_until(sync, i, n):
-    """Wait until sync[i] >= n (True), or until a thread has failed (sync[2] set: False)."""
+    """Wait until sync[i] >= n (True), or until a thread has failed (sync[1] set: False)."""
     while atomic_read(sync, i) < n:
-        if atomic_read(sync, 2):
+        if atomic_read(sync, 1):
             return False
         sched_yield()
     return True
@@ -529,7 +529,7 @@ def _down_decode(Vd, md_d, I, exp_e, exp_s0, slot_tok, slot_w, hq, hd, hs, hsf, 
         j, rb = item // n_rb, item % n_rb
         s0 = exp_s0[j]
         while atomic_read(remaining, j) >= 0:  # expert j's h not yet quantized (phase_gate_up marks it -1)
-            if atomic_read(sync, 2):
+            if atomic_read(sync, 1):
                 return
             sched_yield()
         nxt = j + 1 if rb + 1 == n_rb and j + 1 < exp_e.shape[0] else -1  # where the stream goes on: the next matrix

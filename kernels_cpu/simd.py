@@ -367,21 +367,12 @@ def _emit(b, V, a):
     if nt == 1 and "end" not in a:  # decode: the end of the tile's run (its row groups follow each other)
         a = dict(a, end=b.add(a["codes"], b.mul(a["cs"], ir.Constant(i64, nr))))
     if nt == 1 and nr > 1:  # decode: the row groups one after another, one stream (see the module docstring)
-        entry = b.block
-        head = b.append_basic_block("rg")
-        b.branch(head)
-        b.position_at_end(head)
-        r = b.phi(i64)
-        r.add_incoming(ir.Constant(i64, 0), entry)
+        _, head, r = _loop_head(b, "rg")
         ar = dict(a, out=b.add(a["out"], b.mul(r, ir.Constant(i64, 64))))
         for f, stride in (("codes", "cs"), ("d", "ds"), ("sc", "ss"), ("dmin", "dms"), ("m", "ms")):
             ar[f] = b.add(a[f], b.mul(a[stride], r))
         _emit(b, 100000 * s256 + V - nr + 1, ar)
-        r1 = b.add(r, ir.Constant(i64, 1))
-        r.add_incoming(r1, b.block)
-        done = b.append_basic_block("rg_done")
-        b.cbranch(b.icmp_signed("<", r1, ir.Constant(i64, nr)), head, done)
-        b.position_at_end(done)
+        _loop_tail(b, r, head, nr, "rg_done")
         return
     wide = V >= 10000  # codes already widened to bytes (moe_loops: prefill of packed layouts)
     bits = 8 if wide else lay.bits

@@ -68,6 +68,12 @@ def _loop16(b, n, body):
     b.position_at_end(done)
 
 
+def _splat(b, v):
+    """<16 x float> of the float v."""
+    u = b.insert_element(ir.Constant(V16F, ir.Undefined), v, ir.Constant(i32, 0))
+    return b.shuffle_vector(u, ir.Constant(V16F, ir.Undefined), ir.Constant(V16I, [0] * 16))
+
+
 def _vptr(b, base, off):
     return b.inttoptr(b.add(base, off), V16F.as_pointer())
 
@@ -105,8 +111,7 @@ def axpy(typingctx, y, x, w, n):
     def codegen(context, b, signature, args):
         (y_, x_), n_ = _i64_args(context, b, signature.args[:2], args[:2]), context.cast(b, args[3], signature.args[3],
                                                                                            types.int64)
-        wv = b.insert_element(ir.Constant(V16F, ir.Undefined), args[2], ir.Constant(i32, 0))
-        wv = b.shuffle_vector(wv, ir.Constant(V16F, ir.Undefined), ir.Constant(V16I, [0] * 16))
+        wv = _splat(b, args[2])
 
         def body(b, off):
             p = _vptr(b, y_, off)
@@ -154,8 +159,7 @@ def quant_blocks(typingctx, x, xq, xd, xs, xsf, n_groups, gb):
             d = b.fdiv(b.extract_element(m, ir.Constant(i32, 0)), ir.Constant(f32, 127.0))
             pos = b.fcmp_ordered(">", d, ir.Constant(f32, 0.0))
             inv = b.select(pos, b.fdiv(ir.Constant(f32, 1.0), d), ir.Constant(f32, 0.0))
-            invv = b.shuffle_vector(b.insert_element(ir.Constant(V16F, ir.Undefined), inv, ir.Constant(i32, 0)),
-                                    ir.Constant(V16F, ir.Undefined), ir.Constant(V16I, [0] * 16))
+            invv = _splat(b, inv)
             for blk in range(G):
                 bi = b.add(b.mul(g, c(G)), c(blk))  # block index in the row
                 sums = []

@@ -170,7 +170,7 @@ class DecodeProgram:
         part = self._parts(H)
         downs = []
         for ex, node, sh in parts:  # no barrier before the downs either: each down item waits for its own h
-            downs.append(self._moe_up(ex, k if ex is not None else 0, ids, x_q, H, sh, gelu, node, chain=True))
+            downs.append(self._moe_up(ex, k if ex is not None else 0, ids, x_q, H, sh, gelu, node))
         for j, args in enumerate(downs):
             md, k_, I, Is, sd, hq, shq, ib, node, cd = args
             self._op(OP_MOE_DOWN, md, k_, I, H, sd, Is, *hq, *shq, ids, w, part, ib, shared_w, node, cd,
@@ -184,7 +184,7 @@ class DecodeProgram:
             self._part = (self.f32(self.n_threads * H), H)
         return self._part[0]
 
-    def _moe_up(self, experts, k, ids, x_q, H, shared, gelu, node, chain):
+    def _moe_up(self, experts, k, ids, x_q, H, shared, gelu, node):
         """The gate/up op of one part; returns what its down op needs."""
         I = experts.I if experts is not None else 0
         if I % TILE_ROWS or H % TILE_ROWS or (shared is not None and shared[5] % TILE_ROWS):
@@ -205,7 +205,7 @@ class DecodeProgram:
         n_up = k * (I // TILE_ROWS) + Is // TILE_ROWS  # row blocks of gate (and up)
         n_down = (k + (Is > 0)) * (H // TILE_ROWS)
         self._op(OP_MOE_UP, mg, mu, k, I, H, sg, su, g0 // 16, u0 // 16, Is, *x_q, h, *hq, *shq, ids, cd,
-                 self._ib(n_up), int(gelu), node, chain=chain)
+                 self._ib(n_up), int(gelu), node, chain=True)
         return md, k, I, Is, sd, hq, shq, self._ib(n_down), node, cd
 
     def _node(self, pool) -> int:
