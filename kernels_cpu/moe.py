@@ -56,7 +56,8 @@ from .amx import AMX_TILE_TOKENS, MIN_TOKENS_PER_EXPERT, full_tile_address, tile
 from .amx_bf16 import BF16_MIN_TOKENS, dequant_address
 from .amx_bf16 import tile_address as bf16_tile_address
 from .cpu_features import cpu_features
-from .moe_loops import bf16_slots, check_inputs, phase_both, phase_down, phase_gate_up, plan_slots, quantize_slots
+from .moe_loops import (DECODE_BAD_ID, DECODE_NONFINITE, DECODE_NOT, DECODE_OK, KIT_READY, KIT_SYNC, KIT_WORDS, bf16_slots, check_inputs,
+                        decode_step, phase_down, phase_gate_up, plan_slots, quantize_slots)
 from .pool import WorkerPool
 from .repack import FLOAT_TYPES, LAYOUTS, aligned_empty, descriptor, field_shapes, repack_into
 from .simd import variant
@@ -65,6 +66,7 @@ DECODE_TILE = (1, 4)  # (tokens, row groups of 16)
 ROW_BLOCK = 64  # rows of the largest tile's block (decode: 4 row groups of 16): expert sizes come in these
 PREFILL_TILE = (4, 2)  # 8x32, 6x32 and 8x16 measured within +-5% of it (bench/RESULTS.md); it pads fewest tokens
 PARALLEL_QUANT_SLOTS = 64  # from this many slots, the workers quantize x in parallel (one barrier more)
+KIT_TOKENS = 4  # steps of up to this many tokens go to the decode kit before any Python check (MoEExperts._decode)
 WIDE_MIN_TOKENS = 16  # prefill of 5/6-bit codes: widen each item's row groups once when tiles reuse them this often
 
 
@@ -223,6 +225,15 @@ class MoEExperts:
     def submit(self, x, ids, w, here: bool = False):
         """A job whose wait() gives y [T, H]; the pool's workers start now (with here, forward's mode, the
         calling thread runs a worker's share and the result is returned instead)."""
+        # decode first, with as little Python as possible: right after a token's weights went through the caches each
+        # Python step is slow (the checks below, the plan and the buffers took ~0.25 ms of a 6.8 ms Q4_K step of 8
+        # experts of 7168 x 2048); the kit's compiled step checks the rest, or hands the batch back (None)
+        if type(x) is _ND and type(ids) is _ND and type(w) is _ND and x.ndim == 2 and ids.ndim == 2 \
+                and w.ndim == 2 and x.dtype is _F32 and w.dtype is _F32 and (ids.dtype is _I64 or ids.dtype is _I32) \
+                and len(ids) <= KIT_TOKENS and self.path != "reference":
+            out = self._decode(x, ids, w, here)
+            if out is not None:
+                return out
         ids = np.asarray(ids)
         if ids.dtype.kind not in "iu":  # before any cast: 1.7 must not become expert 1
             raise KtxError(f"MoEExperts.submit: expert ids must be integers, got {ids.dtype}")
@@ -246,13 +257,90 @@ class MoEExperts:
         return self._submit_fast(pool, x, ids, w, here)
 
     # ---- fast paths ----
+    def _decode(self, x, ids, w, here):
+        """A step in which no expert has two tokens (decode), on the decode kit for its (T, k): one compiled call per
+        thread (moe_loops.decode_step), the checks, the plan and the quantization of x inside the calling thread's,
+        the pool's workers woken before it. Returns y [T, H] (here) or a job; None where the kit finds a reason for
+        the general path (an expert with two tokens, strided rows, mismatched shapes)."""
+        T, k = ids.shape
+        pool, n = self.pool, self.pool.n_threads
+        scratch = _Scratch.take()
+        kit = scratch.kits.get((self, T, k, ids.dtype is _I32))
+        if kit is None:
+            kit = self._make_kit(scratch, T, k, ids.dtype)
+        kd, run, a0, _ = kit
+        kd[KIT_READY:KIT_SYNC + 2] = 0
+        y = np.empty((T, self.H), np.float32)  # every element stored by phase_both (or zeroed: no expert at all)
+        a = a0 + (x, ids, w, y)
+        prep, waiter = (n - 1, n - 1) if here else (n, -1)
+
+        def step(wid, n_):
+            try:
+                run(*a, prep, waiter, wid, n_)
+            except BaseException:
+                kd[KIT_SYNC + 1] = 1  # the threads spinning in phase_both give up
+                raise
+
+        def finish():
+            scratch.give_back()
+            return y
+
+        if here:  # the workers start waking now, while this thread plans and quantizes
+            job = pool.submit(step, workers=n - 1) if n > 1 else None
+            status = run(*a, prep, waiter, n - 1, n)
+            # the calling thread returns when phase_both has stored y, without waiting for the workers to get back
+            # through Python to the job's bookkeeping (two thread wake-ups, ~0.1 ms of a 6.5 ms step of the
+            # DeepSeek-V3 shape); they touch no buffer after that. It waits for them when the plan was withdrawn or
+            # one failed (its error raised here; the scratch is not given back, others may still write it).
+            if job is not None and (status != DECODE_OK or kd[KIT_SYNC + 1]):
+                job.wait()
+        else:
+            status = run(*a, prep, waiter, n, n)  # the plan, before any worker starts
+        if status == DECODE_OK:
+            return finish() if here else pool.submit(step, finish)
+        scratch.give_back()
+        if status == DECODE_NOT:
+            return None
+        if status == DECODE_NONFINITE:
+            raise KtxError("MoEExperts.submit: activations or routing weights hold NaN/inf (an upstream layer diverged)")
+        raise KtxError(f"MoEExperts.submit: expert id {ids.reshape(-1)[status - DECODE_BAD_ID]} out of range "
+                       f"(layer has {self.E} experts; -1 = no expert)")
+
+    def _make_kit(self, scratch, T: int, k: int, ids_dtype):
+        """(kd, compiled decode_step, its leading arguments, the buffers) for steps of T tokens x k choices: kd holds the
+        addresses of scratch buffers for T * k slots (moe_loops.KIT_*), shared with the general path's buffers of
+        the same names, so that every layer's steps run in the same, cache-warm memory."""
+        P, H, I, n = T * k, self.H, self.I, self.pool.n_threads
+        nt, nr = DECODE_TILE
+        key = (nt, nr, False, False, False)
+        plan = self._plans.get(key) or self._plans.setdefault(key, self._plan(nt, nr, False, False))
+        g = scratch.get
+        bufs = [g("ke", (P,), np.int64), g("ks0", (P,), np.int64), g("kn", (P,), np.int64), g("kamx", (P,), np.uint8),
+                g("kst", (P,), np.int64), g("ksw", (P,), np.float32), *scratch.qbufs("x", P, H), g("g", (P, I), np.float32),
+                g("u", (P, I), np.float32), *scratch.qbufs("h", P, I), g("yt", (n, T, H), np.float32),
+                g("kca", (n,), np.int64), g("kcb", (n,), np.int64), g("krem", (P,), np.int64)]
+        kd = np.zeros(KIT_WORDS, np.int64)
+        kd[:len(bufs)] = [b.ctypes.data for b in bufs]
+        mg, mu, md = self.mats
+        a0 = plan[:3] + (kd, mg.md, mu.md, md.md, self.E, I)
+        like = (np.zeros((T, H), np.float32), np.zeros((T, k), ids_dtype), np.zeros((T, k), np.float32),
+                np.zeros((T, H), np.float32), 0, 0, 0, n)  # x, ids, w, y, prep, waiter, tid, n_threads
+        run = self._entry(decode_step, a0 + like, 3, f" ids {ids_dtype.name}")
+        if len(scratch.kits) >= 256:  # batches of ever new shapes must not grow it without bound
+            scratch.kits.clear()
+        kit = scratch.kits[(self, T, k, ids_dtype == np.int32)] = (kd, run, a0, bufs)  # bufs: kd's memory kept alive
+        return kit
+
     def _submit_fast(self, pool, x, ids, w, here):
         T, H, I = x.shape[0], self.H, self.I
         # the AMX/VNNI split per expert: see plan_slots
         amx_min = (BF16_MIN_TOKENS if self.amx == "bf16" else MIN_TOKENS_PER_EXPERT) if self.amx else 1 << 62
         exp_e, exp_s0, exp_n, exp_amx, slot_tok, slot_w, nt, routed = plan_slots(
             ids, w, self.E, DECODE_TILE[0], PREFILL_TILE[0], amx_min, 16 if self.amx == "model" else AMX_TILE_TOKENS)
-        nr = DECODE_TILE[1] if nt == DECODE_TILE[0] else PREFILL_TILE[1]
+        if nt == DECODE_TILE[0]:  # no expert has two tokens: the decode kit (its compiled step plans again, ~1 us; x, ids
+            # and w are C-contiguous here, so it does not hand the batch back)
+            return self._decode(x, ids, w, here)
+        nr = PREFILL_TILE[1]
         P = slot_tok.shape[0]
         scratch = _Scratch.take()
         xq, xd, xs, xsf = scratch.qbufs("x", P, H)
@@ -272,34 +360,11 @@ class MoEExperts:
         c_a, c_b = np.zeros(pool.n_threads, np.int64), np.zeros(pool.n_threads, np.int64)  # claim's segments
         remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
         mg, mu, md = self.mats
-        yt = scratch.get("yt", (pool.n_threads if nt == 1 else 0, T, H), np.float32)  # decode: per-thread sums
+        yt = scratch.get("yt", (0, T, H), np.float32)  # per-thread sums: decode only
 
         def finish():
             scratch.give_back()
             return y
-
-        if nt == 1 and len(exp_e):  # decode: one compiled call per thread (moe_loops.phase_both), nothing else
-            # built (each Python step costs ~25 us right after a token's weights went through the caches)
-            sync = np.zeros(2, np.int64)
-            args = (Vg, Vu, Vd, mg.md, mu.md, md.md, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, xq, xd, xs, xsf, g, u,
-                    hq, hd, hs, hsf, y, yt, c_a, c_b, remaining, exp_amx, sync, pool.n_threads - 1 if here else -1)
-            run = self._entry(phase_both, args + (0, 1), 3)
-            quantize_slots(x, slot_tok, 0, P, xq, xd, xs, xsf, x256)
-
-            def decode(wid, n):
-                try:
-                    run(*args, wid, n)
-                except BaseException:
-                    sync[1] = 1  # threads spinning in phase_both give up; forward raises this error
-                    raise
-
-            if not here:
-                return pool.submit(decode, finish)
-            # the calling thread returns when phase_both has stored y, without waiting for the workers to get
-            # back through Python to the job's bookkeeping (two thread wake-ups, ~0.1 ms of a 6.5 ms step of the
-            # DeepSeek-V3 shape); they touch no buffer after that. It waits for them when one failed (sync[1]), to
-            # raise its error; the scratch is not given back then, as others may still write to it.
-            return pool.run_here(decode, finish, join=lambda: bool(sync[1]))
 
         barrier = threading.Barrier(pool.n_threads)
         xb = scratch.get("xb", (P if bf16 else 0, H), np.uint16)
@@ -359,10 +424,10 @@ class MoEExperts:
                                   else tile_kernel_address(self.amx, lay.G))
         return self._amx_fns[key]
 
-    def _entry(self, disp, args, n_literal):
-        """Compiled entry point for these variant literals: calling the dispatcher with plain ints would
-        re-run its failing non-literal typing on every call (tens of ms)."""
-        key = (disp.py_func.__name__,) + args[:n_literal]
+    def _entry(self, disp, args, n_literal, extra=""):
+        """Compiled entry point for these variant literals (and `extra`, naming what else decides the argument types):
+        calling the dispatcher with plain ints would re-run its failing non-literal typing on every call (tens of ms)."""
+        key = (disp.py_func.__name__ + extra,) + args[:n_literal]
         fn = self._entries.get(key)
         if fn is None:
             sig = tuple(types.literal(a) for a in args[:n_literal]) + tuple(numba.typeof(a) for a in args[n_literal:])
@@ -391,6 +456,7 @@ def _dequant(raw, qtype) -> np.ndarray:
     return dequantize(np.asarray(raw), qtype).astype(np.float32)
 
 
+_ND, _F32, _I32, _I64 = np.ndarray, np.dtype(np.float32), np.dtype(np.int32), np.dtype(np.int64)  # identity checks
 _NO_SYNC = np.zeros(2, np.int64)  # phase_down's sync outside phase_both (prefill: a threading.Barrier between phases)
 
 
@@ -408,6 +474,8 @@ class _Scratch:
     def __init__(self):
         self.bufs: dict[str, np.ndarray] = {}
         self.views: dict[tuple, np.ndarray] = {}  # (name, shape, dtype) -> view of bufs[name]
+        self.kits: dict[tuple, tuple] = {}  # (MoEExperts, T, k, int32 ids) -> its decode kit: addresses in bufs
+        self.kits: dict[tuple, tuple] = {}  # (MoEExperts, T, k) -> its decode kit: addresses of these buffers
 
     @classmethod
     def take(cls) -> _Scratch:
@@ -428,6 +496,8 @@ class _Scratch:
         if buf is None or buf.size < n:
             buf = self.bufs[name] = aligned_empty(max(n, 64), np.uint8)
             self.views = {k: v for k, v in self.views.items() if k[0] != name}  # views of the old buffer
+            self.kits.clear()  # their addresses may be in the old buffer
+            self.kits.clear()  # their addresses may be of the old buffer
         if len(self.views) > 256:  # prefills of ever new lengths must not grow it without bound
             self.views.clear()
         v = self.views[key] = buf[:n].view(dtype).reshape(shape)

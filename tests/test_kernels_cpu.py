@@ -292,6 +292,34 @@ def test_decode_tiles_on_64_slots_quantize_their_activations(pool):
     assert np.abs(y - emulated).max() <= 2e-3 * (np.abs(emulated).max() + 1e-30)
 
 
+def test_decode_kit_takes_views_both_id_dtypes_and_job_mode(pool):
+    """Steps of up to KIT_TOKENS tokens go to the decode kit before any Python check (moe.py, MoEExperts._decode):
+    its compiled step checks shapes and row strides itself. Strided rows (handed back to the general path), a[None]
+    views (stride 0 on the size-1 axis), int32 and int64 ids, forward and submit, a prefill between steps that regrows
+    the scratch under the kits, and a step in which every choice is -1: each against the int8-activation reference."""
+    rng = np.random.default_rng(11)
+    H, I, E, t = 256, 256, 12, QT.Q4_K
+    g, u, d = rand_raw(rng, t, E, I, H), rand_raw(rng, t, E, I, H), rand_raw(rng, t, E, H, I)
+    ex = MoEExperts((g, t), (u, t), (d, t), hidden=H, inter=I, pool=pool, path=PATHS[-1])
+    Ws = {e: (deq(g[e], t), deq(u[e], t), deq(d[e], t)) for e in range(E)}
+    wide = rng.standard_normal((3, 2 * H)).astype(np.float32)
+    xs = {"rows": rng.standard_normal((3, H)).astype(np.float32), "strided": wide[:, ::2], "none-axis": wide[0, :H][None]}
+    for step, (name, x) in enumerate([*xs.items(), ("prefill", None), *xs.items(), ("no expert", xs["rows"][:1])]):
+        if x is None:  # grows every scratch buffer: the kits made so far must not keep the old addresses
+            ex.forward(rng.standard_normal((40, H)).astype(np.float32), rng.integers(0, E, (40, 4)).astype(np.int32),
+                       np.ones((40, 4), np.float32))
+            continue
+        T = x.shape[0]
+        ids = rng.permutation(E)[:3 * T].reshape(T, 3).astype(np.int32 if step % 2 else np.int64)  # no expert twice
+        if name == "no expert":
+            ids[:] = -1
+        w = rng.random((T, 3)).astype(np.float32)
+        y = ex.forward(x, ids, w) if step % 3 else ex.submit(x, ids, w).wait()
+        ref = reference(np.ascontiguousarray(x), ids, w, Ws, quantize_acts=True, blocks=act_blocks(ids, t, t))
+        assert y.shape == (T, H) and np.isfinite(y).all(), name
+        assert np.abs(y - ref).max() <= 2e-3 * (np.abs(ref).max() + 1e-30), name
+
+
 def test_submit_returns_before_wait_and_paths_reject_missing_isa(pool):
     rng = np.random.default_rng(1)
     g, u, d = (rand_raw(rng, QT.Q8_0, 4, 256, 256) for _ in range(3))
@@ -396,6 +424,8 @@ def test_forward_raises_a_worker_error_instead_of_hanging():
     """A decode forward runs both phases in one compiled call per thread, the caller spinning until every worker is
     done (moe_loops.phase_both); a prefill has barriers between its phases: a worker that fails before its share
     must make forward raise its error, not leave the caller waiting; and the next forward runs normally."""
+    from ktx.kernels_cpu.moe import _Scratch
+
     rng = np.random.default_rng(3)
     g, u, d = (rand_raw(rng, QT.Q8_0, 4, 256, 256) for _ in range(3))
     with WorkerPool(2) as p:
@@ -404,8 +434,8 @@ def test_forward_raises_a_worker_error_instead_of_hanging():
         y0 = ex.forward(x, ids, w)
         entry = ex._entry
 
-        def failing(disp, args, n):
-            fn = entry(disp, args, n)
+        def failing(disp, args, n, *extra):
+            fn = entry(disp, args, n, *extra)
 
             def run(*a):
                 if a[-2] == 0:  # worker 0 (the caller is the last worker)
@@ -415,10 +445,14 @@ def test_forward_raises_a_worker_error_instead_of_hanging():
         xp, idp, wp = np.repeat(x, 70, axis=0), np.repeat(ids, 70, axis=0), np.repeat(w, 70, axis=0)  # a prefill
         yp = ex.forward(xp, idp, wp)
         ex._entry = failing
+        for s in _Scratch._free:
+            s.kits.clear()  # decode kits keep their compiled step
         for args in ((x, ids, w), (xp, idp, wp)):
             with pytest.raises(RuntimeError, match="worker failed"):
                 ex.forward(*args)
         ex._entry = entry
+        for s in _Scratch._free:
+            s.kits.clear()
         np.testing.assert_array_equal(ex.forward(x, ids, w), y0)
         np.testing.assert_array_equal(ex.forward(xp, idp, wp), yp)
 
