@@ -9,7 +9,8 @@ over 256 MiB, next to each token) and the
 vpdpbusd peak (all workers running 16 independent vpdpbusd zmm chains). Cases, DeepSeek-V3 expert shape
 (hidden 7168, expert FFN 2048):
   decode   1 token through 8 experts; a rotating choice out of --experts, so the 8 x 3 matrices (>190 MB)
-           come from DRAM; GB/s = repacked bytes streamed / time (and GGUF bytes / time)
+           come from DRAM; GB/s = repacked bytes streamed / time (and GGUF bytes / time); medians over
+           DECODE_TOKENS tokens (12 had left single runs 10 points apart on a shared machine)
   prefill  T tokens (--tokens, a comma list: 64,128,256,512), each through the same 8 experts (T tokens per
            expert); GOPS = 2 * MACs / time
 Weights are random valid blocks (random codes, small finite f16 scales).
@@ -30,6 +31,7 @@ from numba.extending import intrinsic
 from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features, membw
 
 H, I_FF = 7168, 2048
+DECODE_TOKENS = 40
 
 
 def dram_read_gbs(pool: WorkerPool, nbytes: int = 1 << 30) -> tuple[float, int]:
@@ -118,7 +120,7 @@ def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,), paths=("auto",)
     ex.forward(x[:1], np.arange(8, dtype=np.int32)[None], w8)  # compile
     times, ratios = [], []
     probe = membw.ReadProbe(pool, 256 << 20, bw[1])
-    for it in range(12):
+    for it in range(DECODE_TOKENS + 2):  # the first two warm up
         ids = ((np.arange(8) + 8 * it) % n_experts).astype(np.int32)[None]
         t = time.perf_counter()
         ex.forward(x[:1], ids, w8)

@@ -15,11 +15,14 @@ One call: the caller's thread and n - 1 pool workers run `linear_loop`:
     phase 1  claim chunks of QCHUNK activation rows from counter[1]; quantize them (quantize.py: int8 per 32);
              counter[2] counts finished chunks, and all workers wait until it reaches the chunk count
              (a latch, not a barrier: a worker that wakes late finds the work done and does not hold anyone)
-    phase 2  claim items (batch b, IB consecutive blocks of NR*16 rows) from counter[0]; each block runs the
-             NT x NR*16 tile over all token tiles, so its weights stay in L2 while the activations stream past.
-             Prefill items are one block; decode items hold >= ITEM_BYTES of weights, so a thread streams one
-             contiguous run and the decode tile's prefetch of the next block (simd.py) is for its own next
-             tile: MLA's attn_k_b [16, 512, 128] Q8_0 went from ~10.5 to ~18.5 GB/s with both (2 threads).
+    phase 2  claim items (batch b, IB consecutive blocks of NR*16 rows) with moe_loops.claim: each thread takes
+             the items of its own contiguous segment in order (counters from counter[4]), then steals from the
+             others'; each block runs the NT x NR*16 tile over all token tiles, so its weights stay in L2 while
+             the activations stream past. Prefill items are one block; decode items hold >= ITEM_BYTES of
+             weights. So a thread streams one contiguous run and the decode tile's prefetch of the next block
+             (simd.py) is for its own next tile: MLA's attn_k_b [16, 512, 128] Q8_0 went from ~10.5 to ~18.5
+             GB/s with bigger items (2 threads); with one shared counter, as before the segments, the threads
+             still took items in turn: a Q4_K [129280, 2048] GEMV ran at 0.80 of the read next to it.
 
 Prefill of 5/6-bit codes with T >= WIDE_MIN_TOKENS widens each block's row groups to bytes first (moe.py), and
 K-quant prefill quantizes activations per 256 for the per-256 tiles (moe.per256_ok, quantize.quantize_row256).
@@ -57,7 +60,7 @@ from .amx import tile_source
 from .amx_bf16 import BF16_MIN_TOKENS, BF16_TILE_TOKENS, PANEL_K, PANEL_PAIRS, dequant_address, to_bf16
 from .amx_bf16 import tile_address as bf16_tile_address
 from .moe import DECODE_TILE, PREFILL_TILE, WIDE_MIN_TOKENS, _check_path, per256_ok, per256_tiles  # (tokens, row groups of 16) per tile
-from .moe_loops import _bf16_panel, _mat_tile, _widened, aligned_bytes, atomic_read, fetch_add, pf_slice, sched_yield
+from .moe_loops import _bf16_panel, _mat_tile, _widened, aligned_bytes, atomic_read, claim, fetch_add, pf_slice, sched_yield
 from .pool import WorkerPool
 from .quantize import quantize_row, quantize_row256
 from .repack import FLOAT_TYPES, LAYOUTS, R_GROUP, aligned_empty, decode_blocks, descriptor, field_shapes, interleave
@@ -75,9 +78,10 @@ _LABEL = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable":
 
 
 @njit(nogil=True, cache=True)
-def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
-    """x [B*T, K] f32 -> y [B*T, R] f32 via activation buffers [B*Tp, ...]; counter int64 [4], fresh zeros;
-    an item is IB consecutive row blocks of one matrix."""
+def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter, tid, n_threads):
+    """x [B*T, K] f32 -> y [B*T, R] f32 via activation buffers [B*Tp, ...]; counter int64 [4 + n_threads], fresh
+    zeros; an item is IB consecutive row blocks of one matrix; thread tid of n_threads claims items from its own
+    contiguous segment first (moe_loops.claim, counters from counter[4])."""
     literally(V)
     NT = V // 10 % 10
     NR = V % 10
@@ -104,8 +108,8 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter):
     wbuf = aligned_bytes(rb_rows * (K if V // 10000 % 10 else 0))  # wide variants (moe.py): widened row groups
     mdw = np.empty(15, np.int64)
     while True:
-        item = fetch_add(counter, 0, 1)
-        if item >= B * n_ib:
+        item = claim(counter, 4, tid, n_threads, B * n_ib)
+        if item < 0:
             break
         b = item // n_ib
         for rb in range(item % n_ib * IB, min(n_rb, (item % n_ib + 1) * IB)):
@@ -180,7 +184,7 @@ def _entry(V: int):
     i64 = types.int64
     f32, i8, i32 = (types.Array(t, 2, "C") for t in (types.float32, types.int8, types.int32))
     a64 = types.Array(i64, 1, "C")
-    sig = (types.literal(V), a64, i64, i64, i64, i64, i64, i64, f32, i8, f32, i32, f32, f32, a64)
+    sig = (types.literal(V), a64, i64, i64, i64, i64, i64, i64, f32, i8, f32, i32, f32, f32, a64, i64, i64)
     return linear_loop.compile(sig)
 
 
@@ -280,15 +284,16 @@ class QuantLinear:
         IB = self._item_blocks(T, K, n_rb, nr)
         with self._lock:
             xq, xd, xs, xsf = self._scratch(self.B * Tp)
-            c = np.zeros(4, np.int64)
+            n = self.pool.n_threads
+            c = np.zeros(4 + n, np.int64)
             y2 = y.reshape(self.B * T, self.rows)
             args = (V, self.md, self.B, T, Tp, self.rows, K, IB, x2, xq, xd, xs, xsf, y2, c)
-            if self.B * T * self.rows * K <= INLINE_MACS or self.pool.n_threads == 1:
-                run(*args)
+            if self.B * T * self.rows * K <= INLINE_MACS or n == 1:
+                run(*args, 0, 1)
                 return y
-            # the caller is one of the n workers: it starts at once, and the last pool worker stays out
-            self.pool.submit(lambda wid, n: run(*args), workers=self.pool.n_threads - 1)
-            run(*args)
+            # the caller is one of the n workers (the last): it starts at once, and the last pool worker stays out
+            self.pool.submit(lambda wid, n_: run(*args, wid, n), workers=n - 1)
+            run(*args, n - 1, n)
             wait_items(c, self.B * -(-n_rb // IB))
         return y
 
