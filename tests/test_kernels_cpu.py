@@ -259,10 +259,11 @@ def test_moe_forward_matches_reference(pool, path, t_gu, t_down, data):
     assert np.all(np.abs(y - exact) <= _bound(x, ids, w, Ws, blocks) + 1e-6 * scale), "error above the int8 bound"
 
 
-@pytest.mark.parametrize("I", [256, 320, 384, 512])
+@pytest.mark.parametrize("I", [256, 320, 384, 512, 1024])
 def test_decode_items_of_several_tiles_match_reference(pool, I):
-    """Decode items of phase_gate_up run gate's tiles as one run, then up's (moe_loops._decode_run): runs of 4
-    tiles (I = 256, 512), 1 (I = 320: 5 tiles) and 2 (I = 384), each expert's h complete before its down."""
+    """Decode items of phase_gate_up run gate's tiles as one run, then up's (moe_loops._decode_run): runs of 8
+    tiles (I = 512: one item, 1024: two), 4 (I = 256), 1 (I = 320: 5 tiles) and 2 (I = 384), each expert's h
+    complete before its down."""
     rng = np.random.default_rng(I)
     H, E, t = 256, 6, QT.Q8_0
     g, u, d = rand_raw(rng, t, E, I, H), rand_raw(rng, t, E, I, H), rand_raw(rng, t, E, H, I)
