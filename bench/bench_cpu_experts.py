@@ -5,12 +5,13 @@
 
 Limits: DRAM read bandwidth (kernels_cpu.membw: the best of read loops with and without prefetch, all workers
 reading disjoint parts of a 1 GiB buffer; during decode, also membw.ReadProbe's sustained read, 0.1 s
-over 256 MiB, next to each token) and the
+over 256 MiB, before and after each token) and the
 vpdpbusd peak (all workers running 16 independent vpdpbusd zmm chains). Cases, DeepSeek-V3 expert shape
 (hidden 7168, expert FFN 2048):
   decode   1 token through 8 experts; a rotating choice out of --experts, so the 8 x 3 matrices (>190 MB)
-           come from DRAM; GB/s = repacked bytes streamed / time (and GGUF bytes / time); medians over
-           DECODE_TOKENS tokens (12 had left single runs 10 points apart on a shared machine)
+           come from DRAM; GB/s = repacked bytes streamed / time (and GGUF bytes / time); each token's rate
+           also over the mean of the read probe's just before and just after it (the read on offer drifts
+           within seconds here); medians over DECODE_TOKENS tokens (12 had left single runs 10 points apart)
   prefill  T tokens (--tokens, a comma list: 64,128,256,512), each through the same 8 experts (T tokens per
            expert); GOPS = 2 * MACs / time
 Weights are random valid blocks (random codes, small finite f16 scales).
@@ -118,19 +119,21 @@ def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,), paths=("auto",)
     x = rng.standard_normal((max(tokens), H)).astype(np.float32)
     w8 = np.full((1, 8), 1 / 8, np.float32)
     ex.forward(x[:1], np.arange(8, dtype=np.int32)[None], w8)  # compile
-    times, ratios = [], []
+    times = []
     probe = membw.ReadProbe(pool, 256 << 20, bw[1])
+    reads = [probe.gbps(0.1)]  # reads[i], reads[i + 1]: the probe's rate just before and just after token i
     for it in range(DECODE_TOKENS + 2):  # the first two warm up
         ids = ((np.arange(8) + 8 * it) % n_experts).astype(np.int32)[None]
         t = time.perf_counter()
         ex.forward(x[:1], ids, w8)
         times.append(time.perf_counter() - t)
-        ratios.append(8 * bytes_expert / times[-1] / 1e9 / probe.gbps(0.1))
+        reads.append(probe.gbps(0.1))
+    ratios = [8 * bytes_expert / ti / 1e9 / ((reads[i] + reads[i + 1]) / 2) for i, ti in enumerate(times)]
     td = float(np.median(times[2:]))
     gbs = 8 * bytes_expert / td / 1e9
     bpw = bytes_expert / (3 * H * I_FF)
     print(f"{qt.name:5s} decode : {td * 1e3:7.2f} ms/token  {gbs:6.1f} GB/s repacked ({bytes_expert / 2**20:.1f} MiB/expert,"
-          f" {bpw:.3f} B/weight) = {gbs / bw[0]:5.1%} of DRAM, {np.median(ratios[2:]):5.1%} of the read next to each token"
+          f" {bpw:.3f} B/weight) = {gbs / bw[0]:5.1%} of DRAM, {np.median(ratios[2:]):5.1%} of the read around each token"
           f"   | GGUF bytes {8 * gguf_expert / td / 1e9:6.1f} GB/s   (repack {t_repack:.1f} s)")
     # prefill: each path in `paths` on the same repacked weights (a second MoEExperts over the same arrays), the
     # paths alternating per repetition, so that a comparison sees the same machine state
