@@ -56,8 +56,8 @@ from .amx import AMX_TILE_TOKENS, MIN_TOKENS_PER_EXPERT, full_tile_address, tile
 from .amx_bf16 import BF16_MIN_TOKENS, dequant_address
 from .amx_bf16 import tile_address as bf16_tile_address
 from .cpu_features import cpu_features
-from .moe_loops import (DECODE_BAD_ID, DECODE_NONFINITE, DECODE_NOT, DECODE_OK, KIT_READY, KIT_SYNC, KIT_WORDS, bf16_slots, check_inputs,
-                        decode_step, phase_down, phase_gate_up, plan_slots, quantize_slots)
+from .moe_loops import (DECODE_BAD_ID, DECODE_NONFINITE, DECODE_NOT, DECODE_OK, KIT_READY, KIT_SYNC, KIT_WORDS, bf16_slots,
+                        check_inputs, decode_step, phase_down, phase_gate_up, plan_slots, quantize_slots)
 from .pool import WorkerPool
 from .repack import FLOAT_TYPES, LAYOUTS, aligned_empty, descriptor, field_shapes, repack_into
 from .simd import variant

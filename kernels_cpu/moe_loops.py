@@ -550,9 +550,9 @@ def _scatter(tmp, i0, i1, n_tok, t0, rg, slot_tok, slot_w, y):
 
 
 # A decode kit (moe.py, MoEExperts._decode): int64 [KIT_WORDS], the addresses of one (layer, T, k)'s scratch buffers,
-# each sized for T * k slots, and three control words. A decode step's compiled call then takes ~15 arguments
-# instead of ~35: each array argument costs an unboxing on every call, and right after a token's weights went
-# through the caches the Python side of a step was ~0.25 ms of ~6.8 (Q4_K, 8 experts of 7168 x 2048).
+# each sized for T * k slots, then control words. A decode step's compiled call then takes 17 arguments instead
+# of ~35: each array argument costs an unboxing on every call, and right after a token's weights went through the
+# caches the Python side of a step was ~0.25 ms of ~6.8 (Q4_K, 8 experts of 7168 x 2048).
 # The control words: KIT_READY (0, then 1 once the plan is out, -1 if withdrawn) and phase_both's sync, 2 words
 # from KIT_SYNC, are zeroed by moe.py before the step's threads start; the plan's sizes KIT_USED and KIT_SLOTS.
 (KIT_EXP_E, KIT_EXP_S0, KIT_EXP_N, KIT_EXP_AMX, KIT_SLOT_TOK, KIT_SLOT_W, KIT_XQ, KIT_XD, KIT_XS, KIT_XSF, KIT_G, KIT_U,
