@@ -53,7 +53,7 @@ from numba import carray, njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .moe_loops import atomic_read, claim, fetch_add, sched_yield
+from .moe_loops import atomic_read, claim, fetch_add, sched_yield, void_ptr
 from .quantize import quantize_row
 from .simd import DECODE_PF_LOCALITY, _prefetch, call_codegen, call_tile
 from .vec import silu_mul
@@ -66,18 +66,6 @@ TILE_ROWS = 64  # rows of the decode tile (1 token x 4 row groups of 16)
 PF_START = 8192  # bytes of a thread's first rows in the next op prefetched before a barrier (_prefetch_next)
 
 _i64 = ir.IntType(64)
-
-
-@intrinsic
-def f32_ptr(typingctx, addr):
-    """An address as a float32 pointer (for carray views of weights the program does not own)."""
-    if not isinstance(addr, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, vals):
-        return builder.inttoptr(context.cast(builder, vals[0], signature.args[0], types.int64), ir.FloatType().as_pointer())
-
-    return types.CPointer(types.float32)(addr), codegen
 
 
 @intrinsic
@@ -105,11 +93,17 @@ def prefetch_lines(typingctx, addr, n):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _codes_at(md, e, rg):
+    """Address of the codes of row group rg (16 rows) of matrix e in a descriptor md (moe_loops)."""
+    return md[0] + e * md[1] + rg * md[2]
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _prefetch_start(md, e, rg):
     """The first lines of rows 16 rg .. of matrix e: the codes' first PF_START bytes (where a tile's own prefetch,
     PF_AHEAD bytes ahead of its reads, has not been) and the first row group's scale lines (the tile prefetches the
     next row group's)."""
-    prefetch_lines(md[0] + e * md[1] + rg * md[2], PF_START // 64)
+    prefetch_lines(_codes_at(md, e, rg), PF_START // 64)
     for f in range(1, 5):
         if md[3 * f]:
             prefetch_lines(md[3 * f] + e * md[3 * f + 1] + rg * md[3 * f + 2], min(md[3 * f + 2], 2048) // 64)
@@ -152,7 +146,7 @@ def _qrow(Q, QD, QS, QF, q, d, s, f, row, K):
 @njit(nogil=True, cache=True)
 def _norm(a, WA, F, eps):
     src, w, dst, n, rows, stride = a[3], a[4], a[5], a[6], a[7], a[8]
-    wv = carray(f32_ptr(WA[w]), n)
+    wv = carray(void_ptr(WA[w]), n, np.float32)
     for r in range(rows):
         s = np.float32(0.0)
         for i in range(n):
@@ -353,7 +347,7 @@ def _gqa(a, C, ci, F, K, V, pos, scale):
 @njit(nogil=True, cache=True, fastmath=True)
 def _router(a, C, ci, WA, F):
     w, E, H, src, dst, chunk = a[3], a[4], a[5], a[6], a[7], a[8]
-    W = carray(f32_ptr(WA[w]), (E, H))
+    W = carray(void_ptr(WA[w]), (E, H), np.float32)
     done = 0
     while True:
         e0 = fetch_add(C, ci, 1) * chunk
@@ -394,7 +388,7 @@ def _topk(a, WA, F, IX, scale):
             probs[e] /= tot
     choice[:] = probs
     if sigmoid and bias >= 0:
-        bv = carray(f32_ptr(WA[bias]), E)
+        bv = carray(void_ptr(WA[bias]), E, np.float32)
         for e in range(E):
             choice[e] += bv[e]
     if n_group > 1 and topk_group < n_group:
@@ -443,10 +437,8 @@ def _up_start(a, item, MD, IX):
     if item >= _units(a):
         return 0
     if item < k * i_r:
-        md = MD[a[3]]
-        return md[0] + IX[a[26] + item // i_r] * md[1] + item % i_r * IB * 4 * md[2]
-    md = MD[a[8]]
-    return md[0] + (a[10] + (item - k * i_r) * IB * 4) * md[2]
+        return _codes_at(MD[a[3]], IX[a[26] + item // i_r], item % i_r * IB * 4)
+    return _codes_at(MD[a[8]], 0, a[10] + (item - k * i_r) * IB * 4)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -457,11 +449,7 @@ def _down_start(a, item, MD, IX):
     if item >= _units(a):
         return 0
     j, rg = item // i_h, item % i_h * IB * 4
-    if j < k:
-        md = MD[a[3]]
-        return md[0] + IX[a[17] + j] * md[1] + rg * md[2]
-    md = MD[a[7]]
-    return md[0] + rg * md[2]
+    return _codes_at(MD[a[3]], IX[a[17] + j], rg) if j < k else _codes_at(MD[a[7]], 0, rg)
 
 
 @njit(nogil=True, cache=True)
@@ -645,7 +633,7 @@ def run_program(tid, n_threads, node, ops, opf, MD, WA, F, Q, QD, QS, QF, IX, KV
                 elif code == OP_ADD:
                     src, dst, n = a[3], a[4], a[5]
                     if a[6]:
-                        F[dst:dst + n] += carray(f32_ptr(WA[src]), n)
+                        F[dst:dst + n] += carray(void_ptr(WA[src]), n, np.float32)
                     else:
                         F[dst:dst + n] += F[src:src + n]
                 elif code == OP_SIGMOID:

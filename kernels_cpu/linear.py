@@ -80,8 +80,9 @@ _LABEL = {"vnni": "avx512-vnni vpdpbusd", "avx2": "avx2 vpmaddubsw", "portable":
 @njit(nogil=True, cache=True)
 def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter, tid, n_threads):
     """x [B*T, K] f32 -> y [B*T, R] f32 via activation buffers [B*Tp, ...]; counter int64 [4 + n_threads], fresh
-    zeros; an item is IB consecutive row blocks of one matrix; thread tid of n_threads claims items from its own
-    contiguous segment first (moe_loops.claim, counters from counter[4])."""
+    zeros: [1] chunks claimed, [2] chunks quantized, [3] items finished (wait_items), [4:] claim's segments ([0] is
+    linear_bf16_loop's panel counter, unused here); an item is IB consecutive row blocks of one matrix; thread tid
+    of n_threads claims items from its own contiguous segment first (moe_loops.claim)."""
     literally(V)
     NT = V // 10 % 10
     NR = V % 10

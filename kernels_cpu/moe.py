@@ -192,7 +192,7 @@ class MoEExperts:
             self.path = "reference"  # float expert weights: numpy float matmul (correct, not the fast path)
             self.amx, self.amx_label = None, "amx off: float expert weights"
         self._entries = {}
-        self._plans = {}  # (nt, nr, wide, any AMX expert, per-256 tiles on) -> _plan
+        self._plans = {}  # (nt, nr, wide, any AMX expert, per-256 tiles on) -> _make_plan(...)
         repack = self.path != "reference"
         self.mats = [_Matrix(nm, pair[0], pair[1], R, K, repack, cache_dir, cache_key) for nm, pair, R, K in
                      (("gate", gate, inter, hidden), ("up", up, inter, hidden), ("down", down, hidden, inter))]
@@ -311,9 +311,6 @@ class MoEExperts:
         addresses of scratch buffers for T * k slots (moe_loops.KIT_*), shared with the general path's buffers of
         the same names, so that every layer's steps run in the same, cache-warm memory."""
         P, H, I, n = T * k, self.H, self.I, self.pool.n_threads
-        nt, nr = DECODE_TILE
-        key = (nt, nr, False, False, False)
-        plan = self._plans.get(key) or self._plans.setdefault(key, self._plan(nt, nr, False, False))
         g = scratch.get
         bufs = [g("ke", (P,), np.int64), g("ks0", (P,), np.int64), g("kn", (P,), np.int64), g("kamx", (P,), np.uint8),
                 g("kst", (P,), np.int64), g("ksw", (P,), np.float32), *scratch.qbufs("x", P, H), g("g", (P, I), np.float32),
@@ -322,7 +319,7 @@ class MoEExperts:
         kd = np.zeros(KIT_WORDS, np.int64)
         kd[:len(bufs)] = [b.ctypes.data for b in bufs]
         mg, mu, md = self.mats
-        a0 = plan[:3] + (kd, mg.md, mu.md, md.md, self.E, I)
+        a0 = self._plan(*DECODE_TILE, False, False)[:3] + (kd, mg.md, mu.md, md.md, self.E, I)
         like = (np.zeros((T, H), np.float32), np.zeros((T, k), ids_dtype), np.zeros((T, k), np.float32),
                 np.zeros((T, H), np.float32), 0, 0, 0, n)  # x, ids, w, y, prep, waiter, tid, n_threads
         run = self._entry(decode_step, a0 + like, 3, f" ids {ids_dtype.name}")
@@ -352,11 +349,7 @@ class MoEExperts:
         y = np.zeros((T, H + 16), np.float32)[:, :H]
         wide = bool(nt > 1 and routed >= WIDE_MIN_TOKENS * len(exp_e))
         any_amx = bool(self.amx) and bool(exp_amx.any())  # a numpy reduce: ~10 us right after a token's weights
-        key = (nt, nr, wide, any_amx, nt > 1 and per256_tiles())  # KTX_PER256_TILES may change between calls
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._plan(nt, nr, wide, any_amx)
-        Vg, Vu, Vd, x256, h256, fn_g, fn_u, fn_d, full, bf16, fn_t = plan
+        Vg, Vu, Vd, x256, h256, fn_g, fn_u, fn_d, full, bf16, fn_t = self._plan(nt, nr, wide, any_amx)
         c_a, c_b = np.zeros(pool.n_threads, np.int64), np.zeros(pool.n_threads, np.int64)  # claim's segments
         remaining = np.full(max(len(exp_e), 1), I // (16 * nr), np.int64)
         mg, mu, md = self.mats
@@ -402,6 +395,13 @@ class MoEExperts:
     def _plan(self, nt: int, nr: int, wide: bool, any_amx: bool):
         """What a forward with this tile, widening and AMX use runs, kept per key (a decode step spent ~30 us of
         Python choosing it): the three tile variants, whether x and h go per 256, the AMX kernel addresses."""
+        key = (nt, nr, wide, any_amx, nt > 1 and per256_tiles())  # KTX_PER256_TILES may change between calls
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(nt, nr, wide, any_amx)
+        return plan
+
+    def _make_plan(self, nt: int, nr: int, wide: bool, any_amx: bool):
         H, I = self.H, self.I
         s256 = [nt > 1 and not any_amx and per256_ok(m.layout, wide, K) for m, K in zip(self.mats, (H, H, I))]
         x256 = s256[0] and s256[1]  # x feeds gate and up: per-256 activations only if both tiles take them
