@@ -43,6 +43,7 @@ finds nothing left to claim, and since each call has a fresh counter it cannot t
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import threading
@@ -192,6 +193,8 @@ def _entry(V: int):
 class QuantLinear:
     """y = x @ W^T for one GGUF weight W, int8 activations x quantized weights, on the worker pool."""
 
+    ROW_ALIGN = ROW_PAD  # row_range starts on a multiple of this
+
     def __init__(self, raw: np.ndarray, qtype: int, rows: int, cols: int, pool: WorkerPool, path: str = "auto",
                  name: str = ""):
         self.name, self.rows, self.cols, self.pool = name or "linear weight", rows, cols, pool
@@ -256,6 +259,21 @@ class QuantLinear:
                     self.arrays[f][b, r0 // R_GROUP:(r0 + n) // R_GROUP] = a
         self.md = descriptor(self.arrays)
         self._bufs = (0, None)  # (rows, (xq, xd, xs, xsf)): grown on demand, reused across calls
+
+    def row_range(self, r0: int, r1: int) -> QuantLinear:
+        """The rows r0:r1 of W as a QuantLinear of their own that shares this one's repacked arrays (no copy):
+        y = x @ W[r0:r1]^T. r0 must start a padded row block (a multiple of ROW_PAD); rows past r1 inside the last
+        block are read and their results dropped, as for the padding of a whole matrix."""
+        if self.path == "reference" or self.batched or not (0 <= r0 < r1 <= self.rows) or r0 % ROW_PAD:
+            raise KtxError(f"{self.name}: row_range({r0}, {r1}) needs an unbatched repacked weight, 0 <= r0 < r1 <= "
+                           f"{self.rows} and r0 a multiple of {ROW_PAD}")
+        view = copy.copy(self)
+        g0, g1 = r0 // R_GROUP, -(-r1 // ROW_PAD) * ROW_PAD // R_GROUP
+        view.name, view.rows, view.raw = f"{self.name}[{r0}:{r1}]", r1 - r0, self.raw[r0:r1]
+        view.arrays = {f: a[:, g0:g1] for f, a in self.arrays.items()}
+        view.md, view.nbytes = descriptor(view.arrays), 0  # the bytes are the parent's
+        view._lock, view._bufs = threading.Lock(), (0, None)
+        return view
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         want = f"[B={self.B}, T, {self.cols}]" if self.batched else f"[T, {self.cols}]"

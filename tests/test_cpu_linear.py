@@ -119,6 +119,31 @@ def test_decode_items_of_several_row_blocks(pool, qt, B, R, K):
         linear.INLINE_MACS = saved
 
 
+@settings(max_examples=6, deadline=None)
+@given(qt=st.sampled_from([QT.Q8_0, QT.Q4_K]), blocks=st.integers(0, 4), rows=st.integers(1, 130),
+       T=st.sampled_from([1, 3, 40]), seed=st.integers(0, 2**32 - 1))
+def test_row_range_is_those_rows_of_the_matrix(pool, qt, blocks, rows, T, seed):
+    """A row range shares the parent's repacked arrays (MLA's K/V expansion runs heads h0:h1 of one derived weight):
+    y must be x @ W[r0:r1]^T for the rows of the dequantized matrix, whatever follows r1 in the parent."""
+    rng = np.random.default_rng(seed)
+    r0 = QuantLinear.ROW_ALIGN * blocks
+    R, K = r0 + rows + int(rng.integers(0, 100)), 256
+    raw = rand_raw(rng, qt, 1, R, K)[0]
+    op = QuantLinear(raw, qt, R, K, pool)
+    view = op.row_range(r0, r0 + rows)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    saved = linear.INLINE_MACS
+    try:
+        linear.INLINE_MACS = 0  # through the pool
+        y = view(x)
+    finally:
+        linear.INLINE_MACS = saved
+    assert y.shape == (T, rows) and view.nbytes == 0
+    check(y[None], x[None], [deq(raw, qt)[r0:r0 + rows]], act_block(qt, T, K))
+    with pytest.raises(KtxError, match="row_range"):
+        op.row_range(r0 + 1, r0 + rows)
+
+
 def test_reference_path_and_float_weights(pool):
     rng = np.random.default_rng(4)
     for qt in (QT.Q6_K, QT.F16):

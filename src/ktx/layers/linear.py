@@ -25,6 +25,8 @@ import re
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import quantize
 
 from ktx.layers.weights import WeightStore
 
@@ -51,6 +53,11 @@ class FloatLinears:
         """[x @ W^T for W in names]: several weights on one input (see FUSE)."""
         return [self(x, n) for n in names]
 
+    def derived(self, key: str, make):
+        """An int8 op for a float32 weight [R, K] that the model derives from GGUF tensors (make() builds it, e.g.
+        MLA's per-head K/V expansion, which needs W_UK transposed); None: the float path keeps the floats."""
+        return None
+
     def prepare(self, names) -> None:
         """Make the backend ready for these tensors up front (nothing to do for the float path)."""
 
@@ -64,6 +71,7 @@ class QuantLinears(FloatLinears):
         self.pool, self.path = pool, path
         self.ops: dict[str, object] = {}  # name -> QuantLinear, or None for the float path
         self.fused: dict[tuple[str, ...], tuple[object, list[int]]] = {}  # names -> (stacked QuantLinear, rows each)
+        self.derived_ops: dict[str, object] = {}  # key -> QuantLinear of a derived weight (see derived), or None
 
     def _op(self, name: str):
         op = self.ops.get(name, False)
@@ -94,6 +102,20 @@ class QuantLinears(FloatLinears):
             return super().many(x, names)
         op, rows = hit
         return list(torch.from_numpy(op(x.numpy())).split(rows, dim=-1))
+
+    def derived(self, key: str, make):
+        """make()'s float32 [R, K] quantized once to Q8_0 (8-bit codes per 32: the derived weight keeps the
+        precision of the 4-6-bit codes it came from) and repacked, kept under `key`; None where K is not a multiple
+        of 32."""
+        from ktx.kernels_cpu import QuantLinear
+
+        op = self.derived_ops.get(key, False)
+        if op is False:
+            W = make().float().contiguous().numpy()
+            op = None if W.shape[1] % 32 else QuantLinear(quantize(W, QT.Q8_0), QT.Q8_0, *W.shape, self.pool,
+                                                           path=self.path, name=key)
+            self.derived_ops[key] = op
+        return op
 
     def _fuse(self, names: tuple[str, ...]) -> bool:
         """One stacked QuantLinear for weights of one type and width (raw rows concatenated, then repacked)."""

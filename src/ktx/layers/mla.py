@@ -18,7 +18,9 @@ score then costs 2 kv_lora + rope MACs; expanding per-head keys and values from 
   k = [kv_c W_UK | k_pe]   [n_h, S, nope + rope]        v = kv_c W_UV^T   [n_h, S, v]
 
 makes a score cost nope + rope and a weighted sum v (3.4x fewer MACs for DeepSeek-V3's 128/64/512), for
-S * kv_lora * (nope + v) per head up front (`mla_expanded`, `expanded_is_cheaper` picks). Both are exact.
+S * kv_lora * (nope + v) per head up front (`mla_expanded`, `expanded_is_cheaper` picks). Both are exact in
+float32; over the int8 linears each form applies W_UK and W_UV as an int8 GEMM (the absorbed form on the
+queries and outputs, the expanded one on the cached kv_c), with the error of every other linear.
 """
 
 from __future__ import annotations
@@ -78,29 +80,37 @@ def expanded_is_cheaper(T: int, S: int, kv_lora: int, nope: int, rope: int, v: i
     return expanded < absorbed
 
 
-def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_c: torch.Tensor, k_pe: torch.Tensor, W_UK: torch.Tensor,
-                 W_UV: torch.Tensor, scale: float, start: int, block: int = 128, budget: int = 1 << 28) -> torch.Tensor:
-    """Prefill attention with per-head K/V expanded from the latent cache: q_nope [T, n_h, nope], q_pe [T, n_h, rope];
-    kv_c [S, kv_lora], k_pe [S, rope] (S = start + T); W_UK [n_h, kv_lora, nope], W_UV [n_h, v, kv_lora] -> [T, n_h, v].
+def float_kv_heads(kv_c: torch.Tensor, W_UK: torch.Tensor, W_UV: torch.Tensor):
+    """kv_heads for `mla_expanded` from float weights: heads h0:h1's k_nope = kv_c W_UK [h, S, nope] and
+    v = kv_c W_UV^T [h, S, v]."""
+    return lambda h0, h1: (torch.einsum("sc,hcn->hsn", kv_c, W_UK[h0:h1]), torch.einsum("sc,hvc->hsv", kv_c, W_UV[h0:h1]))
 
-    Heads go in chunks whose expanded K/V and score block stay under `budget` bytes; queries go in blocks of
-    `block`, each scoring only the keys up to its last position (causal), so a fresh prefill does ~half the work."""
+
+def mla_expanded(q_nope: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor, kv_heads, dv: int, scale: float,
+                 start: int, block: int = 128, budget: int = 1 << 28, unit: int = 1) -> torch.Tensor:
+    """Prefill attention with per-head K/V expanded from the latent cache: q_nope [T, n_h, nope], q_pe [T, n_h, rope],
+    k_pe [S, rope] (S = start + T); kv_heads(h0, h1) -> (k_nope [h1 - h0, S, nope], v [h1 - h0, S, dv]) expands
+    heads h0:h1 from the cached kv_c (`float_kv_heads`, or the int8 expansion of the model's linears; strided views
+    are fine) -> [T, n_h, dv].
+
+    Heads go in chunks (a multiple of `unit` heads) whose K/V and score block stay under `budget` bytes; queries go
+    in blocks of `block`, each scoring only the keys up to its last position (causal), so a fresh prefill does
+    ~half the work. The rope part of the keys is one [S, rope] shared by all heads: its scores are one matmul,
+    added to the nope part's, so no per-head [S, nope + rope] key is ever built."""
     T, n_h, nope = q_nope.shape
-    S = kv_c.shape[0]
-    dv = W_UV.shape[1]
+    S = k_pe.shape[0]
     out = q_nope.new_empty(T, n_h, dv)
-    per_head = 4 * S * (nope + q_pe.shape[-1] + dv + block)
-    hc = max(1, min(n_h, budget // per_head))
-    q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)  # [n_h, T, nope + rope]
+    per_head = 4 * S * (nope + dv + block)
+    hc = max(unit, min(n_h, budget // per_head) // unit * unit)
+    qn, qp = q_nope.transpose(0, 1).contiguous(), q_pe.transpose(0, 1).contiguous()  # [n_h, T, nope | rope]
     for h0 in range(0, n_h, hc):
         h1 = min(n_h, h0 + hc)
-        k_nope = torch.einsum("sc,hcn->hsn", kv_c, W_UK[h0:h1])  # [hc, S, nope]
-        k = torch.cat([k_nope, k_pe.expand(h1 - h0, S, k_pe.shape[-1])], dim=-1)  # [hc, S, nope + rope]
-        v = torch.einsum("sc,hvc->hsv", kv_c, W_UV[h0:h1])  # [hc, S, v]
+        k_nope, v = kv_heads(h0, h1)  # [hc, S, nope], [hc, S, dv]
         for t0 in range(0, T, block):
             t1 = min(T, t0 + block)
             s1 = start + t1  # keys this block may see
-            scores = torch.matmul(q[h0:h1, t0:t1], k[:, :s1].transpose(1, 2)) * scale  # [hc, tb, s1]
+            scores = torch.matmul(qp[h0:h1, t0:t1], k_pe[:s1].T)  # [hc, tb, s1]
+            scores = torch.baddbmm(scores, qn[h0:h1, t0:t1], k_nope[:, :s1].transpose(1, 2), beta=scale, alpha=scale)
             causal = torch.arange(s1)[None, :] > (start + torch.arange(t0, t1))[:, None]  # [tb, s1]
             probs = scores.masked_fill_(causal, float("-inf")).softmax(-1)
             out[t0:t1, h0:h1] = torch.matmul(probs, v[:, :s1]).transpose(0, 1)  # [tb, hc, v]

@@ -23,13 +23,15 @@ experts running on the device meanwhile. Token ids come in and logits go out on 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from ktx.errors import KtxError
 from ktx.gguf_file import GGUFModel
 from ktx.layers.linear import FloatLinears
-from ktx.layers.mla import LatentCache, expanded_is_cheaper, mla_expanded
+from ktx.layers.mla import LatentCache, expanded_is_cheaper, float_kv_heads, mla_expanded
 from ktx.layers.moe import TorchExperts, moe_step
 from ktx.layers.ops import TorchOps, TritonOps
 from ktx.layers.program import ProgramDecoding
@@ -115,6 +117,29 @@ class Deepseek2(ProgramDecoding):
         kv_b = self._w(p + "attn_kv_b.weight").view(cfg.n_heads, cfg.qk_nope + cfg.v_head, cfg.kv_lora_rank)
         return kv_b[:, : cfg.qk_nope].transpose(1, 2), kv_b[:, cfg.qk_nope:]
 
+    def _kv_heads(self, p: str, kv_c: torch.Tensor):
+        """(kv_heads, unit) for `mla_expanded`: per-head keys and values from the latent cache kv_c [S, kv_lora].
+        With the int8 linears, one derived weight [n_h * (nope + v), kv_lora] (each head's W_UK^T rows, then its
+        W_UV rows; Q8_0) expands heads h0:h1 in one GEMM (3-4x the float32 einsums' speed here); chunks of heads
+        start on whole row blocks of it (unit heads)."""
+        cfg = self.cfg
+        w = cfg.qk_nope + cfg.v_head
+
+        def weight() -> torch.Tensor:
+            W_UK, W_UV = self._uk_uv(p)  # [n_h, kv_lora, nope], [n_h, v, kv_lora]
+            return torch.cat([W_UK.transpose(1, 2), W_UV], dim=1).reshape(cfg.n_heads * w, cfg.kv_lora_rank)
+
+        op = self.lin.derived(p + "attn_kv_b.expand", weight)
+        if op is None:
+            return float_kv_heads(kv_c, *self._uk_uv(p)), 1
+        x = kv_c.numpy()
+
+        def kv_heads(h0: int, h1: int):
+            y = torch.from_numpy(op.row_range(h0 * w, h1 * w)(x)).view(-1, h1 - h0, w)  # [S, hc, nope + v]
+            return y[..., : cfg.qk_nope].transpose(0, 1), y[..., cfg.qk_nope:].transpose(0, 1)
+
+        return kv_heads, op.ROW_ALIGN // math.gcd(op.ROW_ALIGN, w)
+
     def _absorb_k(self, p: str, q_nope: torch.Tensor) -> torch.Tensor:
         """q_nope [T, n_h, nope] -> q_lat [T, n_h, kv_lora]: each head's W_UK (attn_k_b [n_h, kv_lora, nope])."""
         if self.gguf.has(p + "attn_k_b.weight"):
@@ -142,8 +167,8 @@ class Deepseek2(ProgramDecoding):
         start, end = cache.length, cache.length + T
         cache.kv_c[i, start:end], cache.k_pe[i, start:end] = kv_c, k_pe
         if ops.name == "torch" and expanded_is_cheaper(T, end, cfg.kv_lora_rank, cfg.qk_nope, cfg.qk_rope, cfg.v_head):
-            W_UK, W_UV = self._uk_uv(p)
-            o = mla_expanded(q_nope, q_pe, cache.kv_c[i, :end], cache.k_pe[i, :end], W_UK, W_UV, cfg.softmax_scale, start)
+            kv_heads, unit = self._kv_heads(p, cache.kv_c[i, :end])
+            o = mla_expanded(q_nope, q_pe, cache.k_pe[i, :end], kv_heads, cfg.v_head, cfg.softmax_scale, start, unit=unit)
         else:
             o_lat = ops.mla(self._absorb_k(p, q_nope), q_pe, cache, i, start, end, cfg.softmax_scale)  # [T, n_h, kv_lora]
             o = self._absorb_v(p, o_lat)  # [T, n_h, v]
