@@ -78,6 +78,10 @@ class GpuLinears:
         w, _ = self._weight(name)  # [B, R, K]
         return torch.bmm(x.to(w.dtype), w.transpose(1, 2)).float()  # [B, T, K] @ [B, K, R]
 
+    def derived(self, key: str, make):
+        """No int8 derived weights on the device (see FloatLinears.derived): the model keeps its float path."""
+        return None
+
     def prepare(self, names) -> None:
         """Upload every dense weight now, not inside the first token."""
         for n in names:
