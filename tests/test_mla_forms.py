@@ -73,5 +73,6 @@ def test_int8_kv_expansion_of_a_quantized_model_tracks_the_float_model(tmp_path,
     a, b = ref.logits(prompt), m.logits(prompt)  # [T, vocab]
     ops = m.net.lin.derived_ops
     assert sorted(ops) == [f"blk.{i}.attn_kv_b.expand" for i in range(3)] and all(ops.values())
+    assert "3 derived Q8_0 weights (attn_kv_b.expand)" in m.net.lin.describe()  # what `ktx bench` prints
     err = np.abs(a - b).max(-1) / np.abs(a).max(-1)
     assert np.median(err) < 0.05 and np.mean(err < 0.07) >= 0.85 and np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.8, err

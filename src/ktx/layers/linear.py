@@ -169,6 +169,9 @@ class QuantLinears(FloatLinears):
         slow = sorted({self.store.model.tensor(n).type_name for n, op in self.ops.items() if op is None})
         if slow:
             line += f"; {len(self.ops) - len(fast)} ({'/'.join(slow)}) as float32 torch matmul"
+        derived = [k for k, op in self.derived_ops.items() if op is not None]
+        if derived:  # built by the load's warm-up: in `ktx bench`'s kernel paths, not in the load's own line
+            line += f"; {len(derived)} derived Q8_0 weights ({'/'.join(sorted({k.split('.', 2)[-1] for k in derived}))})"
         return line
 
 
