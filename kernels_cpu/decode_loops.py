@@ -53,7 +53,7 @@ from numba import carray, njit
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .moe_loops import atomic_read, claim, fetch_add, sched_yield, void_ptr
+from .moe_loops import atomic_read, claim, fetch_add, field_at, sched_yield, void_ptr
 from .quantize import quantize_row
 from .simd import DECODE_PF_LOCALITY, _prefetch, call_codegen, call_tile
 from .vec import silu_mul
@@ -93,20 +93,14 @@ def prefetch_lines(typingctx, addr, n):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _codes_at(md, e, rg):
-    """Address of the codes of row group rg (16 rows) of matrix e in a descriptor md (moe_loops)."""
-    return md[0] + e * md[1] + rg * md[2]
-
-
-@njit(nogil=True, cache=True, inline="always")
 def _prefetch_start(md, e, rg):
     """The first lines of rows 16 rg .. of matrix e: the codes' first PF_START bytes (where a tile's own prefetch,
     PF_AHEAD bytes ahead of its reads, has not been) and the first row group's scale lines (the tile prefetches the
     next row group's)."""
-    prefetch_lines(_codes_at(md, e, rg), PF_START // 64)
+    prefetch_lines(field_at(md, 0, e, rg), PF_START // 64)
     for f in range(1, 5):
         if md[3 * f]:
-            prefetch_lines(md[3 * f] + e * md[3 * f + 1] + rg * md[3 * f + 2], min(md[3 * f + 2], 2048) // 64)
+            prefetch_lines(field_at(md, f, e, rg), min(md[3 * f + 2], 2048) // 64)
 
 
 @njit(nogil=True, cache=True)
@@ -437,8 +431,8 @@ def _up_start(a, item, MD, IX):
     if item >= _units(a):
         return 0
     if item < k * i_r:
-        return _codes_at(MD[a[3]], IX[a[26] + item // i_r], item % i_r * IB * 4)
-    return _codes_at(MD[a[8]], 0, a[10] + (item - k * i_r) * IB * 4)
+        return field_at(MD[a[3]], 0, IX[a[26] + item // i_r], item % i_r * IB * 4)
+    return field_at(MD[a[8]], 0, 0, a[10] + (item - k * i_r) * IB * 4)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -449,7 +443,7 @@ def _down_start(a, item, MD, IX):
     if item >= _units(a):
         return 0
     j, rg = item // i_h, item % i_h * IB * 4
-    return _codes_at(MD[a[3]], IX[a[17] + j], rg) if j < k else _codes_at(MD[a[7]], 0, rg)
+    return field_at(MD[a[3]], 0, IX[a[17] + j], rg) if j < k else field_at(MD[a[7]], 0, 0, rg)
 
 
 @njit(nogil=True, cache=True)

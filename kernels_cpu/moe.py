@@ -475,7 +475,6 @@ class _Scratch:
         self.bufs: dict[str, np.ndarray] = {}
         self.views: dict[tuple, np.ndarray] = {}  # (name, shape, dtype) -> view of bufs[name]
         self.kits: dict[tuple, tuple] = {}  # (MoEExperts, T, k, int32 ids) -> its decode kit: addresses in bufs
-        self.kits: dict[tuple, tuple] = {}  # (MoEExperts, T, k) -> its decode kit: addresses of these buffers
 
     @classmethod
     def take(cls) -> _Scratch:
@@ -497,7 +496,6 @@ class _Scratch:
             buf = self.bufs[name] = aligned_empty(max(n, 64), np.uint8)
             self.views = {k: v for k, v in self.views.items() if k[0] != name}  # views of the old buffer
             self.kits.clear()  # their addresses may be in the old buffer
-            self.kits.clear()  # their addresses may be of the old buffer
         if len(self.views) > 256:  # prefills of ever new lengths must not grow it without bound
             self.views.clear()
         v = self.views[key] = buf[:n].view(dtype).reshape(shape)

@@ -103,6 +103,13 @@ def claim(C, ci, tid, n_threads, n):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def field_at(md, f, e, rg):
+    """Address of field f (repack.FIELDS: 0 codes, then the scales) of row group rg (16 rows) of matrix e in a
+    descriptor md (repack.descriptor: address, expert stride, row-group stride per field)."""
+    return md[3 * f] + e * md[3 * f + 1] + rg * md[3 * f + 2]
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _mat_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo, pf):
     tile(V, K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
          md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
@@ -122,7 +129,7 @@ def pf_slice(V, md, e, rg, K, i, fallback):
     off = i * (K // LAY[V // 1000 % 10][0]) * 64
     if e < 0 or off >= (V % 10) * md[2]:
         return fallback if V // 10 % 10 > 1 else 0
-    return md[0] + e * md[1] + rg * md[2] + off
+    return field_at(md, 0, e, rg) + off
 
 
 @njit(nogil=True, cache=True, inline="always")

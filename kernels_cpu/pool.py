@@ -97,12 +97,9 @@ class WorkerPool:
     def run(self, fn: Callable[[int, int], None]) -> None:
         self.submit(fn).wait()
 
-    def run_here(self, fn: Callable[[int, int], None], finish: Callable[[], object] | None = None,
-                 join: Callable[[], bool] | None = None):
+    def run_here(self, fn: Callable[[int, int], None], finish: Callable[[], object] | None = None):
         """submit(fn, finish).wait(), with the calling thread as the last worker (fn(n - 1, n) runs here): one
-        thread fewer to wake, and no GIL hand-off to a worker that would only start what the caller could.
-        join: asked after the caller's share whether to wait for the workers' (default: always); a caller whose
-        fn already saw every worker's share done (MoEExperts' decode) skips their way back through Python. An
+        thread fewer to wake, and no GIL hand-off to a worker that would only start what the caller could. An
         error in the caller's share waits for the workers first and raises theirs if they had one."""
         n = self.n_threads
         job = self.submit(fn, workers=n - 1) if n > 1 else None
@@ -112,7 +109,7 @@ class WorkerPool:
             if job is not None:
                 job.wait()
             raise
-        if job is not None and (join is None or join()):
+        if job is not None:
             job.wait()
         return finish() if finish is not None else None
 
