@@ -13,7 +13,9 @@ vpdpbusd peak (all workers running 16 independent vpdpbusd zmm chains). Cases, D
            also over the mean of the read probe's just before and just after it (the read on offer drifts
            within seconds here); medians over DECODE_TOKENS tokens (12 had left single runs 10 points apart)
   prefill  T tokens (--tokens, a comma list: 64,128,256,512), each through the same 8 experts (T tokens per
-           expert); GOPS = 2 * MACs / time
+           expert); GOPS = 2 * MACs / time; best of PREFILL_REPS repetitions against the peak measured at the
+           start, and the median over the repetitions of each one's rate against the peak measured just before
+           and just after it (the paired ratio, robust to the host taking a core for a while)
 Weights are random valid blocks (random codes, small finite f16 scales).
 """
 from __future__ import annotations
@@ -22,17 +24,22 @@ import argparse
 import time
 
 import gguf
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from llvmlite import ir
-from numba import njit
+from numba import literally, njit
 from numba.core import types
 from numba.extending import intrinsic
 
 from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features, membw
+from ktx.kernels_cpu.moe import PREFILL_TILE, WIDE_MIN_TOKENS
+from ktx.kernels_cpu.moe_loops import _mat_tile, _widened
+from ktx.kernels_cpu.quantize import quantize_row, quantize_row256
 
 H, I_FF = 7168, 2048
 DECODE_TOKENS = 40
+PREFILL_REPS = 8
 
 
 def dram_read_gbs(pool: WorkerPool, nbytes: int = 1 << 30) -> tuple[float, int]:
@@ -91,6 +98,49 @@ def vnni_peak_gops(pool: WorkerPool, iters: int = 20_000_000) -> float:
     return best
 
 
+@njit(nogil=True, cache=True)
+def _tile_loop(V, md, K, xq, xd, xs, xsf, out, buf, mdw, n):
+    """n calls of prefill tile V on the first NR row groups of expert 0 of md, token tiles in turn over xq's rows."""
+    literally(V)
+    m = _widened(V, md, 0, 0, K, buf, mdw)
+    NT = V // 10 % 10
+    for i in range(n):
+        t0 = i * NT % xq.shape[0]
+        _mat_tile(V, m, 0, 0, K, xq, xd, xs, xsf, t0, out, t0 * 16 * (V % 10), 16 * (V % 10), xq.ctypes.data)
+
+
+def tile_alone(ex, x, seconds: float = 0.3) -> float:
+    """The prefill tile of gate's layout alone, one thread, its weights (NR row groups of one expert) and
+    x's rows in L2, as a fraction of one thread's vpdpbusd peak: the ceiling of the tile's instruction mix,
+    which the whole op (memory, quantization, SiLU, threads) can approach but not pass."""
+    Vg, _, _, x256 = ex._plan(*PREFILL_TILE, len(x) >= WIDE_MIN_TOKENS, False)[:4]
+    K, NR = H, Vg % 10
+    T = len(x)
+    xq, xd = np.zeros((T, K), np.int8), np.zeros((T, K // 32), np.float32)
+    xs, xsf = np.zeros((T, K // 16), np.int32), np.zeros((T, K // 32), np.float32)
+    for t in range(T):
+        (quantize_row256 if x256 else quantize_row)(x[t], xq[t], xd[t], xs[t], xsf[t])
+    out = np.zeros((T, 16 * NR), np.float32)
+    args = (Vg, ex.mats[0].md, K, xq, xd, xs, xsf, out, np.zeros(NR * 16 * K, np.uint8), np.zeros(15, np.int64))
+    # the compiled entry point: called with a plain int, the dispatcher retypes the literal on every call (~60 ms)
+    run = _tile_loop.compile((types.literal(Vg),) + tuple(numba.typeof(a) for a in args[1:]) + (types.int64,))
+    n = max(1, int(seconds * 4e11 / (2 * PREFILL_TILE[0] * 16 * NR * K)))  # ~seconds at 400 GOPS
+    run(*args, n // 4)
+    t = time.perf_counter()
+    run(*args, n)
+    gops = 2 * n * PREFILL_TILE[0] * 16 * NR * K / (time.perf_counter() - t) / 1e9
+    _vnni_run(10)
+    t = time.perf_counter()
+    _vnni_run(20_000_000)
+    one = 20_000_000 * 16 * 128 / (time.perf_counter() - t) / 1e9
+    return gops / one
+
+
+def short_peak(pool: WorkerPool) -> float:
+    """The vpdpbusd peak over ~0.1 s (three ~20 ms loops, best), to pair with one prefill repetition."""
+    return vnni_peak_gops(pool, 4_000_000)
+
+
 def rand_raw(rng, qt, E, R, K):
     """Random valid GGUF blocks: random codes, f16 scales ~0.001 (finite)."""
     bs, ts = gguf.GGML_QUANT_SIZES[qt]
@@ -144,17 +194,28 @@ def bench_type(qt, pool, rng, n_experts, bw, peak, tokens=(64,), paths=("auto",)
         times = {p: [] for p in paths}
         for e in exs:
             e.forward(x[:T], ids, wT)
-        for _ in range(4):
+        # the peak just before and just after each repetition (like decode's read probe): the host takes a core
+        # for seconds at a time here, and a peak measured once at the start paired some runs with the wrong machine
+        peaks = [short_peak(pool)] if peak == peak else []
+        for _ in range(PREFILL_REPS):
             for p, e in zip(paths, exs):
                 t = time.perf_counter()
                 e.forward(x[:T], ids, wT)
                 times[p].append(time.perf_counter() - t)
+            if peaks:
+                peaks.append(short_peak(pool))
+        macs = T * 8 * 3 * H * I_FF
         for p in paths:
             tp = min(times[p])
-            gops = 2 * T * 8 * 3 * H * I_FF / tp / 1e9
+            gops = 2 * macs / tp / 1e9
             vs = f"  {min(times[paths[0]]) / tp:4.2f}x {paths[0]}" if p != paths[0] else ""
+            paired = [2 * macs / ti / 1e9 / ((peaks[i] + peaks[i + 1]) / 2) for i, ti in enumerate(times[p])] if peaks else [np.nan]
             print(f"{qt.name:5s} prefill {p:8s}: {tp * 1e3:7.1f} ms / {T} tok x 8 experts  {gops:6.0f} GOPS = "
-                  f"{gops / peak:5.1%} of VNNI peak{vs}")
+                  f"{gops / peak:5.1%} of VNNI peak, {np.median(paired):5.1%} of the peak around each repetition "
+                  f"(median of {len(paired)}){vs}")
+        if ex.path == "vnni" and cpu_features().avx512_vnni:
+            print(f"{qt.name:5s} prefill tile alone ({PREFILL_TILE[0]} x {16 * PREFILL_TILE[1]}, in L2, 1 thread): "
+                  f"{tile_alone(ex, x[:T]):5.1%} of one thread's peak (the tile's ceiling)")
     return td, gbs
 
 
