@@ -15,7 +15,9 @@ vpdpbusd peak (all workers running 16 independent vpdpbusd zmm chains). Cases, D
   prefill  T tokens (--tokens, a comma list: 64,128,256,512), each through the same 8 experts (T tokens per
            expert); GOPS = 2 * MACs / time; best of PREFILL_REPS repetitions against the peak measured at the
            start, and the median over the repetitions of each one's rate against the peak measured just before
-           and just after it (the paired ratio, robust to the host taking a core for a while)
+           and just after it (the paired ratio, robust to the host taking a core for a while); then the
+           prefill tile alone (tile_alone: one thread, its weights and the T tokens' activations in L2), the
+           ceiling that the tile's instruction mix sets for the whole op
 Weights are random valid blocks (random codes, small finite f16 scales).
 """
 from __future__ import annotations
