@@ -372,6 +372,15 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                 for r in range(RUN):
                     pf = 0 if r + 1 < RUN else pf_slice(Vg, md_g, ne, nrg, H, 0, fb)
                     _mat_tile(Vu, mu, e, rg + r * NR, H, xq, xd, xs, xsf, s0, u, s0 * ld + (rg + r * NR) * 16, ld, pf)
+            elif Vu // 10000 % 10 == 0:  # prefill: gate's token tiles prefetching up's rows, then up's the next
+                # item's gate rows, so the caches hold one matrix's rows and the next ones (not gate's, up's and
+                # the next item's two)
+                for t0 in range(s0, s0 + n, NT):
+                    _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld,
+                              pf_slice(Vu, md_u, e, rg, H, (t0 - s0) // NT, fb))
+                for t0 in range(s0, s0 + n, NT):
+                    _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld,
+                              pf_slice(Vg, md_g, ne, nrg, H, (t0 - s0) // NT, fb))
             else:  # prefill: token tiles, gate's and up's alternating, each prefetching a slice of the next item
                 for t0 in range(s0, s0 + n, NT):
                     i = (t0 - s0) // NT
