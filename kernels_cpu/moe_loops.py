@@ -326,9 +326,8 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
     while n_rt % pp:
         pp //= 2
     wp = aligned_bytes(pp * 64 * PANEL_K if bf16 else 0)
-    # wide variants: the vector tile's row groups widened once per item into these
-    vg = aligned_bytes(NR * 16 * (H if Vg // 10000 % 10 else 0))
-    vu = aligned_bytes(NR * 16 * (H if Vu // 10000 % 10 else 0))
+    # wide variants: the vector tile's row groups widened into this, gate's and then up's of an item
+    vg = aligned_bytes(NR * 16 * (H if Vg // 10000 % 10 or Vu // 10000 % 10 else 0))
     mdw_g, mdw_u = np.empty(15, np.int64), np.empty(15, np.int64)
     while True:
         item = claim(counter, 0, tid, n_threads, n_items)
@@ -361,33 +360,28 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                     amx_tile(lay_g, fn_g, md_g, e, r, H, bg, xq, xd, xs, xsf, t0, cbuf, g, t0, r * 16)
                     amx_tile(lay_u, fn_u, md_u, e, r, H, bu, xq, xd, xs, xsf, t0, cbuf, u, t0, r * 16)
         else:
-            mg, mu = _widened(Vg, md_g, e, rg, H, vg, mdw_g), _widened(Vu, md_u, e, rg, H, vu, mdw_u)
             nj = item + 1 if item + 1 < n_items else -1  # prefetched: this worker's next item, most likely
             ne, nrg = (exp_e[nj // n_rt] if nj >= 0 else -1), nj % n_rt * NR * RUN
             fb = xq.ctypes.data
             if NT == 1:  # decode: gate's run, then up's; the last tile of each prefetches on into the run read next
                 for r in range(RUN):
                     pf = 0 if r + 1 < RUN else md_u[0] + e * md_u[1] + rg * md_u[2]
-                    _mat_tile(Vg, mg, e, rg + r * NR, H, xq, xd, xs, xsf, s0, g, s0 * ld + (rg + r * NR) * 16, ld, pf)
+                    _mat_tile(Vg, md_g, e, rg + r * NR, H, xq, xd, xs, xsf, s0, g, s0 * ld + (rg + r * NR) * 16, ld, pf)
                 for r in range(RUN):
                     pf = 0 if r + 1 < RUN else pf_slice(Vg, md_g, ne, nrg, H, 0, fb)
-                    _mat_tile(Vu, mu, e, rg + r * NR, H, xq, xd, xs, xsf, s0, u, s0 * ld + (rg + r * NR) * 16, ld, pf)
-            elif Vu // 10000 % 10 == 0:  # prefill: gate's token tiles prefetching up's rows, then up's the next
-                # item's gate rows, so the caches hold one matrix's rows and the next ones (not gate's, up's and
-                # the next item's two)
+                    _mat_tile(Vu, md_u, e, rg + r * NR, H, xq, xd, xs, xsf, s0, u, s0 * ld + (rg + r * NR) * 16, ld, pf)
+            else:  # prefill: gate's token tiles, prefetching up's rows, then up's, prefetching the next item's gate
+                # rows: the caches hold one matrix's rows (widened ones in one buffer, vg) and the next ones, not
+                # gate's, up's and the next item's two (Q8_0 at K = 7168 and 64 tokens: ~0.9 MB instead of ~1.4
+                # in a 1 MB L2; bench/RESULTS.md)
+                mg = _widened(Vg, md_g, e, rg, H, vg, mdw_g)
                 for t0 in range(s0, s0 + n, NT):
                     _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld,
                               pf_slice(Vu, md_u, e, rg, H, (t0 - s0) // NT, fb))
+                mu = _widened(Vu, md_u, e, rg, H, vg, mdw_u)
                 for t0 in range(s0, s0 + n, NT):
                     _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld,
                               pf_slice(Vg, md_g, ne, nrg, H, (t0 - s0) // NT, fb))
-            else:  # prefill: token tiles, gate's and up's alternating, each prefetching a slice of the next item
-                for t0 in range(s0, s0 + n, NT):
-                    i = (t0 - s0) // NT
-                    _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld,
-                              pf_slice(Vg, md_g, ne, nrg, H, i, fb))
-                    _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld,
-                              pf_slice(Vu, md_u, ne, nrg, H, i, fb))
         for s in range(s0, s0 + n):  # h = silu(g) * u, in place in g
             o = (s * ld + rg * 16) * 4
             silu_mul(g.ctypes.data + o, u.ctypes.data + o, g.ctypes.data + o, done * 16)
