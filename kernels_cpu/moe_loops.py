@@ -30,7 +30,7 @@ from .amx import AMX_TILE_TOKENS
 from .amx_bf16 import A_BYTES, BF16_TILE_TOKENS, PANEL_K, PANEL_PAIRS, call_bf16_tile, dequant_row_groups, to_bf16
 from .amx_loops import LAY, amx_tile, b_operand, widen_codes
 from .quantize import quantize_row, quantize_row256
-from .simd import call_tile, tile
+from .simd import call_tile, tile, tile_nt
 from .vec import axpy, silu_mul
 
 
@@ -110,12 +110,36 @@ def field_at(md, f, e, rg):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _tile_addr(md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off):
+    """simd.tile's addresses and strides (after K) for row group rg of matrix e and the token tile from slot t0."""
+    return (md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
+            md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
+            md[12] + e * md[13] + rg * md[14], md[14],
+            xq.ctypes.data + t0 * K, xd.ctypes.data + t0 * (K // 32) * 4, xs.ctypes.data + t0 * (K // 16) * 4,
+            xsf.ctypes.data + t0 * (K // 32) * 4, out.ctypes.data + o_off * 4)
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _mat_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo, pf):
-    tile(V, K, md[0] + e * md[1] + rg * md[2], md[2], md[3] + e * md[4] + rg * md[5], md[5],
-         md[6] + e * md[7] + rg * md[8], md[8], md[9] + e * md[10] + rg * md[11], md[11],
-         md[12] + e * md[13] + rg * md[14], md[14],
-         xq.ctypes.data + t0 * K, xd.ctypes.data + t0 * (K // 32) * 4, xs.ctypes.data + t0 * (K // 16) * 4,
-         xsf.ctypes.data + t0 * (K // 32) * 4, out.ctypes.data + o_off * 4, ldo, pf)
+    a = _tile_addr(md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off)
+    tile(V, K, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14], ldo, pf)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _part_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, left, out, o_off, ldo, pf):
+    """_mat_tile for a prefill token tile with `left` real tokens from t0 on: the NT-token tile when there are NT,
+    else a 2- or 3-token one (an expert's last tile; its slots are still padded to NT, so a 2-token tile over one
+    real token reads a padding row, whose output goes nowhere). Padding had cost ~1.5 token columns an expert."""
+    if left >= V // 10 % 10:
+        _mat_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off, ldo, pf)
+        return
+    a = _tile_addr(md, e, rg, K, xq, xd, xs, xsf, t0, out, o_off)
+    if left <= 2:
+        tile_nt(V, 2, K, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14],
+                ldo, pf)
+    else:
+        tile_nt(V, 3, K, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14],
+                ldo, pf)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -376,12 +400,12 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                 # in a 1 MB L2; bench/RESULTS.md)
                 mg = _widened(Vg, md_g, e, rg, H, vg, mdw_g)
                 for t0 in range(s0, s0 + n, NT):
-                    _mat_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, g, t0 * ld + rg * 16, ld,
-                              pf_slice(Vu, md_u, e, rg, H, (t0 - s0) // NT, fb))
+                    _part_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, s0 + n - t0, g, t0 * ld + rg * 16, ld,
+                               pf_slice(Vu, md_u, e, rg, H, (t0 - s0) // NT, fb))
                 mu = _widened(Vu, md_u, e, rg, H, vg, mdw_u)
                 for t0 in range(s0, s0 + n, NT):
-                    _mat_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, u, t0 * ld + rg * 16, ld,
-                              pf_slice(Vg, md_g, ne, nrg, H, (t0 - s0) // NT, fb))
+                    _part_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, s0 + n - t0, u, t0 * ld + rg * 16, ld,
+                               pf_slice(Vg, md_g, ne, nrg, H, (t0 - s0) // NT, fb))
         for s in range(s0, s0 + n):  # h = silu(g) * u, in place in g
             o = (s * ld + rg * 16) * 4
             silu_mul(g.ctypes.data + o, u.ctypes.data + o, g.ctypes.data + o, done * 16)
@@ -471,8 +495,8 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
                     else:
                         ne, nrg = (exp_e[0], rg + NR) if rb + 1 < n_rb else (-1, 0)
                     for t0 in range(s0, s0 + n, NT):
-                        _mat_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, tmp, 0, NR * 16,
-                                  pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data))
+                        _part_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, s0 + n - t0, tmp, 0, NR * 16,
+                                   pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data))
                         _scatter(tmp, 0, NR * 16, min(NT, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
 
 

@@ -488,14 +488,28 @@ def tile(typingctx, V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs
     if not isinstance(V, types.IntegerLiteral):
         return None
     rest = (K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf)
-    sig = types.void(V, *rest)
+    return types.void(V, *rest), _tile_codegen(V.literal_value, 1)
 
+
+@intrinsic
+def tile_nt(typingctx, V, nt, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf):
+    """tile(V, ...) with the variant's token count NT replaced by the literal nt (2 or 3): a prefill expert's
+    last, partial token tile, which would otherwise run NT tokens of which only a few are real."""
+    if not (isinstance(V, types.IntegerLiteral) and isinstance(nt, types.IntegerLiteral)) or nt.literal_value not in (2, 3):
+        return None
+    v = V.literal_value
+    rest = (K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf)
+    return types.void(V, nt, *rest), _tile_codegen(v + 10 * (nt.literal_value - v // 10 % 10), 2)
+
+
+def _tile_codegen(V: int, first: int):
+    """Codegen of a tile call whose i64 arguments (_ARGS) start at argument `first`."""
     def codegen(context, builder, signature, args):
-        vals = [context.cast(builder, v, t, types.int64) for v, t in zip(args[1:], signature.args[1:])]
-        _emit(builder, V.literal_value, dict(zip(_ARGS, vals)))
+        vals = [context.cast(builder, v, t, types.int64) for v, t in zip(args[first:], signature.args[first:])]
+        _emit(builder, V, dict(zip(_ARGS, vals)))
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
 
 
 @intrinsic
