@@ -116,8 +116,9 @@ def tile_alone(ex, x, seconds: float = 0.3) -> float:
     x's rows in L2, as a fraction of one thread's vpdpbusd peak: the ceiling of the tile's instruction mix,
     which the whole op (memory, quantization, SiLU, threads) can approach but not pass."""
     Vg, _, _, x256 = ex._plan(*PREFILL_TILE, len(x) >= WIDE_MIN_TOKENS, False)[:4]
-    K, NR = H, Vg % 10
-    T = len(x)
+    K, NR, NT = H, Vg % 10, Vg // 10 % 10
+    T = -(-len(x) // NT) * NT  # whole token tiles: x's rows again as padding (a partial last tile wrote past out)
+    x = x[np.arange(T) % len(x)]
     xq, xd = np.zeros((T, K), np.int8), np.zeros((T, K // 32), np.float32)
     xs, xsf = np.zeros((T, K // 16), np.int32), np.zeros((T, K // 32), np.float32)
     for t in range(T):
