@@ -143,17 +143,22 @@ def _part_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, left, out, o_off, ldo, pf):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def pf_slice(V, md, e, rg, K, i, fallback):
-    """What the i-th tile call of an item prefetches (simd.tile's pf): slice i, K/G cache lines (one per scale
-    group), of the codes of row groups rg .. rg + NR - 1 of matrix e, the weights this worker reads next; fallback
-    (an address already in cache) when e < 0 or slice i lies past them, or, for decode tiles (NT = 1, whose pf is
-    where their stream goes on), 0: the memory after their rows. The first token tile of an item otherwise
-    waits on DRAM: Q8_0 [2048, 7168] 4x32 tiles over 64 tokens ran at 824 GOPS on one core with the weights in L3
-    and 698 with them in DRAM."""
-    off = i * (K // LAY[V // 1000 % 10][0]) * 64
-    if e < 0 or off >= (V % 10) * md[2]:
+def pf_slice(V, md, e, rg, K, i, fallback, calls):
+    """What the i-th of an item's `calls` tile calls prefetches (simd.tile's pf): slice i, K/G cache lines (one
+    per scale group), of the codes of row groups rg .. rg + NR - 1 of matrix e, the weights this worker reads
+    next; fallback (an address already in cache) when e < 0 or slice i lies past them, or, for decode tiles
+    (NT = 1, whose pf is where their stream goes on), 0: the memory after their rows. The first token tile of an
+    item otherwise waits on DRAM: Q8_0 [2048, 7168] 4x32 tiles over 64 tokens ran at 824 GOPS on one core with
+    the weights in L3 and 698 with them in DRAM. When `calls` slices would not cover the rows (an expert with few
+    tokens: Q4_K at K = 7168 has 8 slices, 13 tokens make 4 calls), slices of two lines per group (pf's bit 0,
+    see tile): at ~12 tokens per expert the op went 0.52-0.55 -> 0.59-0.62 of the peak (bench/RESULTS.md)."""
+    lines = K // LAY[V // 1000 % 10][0]
+    rows = (V % 10) * md[2]
+    two = 1 if V // 10 % 10 > 1 and calls * lines * 64 < rows else 0
+    off = i * lines * (64 << two)
+    if e < 0 or off >= rows:
         return fallback if V // 10 % 10 > 1 else 0
-    return field_at(md, 0, e, rg) + off
+    return field_at(md, 0, e, rg) + off + two
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -392,20 +397,21 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                     pf = 0 if r + 1 < RUN else md_u[0] + e * md_u[1] + rg * md_u[2]
                     _mat_tile(Vg, md_g, e, rg + r * NR, H, xq, xd, xs, xsf, s0, g, s0 * ld + (rg + r * NR) * 16, ld, pf)
                 for r in range(RUN):
-                    pf = 0 if r + 1 < RUN else pf_slice(Vg, md_g, ne, nrg, H, 0, fb)
+                    pf = 0 if r + 1 < RUN else pf_slice(Vg, md_g, ne, nrg, H, 0, fb, 1)
                     _mat_tile(Vu, md_u, e, rg + r * NR, H, xq, xd, xs, xsf, s0, u, s0 * ld + (rg + r * NR) * 16, ld, pf)
             else:  # prefill: gate's token tiles, prefetching up's rows, then up's, prefetching the next item's gate
                 # rows: the caches hold one matrix's rows (widened ones in one buffer, vg) and the next ones, not
                 # gate's, up's and the next item's two (Q8_0 at K = 7168 and 64 tokens: ~0.9 MB instead of ~1.4
                 # in a 1 MB L2; bench/RESULTS.md)
+                calls = (n + NT - 1) // NT
                 mg = _widened(Vg, md_g, e, rg, H, vg, mdw_g)
                 for t0 in range(s0, s0 + n, NT):
                     _part_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, s0 + n - t0, g, t0 * ld + rg * 16, ld,
-                               pf_slice(Vu, md_u, e, rg, H, (t0 - s0) // NT, fb))
+                               pf_slice(Vu, md_u, e, rg, H, (t0 - s0) // NT, fb, calls))
                 mu = _widened(Vu, md_u, e, rg, H, vg, mdw_u)
                 for t0 in range(s0, s0 + n, NT):
                     _part_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, s0 + n - t0, u, t0 * ld + rg * 16, ld,
-                               pf_slice(Vg, md_g, ne, nrg, H, (t0 - s0) // NT, fb))
+                               pf_slice(Vg, md_g, ne, nrg, H, (t0 - s0) // NT, fb, calls))
         for s in range(s0, s0 + n):  # h = silu(g) * u, in place in g
             o = (s * ld + rg * 16) * 4
             silu_mul(g.ctypes.data + o, u.ctypes.data + o, g.ctypes.data + o, done * 16)
@@ -496,7 +502,8 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
                         ne, nrg = (exp_e[0], rg + NR) if rb + 1 < n_rb else (-1, 0)
                     for t0 in range(s0, s0 + n, NT):
                         _part_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, s0 + n - t0, tmp, 0, NR * 16,
-                                   pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data))
+                                   pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data,
+                                            (n + NT - 1) // NT))
                         _scatter(tmp, 0, NR * 16, min(NT, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
 
 
