@@ -142,6 +142,9 @@ def _part_tile(V, md, e, rg, K, xq, xd, xs, xsf, t0, left, out, o_off, ldo, pf):
                 ldo, pf)
 
 
+PF_MAX_LINES = 8  # prefill tiles prefetch at most this many lines of the next rows per scale group (pf_slice)
+
+
 @njit(nogil=True, cache=True, inline="always")
 def pf_slice(V, md, e, rg, K, i, fallback, calls):
     """What the i-th of an item's `calls` tile calls prefetches (simd.tile's pf): slice i, K/G cache lines (one
@@ -150,15 +153,18 @@ def pf_slice(V, md, e, rg, K, i, fallback, calls):
     (NT = 1, whose pf is where their stream goes on), 0: the memory after their rows. The first token tile of an
     item otherwise waits on DRAM: Q8_0 [2048, 7168] 4x32 tiles over 64 tokens ran at 824 GOPS on one core with
     the weights in L3 and 698 with them in DRAM. When `calls` slices would not cover the rows (an expert with few
-    tokens: Q4_K at K = 7168 has 8 slices, 13 tokens make 4 calls), slices of two lines per group (pf's bit 0,
-    see tile): at ~12 tokens per expert the op went 0.52-0.55 -> 0.59-0.62 of the peak (bench/RESULTS.md)."""
+    tokens: Q4_K at K = 7168 has 8 slices, 13 tokens make 4 calls), slices of m lines per group, enough for the
+    rows, up to PF_MAX_LINES (pf's low bits, see tile): at ~12 tokens per expert the op went 0.52-0.55 ->
+    0.59-0.62 of the peak (bench/RESULTS.md)."""
     lines = K // LAY[V // 1000 % 10][0]
     rows = (V % 10) * md[2]
-    two = 1 if V // 10 % 10 > 1 and calls * lines * 64 < rows else 0
-    off = i * lines * (64 << two)
+    m = 1
+    if V // 10 % 10 > 1 and calls > 0:
+        m = min(PF_MAX_LINES, max(1, -(-rows // (calls * lines * 64))))
+    off = i * lines * 64 * m
     if e < 0 or off >= rows:
         return fallback if V // 10 % 10 > 1 else 0
-    return field_at(md, 0, e, rg) + off + two
+    return field_at(md, 0, e, rg) + off + m - 1
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -431,11 +431,13 @@ def _emit(b, V, a):
         g = b.add(b.mul(it, c(gpi)), gi)
     else:
         g = it
-    if nt > 1:  # one or two lines of the caller's next weights per group (pf, see tile)
-        two = b.and_(a["pf"], c(1))
-        p0 = b.add(b.sub(a["pf"], two), b.mul(g, b.shl(c(64), two)))
+    if nt > 1:  # m lines of the caller's next weights per group (pf, see tile)
+        m1 = b.and_(a["pf"], c(63))
+        m = b.add(m1, c(1))
+        p0 = b.add(b.sub(a["pf"], m1), b.mul(g, b.mul(m, c(64))))
         _prefetch(b, _ptr(b, p0, 0, i8), locality=2)
-        _prefetch(b, _ptr(b, p0, b.mul(two, c(64)), i8), locality=2)  # with one line a second, free asking
+        with cgutils.for_range(b, m1) as more:
+            _prefetch(b, _ptr(b, p0, b.mul(b.add(more.index, c(1)), c(64)), i8), locality=2)
     iacc = _group_dots(b, a, lay, isa, nt, nr, bits, zero, signed_trick, wide, g, scale_pf=not dsb)
     if dsb:
         f1, m1 = _decode_sb_group(b, a, lay, g, iacc[0][0], facc, macc)
@@ -484,9 +486,9 @@ _ARGS = ("K", "codes", "cs", "d", "ds", "sc", "ss", "dmin", "dms", "m", "ms", "x
 def tile(typingctx, V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf):
     """tile(V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf): addresses and
     row-group strides in bytes (int64), xq/xd/xs/xsf/out point at the tile's first token, ldo in floats.
-    pf, prefill tiles (NT > 1; a valid address): K/G cache lines from pf on are prefetched (prefetcht1), one per
-    scale group, or with pf's bit 0 set 2 K/G lines from pf - 1, two per group, so the caller can pull the
-    weights of its next item into the caches while this one computes (moe_loops.pf_slice). Decode tiles (NT = 1): the codes the caller reads after these rows, where the tile's
+    pf, prefill tiles (NT > 1; a valid address): m K/G cache lines from pf - (m - 1) on are prefetched
+    (prefetcht1), m per scale group, where m - 1 is pf's low 6 bits (0 for a line-aligned pf: one per group), so
+    the caller can pull the weights of its next item into the caches while this one computes (moe_loops.pf_slice). Decode tiles (NT = 1): the codes the caller reads after these rows, where the tile's
     prefetch stream goes on when it passes their end (0: the memory right after them)."""
     if not isinstance(V, types.IntegerLiteral):
         return None
