@@ -108,7 +108,9 @@ def _tile_loop(V, md, K, xq, xd, xs, xsf, out, buf, mdw, n):
     NT = V // 10 % 10
     for i in range(n):
         t0 = i * NT % xq.shape[0]
-        _mat_tile(V, m, 0, 0, K, xq, xd, xs, xsf, t0, out, t0 * 16 * (V % 10), 16 * (V % 10), xq.ctypes.data)
+        # pf: a line-aligned address in cache (its low bits would ask for more lines per group, simd.tile)
+        _mat_tile(V, m, 0, 0, K, xq, xd, xs, xsf, t0, out, t0 * 16 * (V % 10), 16 * (V % 10),
+                  xq.ctypes.data - xq.ctypes.data % 64)
 
 
 def tile_alone(ex, x, seconds: float = 0.3) -> float:

@@ -163,7 +163,7 @@ def pf_slice(V, md, e, rg, K, i, fallback, calls):
         m = min(PF_MAX_LINES, max(1, -(-rows // (calls * lines * 64))))
     off = i * lines * 64 * m
     if e < 0 or off >= rows:
-        return fallback if V // 10 % 10 > 1 else 0
+        return fallback - fallback % 64 if V // 10 % 10 > 1 else 0  # line-aligned: one line per group
     return field_at(md, 0, e, rg) + off + m - 1
 
 
