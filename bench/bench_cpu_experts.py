@@ -36,7 +36,7 @@ from numba.extending import intrinsic
 
 from ktx.kernels_cpu import MoEExperts, WorkerPool, cpu_features, membw
 from ktx.kernels_cpu.moe import PREFILL_TILE, WIDE_MIN_TOKENS
-from ktx.kernels_cpu.moe_loops import _mat_tile, _widened
+from ktx.kernels_cpu.moe_loops import _mat_tile, _widened, pf_slice
 from ktx.kernels_cpu.quantize import quantize_row, quantize_row256
 
 H, I_FF = 7168, 2048
@@ -108,9 +108,8 @@ def _tile_loop(V, md, K, xq, xd, xs, xsf, out, buf, mdw, n):
     NT = V // 10 % 10
     for i in range(n):
         t0 = i * NT % xq.shape[0]
-        # pf: a line-aligned address in cache (its low bits would ask for more lines per group, simd.tile)
         _mat_tile(V, m, 0, 0, K, xq, xd, xs, xsf, t0, out, t0 * 16 * (V % 10), 16 * (V % 10),
-                  xq.ctypes.data - xq.ctypes.data % 64)
+                  pf_slice(V, md, -1, 0, K, 0, xq.ctypes.data, NT))  # nothing to prefetch: lines in cache
 
 
 def tile_alone(ex, x, seconds: float = 0.3) -> float:

@@ -119,7 +119,7 @@ def linear_loop(V, md, B, T, Tp, R, K, IB, x, xq, xd, xs, xsf, y, counter, tid, 
             m = _widened(V, md, b, r0 // 16, K, wbuf, mdw)
             nb = b if rb + 1 < n_rb else -1  # prefetched while these tiles run: the next row block's weights
             for t0 in range(0, T, NT):
-                pf = pf_slice(V, md, nb, r0 // 16 + NR, K, t0 // NT, xq.ctypes.data, (T + NT - 1) // NT)
+                pf = pf_slice(V, md, nb, r0 // 16 + NR, K, t0 // NT, xq.ctypes.data, T)
                 if r0 + rb_rows <= R and t0 + NT <= T:
                     _mat_tile(V, m, b, r0 // 16, K, xq, xd, xs, xsf, b * Tp + t0, y, (b * T + t0) * R + r0, R, pf)
                 else:

@@ -146,24 +146,25 @@ PF_MAX_LINES = 8  # prefill tiles prefetch at most this many lines of the next r
 
 
 @njit(nogil=True, cache=True, inline="always")
-def pf_slice(V, md, e, rg, K, i, fallback, calls):
-    """What the i-th of an item's `calls` tile calls prefetches (simd.tile's pf): slice i, K/G cache lines (one
+def pf_slice(V, md, e, rg, K, i, fallback, n):
+    """What the i-th tile call over an item's n tokens prefetches (simd.tile's pf): slice i, K/G cache lines (one
     per scale group), of the codes of row groups rg .. rg + NR - 1 of matrix e, the weights this worker reads
     next; fallback (an address already in cache) when e < 0 or slice i lies past them, or, for decode tiles
     (NT = 1, whose pf is where their stream goes on), 0: the memory after their rows. The first token tile of an
     item otherwise waits on DRAM: Q8_0 [2048, 7168] 4x32 tiles over 64 tokens ran at 824 GOPS on one core with
-    the weights in L3 and 698 with them in DRAM. When `calls` slices would not cover the rows (an expert with few
+    the weights in L3 and 698 with them in DRAM. When a slice per call would not cover the rows (an expert with few
     tokens: Q4_K at K = 7168 has 8 slices, 13 tokens make 4 calls), slices of m lines per group, enough for the
     rows, up to PF_MAX_LINES (pf's low bits, see tile): at ~12 tokens per expert the op went 0.52-0.55 ->
     0.59-0.62 of the peak (bench/RESULTS.md)."""
     lines = K // LAY[V // 1000 % 10][0]
     rows = (V % 10) * md[2]
+    NT = V // 10 % 10
     m = 1
-    if V // 10 % 10 > 1 and calls > 0:
-        m = min(PF_MAX_LINES, max(1, -(-rows // (calls * lines * 64))))
+    if NT > 1:
+        m = min(PF_MAX_LINES, max(1, -(-rows // ((n + NT - 1) // NT * lines * 64))))
     off = i * lines * 64 * m
     if e < 0 or off >= rows:
-        return fallback - fallback % 64 if V // 10 % 10 > 1 else 0  # line-aligned: one line per group
+        return fallback - fallback % 64 if NT > 1 else 0  # line-aligned: one line per group
     return field_at(md, 0, e, rg) + off + m - 1
 
 
@@ -409,15 +410,14 @@ def phase_gate_up(Vg, Vu, md_g, md_u, H, I, exp_e, exp_s0, exp_n, xq, xd, xs, xs
                 # rows: the caches hold one matrix's rows (widened ones in one buffer, vg) and the next ones, not
                 # gate's, up's and the next item's two (Q8_0 at K = 7168 and 64 tokens: ~0.9 MB instead of ~1.4
                 # in a 1 MB L2; bench/RESULTS.md)
-                calls = (n + NT - 1) // NT
                 mg = _widened(Vg, md_g, e, rg, H, vg, mdw_g)
                 for t0 in range(s0, s0 + n, NT):
                     _part_tile(Vg, mg, e, rg, H, xq, xd, xs, xsf, t0, s0 + n - t0, g, t0 * ld + rg * 16, ld,
-                               pf_slice(Vu, md_u, e, rg, H, (t0 - s0) // NT, fb, calls))
+                               pf_slice(Vu, md_u, e, rg, H, (t0 - s0) // NT, fb, n))
                 mu = _widened(Vu, md_u, e, rg, H, vg, mdw_u)
                 for t0 in range(s0, s0 + n, NT):
                     _part_tile(Vu, mu, e, rg, H, xq, xd, xs, xsf, t0, s0 + n - t0, u, t0 * ld + rg * 16, ld,
-                               pf_slice(Vg, md_g, ne, nrg, H, (t0 - s0) // NT, fb, calls))
+                               pf_slice(Vg, md_g, ne, nrg, H, (t0 - s0) // NT, fb, n))
         for s in range(s0, s0 + n):  # h = silu(g) * u, in place in g
             o = (s * ld + rg * 16) * 4
             silu_mul(g.ctypes.data + o, u.ctypes.data + o, g.ctypes.data + o, done * 16)
@@ -508,8 +508,7 @@ def phase_down(Vd, md_d, H, I, exp_e, exp_s0, exp_n, slot_tok, slot_w, hq, hd, h
                         ne, nrg = (exp_e[0], rg + NR) if rb + 1 < n_rb else (-1, 0)
                     for t0 in range(s0, s0 + n, NT):
                         _part_tile(Vd, m, e, rg, I, hq, hd, hs, hsf, t0, s0 + n - t0, tmp, 0, NR * 16,
-                                   pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data,
-                                            (n + NT - 1) // NT))
+                                   pf_slice(Vd, md_d, ne, nrg, I, (t0 - s0) // NT, hq.ctypes.data, n))
                         _scatter(tmp, 0, NR * 16, min(NT, s0 + n - t0), t0, rg, slot_tok, slot_w, y)
 
 

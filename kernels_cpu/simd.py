@@ -488,8 +488,9 @@ def tile(typingctx, V, K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs
     row-group strides in bytes (int64), xq/xd/xs/xsf/out point at the tile's first token, ldo in floats.
     pf, prefill tiles (NT > 1; a valid address): m K/G cache lines from pf - (m - 1) on are prefetched
     (prefetcht1), m per scale group, where m - 1 is pf's low 6 bits (0 for a line-aligned pf: one per group), so
-    the caller can pull the weights of its next item into the caches while this one computes (moe_loops.pf_slice). Decode tiles (NT = 1): the codes the caller reads after these rows, where the tile's
-    prefetch stream goes on when it passes their end (0: the memory right after them)."""
+    the caller can pull the weights of its next item into the caches while this one computes (moe_loops.pf_slice).
+    Decode tiles (NT = 1): the codes the caller reads after these rows, where the tile's prefetch stream goes on
+    when it passes their end (0: the memory right after them)."""
     if not isinstance(V, types.IntegerLiteral):
         return None
     rest = (K, codes, cs, d, ds, sc, ss, dmin, dms, m, ms, xq, xd, xs, xsf, out, ldo, pf)
